@@ -1,0 +1,36 @@
+# dinoalign: `make demo` runs the pipeline on the embedded defaults, `make test` the tests.
+# Both create the environment first (uv + the committed uv.lock), on a fresh machine too.
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+RUN := $(UV) run --frozen --extra test --no-sync
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test env uv mlflow-ui clean
+
+uv:
+	@command -v uv >/dev/null 2>&1 || [ -x "$(HOME)/.local/bin/uv" ] || python3 -m pip install --user --quiet uv
+
+.venv/.synced: uv.lock pyproject.toml | uv
+	$(UV) sync --frozen --extra test --python 3.11
+	touch $@
+
+env: .venv/.synced
+
+demo: env
+	$(RUN) dvc repro
+	@echo "demo: manifest in artifacts/pairs/, MLflow runs in mlruns/ (make mlflow-ui)"
+
+test: env
+	$(RUN) python -m pytest
+
+mlflow-ui: env
+	$(RUN) mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf artifacts mlruns metrics plots report .dvc/cache

@@ -1,0 +1,52 @@
+"""The ``dinoalign`` command.
+
+    dinoalign prepare [-p params.yaml] [section.key=value ...]   run one pipeline stage
+    dinoalign params  [-p params.yaml] [section.key=value ...]   print the resolved params
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from dinoalign.config import ConfigError, load_params, to_dict
+
+
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. embed.batch_size=64")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dinoalign.pipeline import STAGES
+
+    parser = argparse.ArgumentParser(prog="dinoalign", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGES.names():
+        _params_args(sub.add_parser(name, help=f"run the {name} stage"))
+    _params_args(sub.add_parser("params", help="print the resolved params as YAML"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params(args.params, args.overrides)
+    except ConfigError as e:
+        print(f"dinoalign: {e}", file=sys.stderr)
+        return 2
+    if args.command == "params":
+        yaml.safe_dump(to_dict(params), sys.stdout, sort_keys=False)
+        return 0
+    from dinoalign.pipeline import STAGES
+
+    root = Path(args.params).resolve().parent
+    STAGES.build(args.command, params, root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Typed parameters: ``params.yaml`` is the single source of truth.
+
+``load_params(path, overrides=["embed.batch_size=64"])`` reads the YAML, applies dotted
+overrides (the same ``key=value`` syntax as ``dvc exp run -S``), and builds one frozen
+dataclass per section. Unknown keys are errors that name the closest valid key, so a typo
+in a profile never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: ``uri`` None means ``$MLFLOW_TRACKING_URI`` or the embedded sqlite store."""
+
+    uri: str | None = None
+    experiment: str = "dinoalign"
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic demo world (see ``dinoalign.data.synthetic``)."""
+
+    n_train: int = 3000
+    n_val: int = 300
+    n_test: int = 600
+    image_size: int = 224
+    heldout_fraction: float = 0.2
+    captions_per_image: int = 3
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoConfig:
+    captions_json: str | None = None
+    image_dir: str | None = None
+    instances_json: str | None = None
+    split: str = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsTableConfig:
+    path: str | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+    key_column: str | None = None
+    split_column: str | None = None
+    default_split: str = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class WebDatasetConfig:
+    urls: list[str] = dataclasses.field(default_factory=list)
+    split: str = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which source ``prepare`` reads and how images are validated."""
+
+    source: str = "synthetic"
+    name: str | None = None  # source name in uids; defaults to ``source``
+    root: str = "data"  # where sources that generate or stage files write them
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    coco: CocoConfig = dataclasses.field(default_factory=CocoConfig)
+    pairs: PairsTableConfig = dataclasses.field(default_factory=PairsTableConfig)
+    webdataset: WebDatasetConfig = dataclasses.field(default_factory=WebDatasetConfig)
+    max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
+    min_side: int = 14  # one patch
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    out_dir: str = "artifacts/pairs"
+    shard_size: int = 5000
+    validate_images: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """A timm DINOv2/DINOv3 ViT. ``weights``: None (random init unless ``pretrained``),
+    a HF hub name, a local timm file or a torch-hub ``dinov2_*_pretrain.pth`` file."""
+
+    name: str = "vit_small_patch14_reg4_dinov2"
+    pretrained: bool = False
+    weights: str | None = None
+    img_size: int = 224
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """A text encoder from the text registry (``open_clip`` towers, ``hf`` sentence encoders)."""
+
+    kind: str = "open_clip"
+    name: str = "ViT-B-16"
+    pretrained: str | None = None  # open_clip tag, hub name or local checkpoint file
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Every section of ``params.yaml``. Sections the code does not know are rejected."""
+
+    profile: str = "demo"
+    seed: int = 123
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not fit the typed config."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"embed.batch_size=64"`` -> (["embed", "batch_size"], 64); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each dotted override set (intermediate dicts created)."""
+    out = _deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {p!r} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: typing.Iterable[str] = ()
+) -> Params:
+    """Load ``path`` (missing file = all defaults), apply overrides, build ``Params``."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_overrides(raw, overrides)
+    return from_dict(Params, raw, where=str(path))
+
+
+def from_dict(cls: type, data: Any, where: str = "params") -> Any:
+    """Build dataclass ``cls`` from nested dicts, checking keys and coercing types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"{where}: unknown key {k!r} in {cls.__name__}{hint}; valid keys: {sorted(fields)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain nested dict (for logging the resolved config)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, where) for v in value] if args else list(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d

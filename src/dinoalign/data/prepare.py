@@ -1,0 +1,151 @@
+"""The ``prepare`` stage's logic: a configured source -> validated pairs manifest.
+
+Output layout (``prepare.out_dir``, a DVC out)::
+
+    manifest/part-00000.parquet ...   MANIFEST_SCHEMA rows, sorted by uid
+    rejects.parquet                   REJECTS_SCHEMA rows (uid, stage, reason, detail, key)
+    summary.json                      counts per split, rejects per reason, shard list (written last)
+
+Every uid the source yields ends in exactly one of the manifest or the rejects table.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dinoalign.config import Params
+from dinoalign.data.images import ImageRejected, probe_image
+from dinoalign.data.schema import (
+    MANIFEST_SCHEMA,
+    PairRecord,
+    Reject,
+    records_to_table,
+    rejects_to_table,
+)
+from dinoalign.data.sources import build_source
+
+STAGE = "prepare"
+
+
+def validate_records(
+    records: Iterable[PairRecord], *, max_pixels: int, min_side: int, workers: int = 8
+) -> Iterator[PairRecord | Reject]:
+    """Decode every image once (threads: decoding is I/O + C code) and turn failures into
+    rejects with the decoder's reason code. Order of the output is not significant."""
+
+    def check(rec: PairRecord) -> PairRecord | Reject:
+        try:
+            probe_image(rec.image_uri, max_pixels=max_pixels, min_side=min_side)
+            return rec
+        except ImageRejected as e:
+            return Reject(uid=rec.uid, stage=STAGE, reason=e.reason, detail=e.detail, key=rec.image_uri)
+
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(check, records, chunksize=16)
+
+
+def _relative_to_root(uri: str | None, root: Path) -> str | None:
+    """Paths inside the repo are stored repo-relative so a fresh clone + ``dvc pull`` works."""
+    if uri is None or "://" in uri:
+        return uri
+    p = Path(uri)
+    if p.is_absolute():
+        try:
+            return p.resolve().relative_to(root).as_posix()
+        except ValueError:
+            return uri
+    return uri
+
+
+def write_manifest(
+    items: Iterable[PairRecord | Reject], out_dir: Path, shard_size: int, root: Path
+) -> dict[str, Any]:
+    """Split ``items`` into the manifest shards and the rejects table; return the summary."""
+    records: dict[str, PairRecord] = {}
+    rejects: list[Reject] = []
+    for item in items:
+        if isinstance(item, Reject):
+            rejects.append(item)
+        elif item.uid in records:
+            rejects.append(Reject(item.uid, STAGE, "duplicate_uid", "same uid seen earlier", item.image_uri))
+        else:
+            item.image_uri = _relative_to_root(item.image_uri, root) or item.image_uri
+            item.mask_uri = _relative_to_root(item.mask_uri, root)
+            records[item.uid] = item
+
+    manifest_dir = out_dir / "manifest"
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    for old in manifest_dir.glob("*.parquet"):
+        old.unlink()
+    ordered = [records[u] for u in sorted(records)]
+    chunks = [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)] or [[]]
+    shards = []
+    for i, chunk in enumerate(chunks):
+        name = f"part-{i:05d}.parquet"
+        _atomic_parquet(records_to_table(chunk), manifest_dir / name)
+        shards.append({"file": f"manifest/{name}", "rows": len(chunk)})
+    _atomic_parquet(rejects_to_table(sorted(rejects, key=lambda r: (r.uid, r.reason))), out_dir / "rejects.parquet")
+
+    splits = collections.Counter(r.split for r in ordered)
+    summary = {
+        "n_pairs": len(ordered),
+        "n_captions": sum(len(r.captions) for r in ordered),
+        "n_rejects": len(rejects),
+        "splits": dict(sorted(splits.items())),
+        "captions_per_split": {
+            s: sum(len(r.captions) for r in ordered if r.split == s) for s in sorted(splits)
+        },
+        "labelled": sum(r.label is not None for r in ordered),
+        "with_mask": sum(r.mask_uri is not None for r in ordered),
+        "rejects_by_reason": dict(sorted(collections.Counter(r.reason for r in rejects).items())),
+        "sources": sorted({r.source for r in ordered}),
+        "shards": shards,
+    }
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / "summary.json")
+    return summary
+
+
+def run_prepare(params: Params, root: Path) -> dict[str, Any]:
+    """Read the configured source, validate images, write the manifest; return the summary."""
+    out_dir = root / params.prepare.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = build_source(params.data, out_dir)
+    if params.prepare.validate_images:
+        items = _validate_stream(items, params)
+    return write_manifest(items, out_dir, params.prepare.shard_size, root)
+
+
+def _validate_stream(items: Iterable[PairRecord | Reject], params: Params) -> Iterator[PairRecord | Reject]:
+    pending: list[PairRecord] = []
+    for item in items:
+        if isinstance(item, Reject):
+            yield item
+        else:
+            pending.append(item)
+    yield from validate_records(
+        pending, max_pixels=params.data.max_pixels, min_side=params.data.min_side
+    )
+
+
+def _atomic_parquet(table: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_manifest(pairs_dir: str | Path) -> Any:
+    """All manifest shards of a prepare output as one pyarrow Table (sorted by uid)."""
+    pairs_dir = Path(pairs_dir)
+    summary = json.loads((pairs_dir / "summary.json").read_text())
+    tables = [pq.read_table(pairs_dir / s["file"]) for s in summary["shards"]]
+    return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()

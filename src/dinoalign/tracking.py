@@ -1,0 +1,109 @@
+"""MLflow in one place: where runs go, how a stage run is opened and tagged.
+
+Default (embedded): a sqlite store at ``mlruns/mlflow.db`` under the repo with artifacts
+in ``mlruns/artifacts``. ``tracking.uri`` in params or ``$MLFLOW_TRACKING_URI`` point at a
+real ``mlflow server`` instead. Every stage run is tagged with the git commit, the DVC
+stage name and a pipeline run id shared by all stages of one ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from dinoalign.config import Params, flatten, to_dict
+
+EMBEDDED_DIR = "mlruns"
+
+
+def repo_root() -> Path:
+    """The dinoalign checkout (where params.yaml lives): ``$DINOALIGN_ROOT`` or the cwd."""
+    return Path(os.environ.get("DINOALIGN_ROOT", os.getcwd())).resolve()
+
+
+def tracking_uri(params: Params) -> str:
+    if params.tracking.uri:
+        return params.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = repo_root() / EMBEDDED_DIR / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root or repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pipeline_run_id(params: Params) -> str:
+    """``$DINOALIGN_PIPELINE_RUN_ID`` when the caller set one (``make demo``, ``retrain``);
+    otherwise a hash of the commit and the resolved params, which every stage of one
+    ``dvc repro`` shares."""
+    env = os.environ.get("DINOALIGN_PIPELINE_RUN_ID")
+    if env:
+        return env
+    h = hashlib.blake2b(digest_size=8)
+    h.update(git_commit().encode())
+    h.update(repr(sorted(flatten(to_dict(params)).items())).encode())
+    return h.hexdigest()
+
+
+def _loggable(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 500 else s[:497] + "..."
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterator[Any]:
+    """Open one MLflow run for a pipeline stage, log the resolved params, tag it.
+
+    Yields the ``mlflow`` module's active run. Failures mark the run FAILED (MLflow's
+    context manager does that) and re-raise.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    exp = mlflow.get_experiment_by_name(params.tracking.experiment)
+    if exp is None:
+        kwargs = {}
+        if tracking_uri(params).startswith("sqlite:"):
+            art = repo_root() / EMBEDDED_DIR / "artifacts"
+            art.mkdir(parents=True, exist_ok=True)
+            kwargs["artifact_location"] = art.as_uri()
+        mlflow.create_experiment(params.tracking.experiment, **kwargs)
+    mlflow.set_experiment(params.tracking.experiment)
+    tags = {
+        "dinoalign.stage": stage,
+        "dinoalign.profile": params.profile,
+        "dinoalign.pipeline_run_id": pipeline_run_id(params),
+        "mlflow.source.git.commit": git_commit(),
+        "dvc.stage": os.environ.get("DVC_STAGE", stage),
+    }
+    with mlflow.start_run(run_name=run_name or stage, tags=tags) as run:
+        flat = {k: _loggable(v) for k, v in flatten(to_dict(params)).items()}
+        mlflow.log_params(flat)
+        yield run
+
+
+def run_url(run: Any) -> str:
+    """Where a person finds the run: the server UI URL or the embedded store path."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"{uri} (run {run.info.run_id}; browse with `make mlflow-ui`)"
