@@ -17,6 +17,13 @@ from typing import Any
 
 import yaml
 
+from dinoalign.errors import ConfigError
+
+from dinoalign.data.sources.coco import CocoSourceConfig
+from dinoalign.data.sources.pairs import PairsSourceConfig
+from dinoalign.data.sources.webdataset import WebDatasetSourceConfig
+from dinoalign.data.synthetic import SyntheticWorldConfig
+
 
 # ----------------------------------------------------------------------------- sections
 
@@ -30,53 +37,15 @@ class TrackingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-    """The synthetic demo world (see ``dinoalign.data.synthetic``)."""
-
-    n_train: int = 3000
-    n_val: int = 300
-    n_test: int = 600
-    image_size: int = 224
-    heldout_fraction: float = 0.2
-    captions_per_image: int = 3
-    seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class CocoConfig:
-    captions_json: str | None = None
-    image_dir: str | None = None
-    instances_json: str | None = None
-    split: str = "train"
-
-
-@dataclasses.dataclass(frozen=True)
-class PairsTableConfig:
-    path: str | None = None
-    image_column: str = "image"
-    caption_column: str = "caption"
-    key_column: str | None = None
-    split_column: str | None = None
-    default_split: str = "train"
-
-
-@dataclasses.dataclass(frozen=True)
-class WebDatasetConfig:
-    urls: list[str] = dataclasses.field(default_factory=list)
-    split: str = "train"
-
-
-@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Which source ``prepare`` reads and how images are validated."""
+    """Which source ``prepare`` reads (each source's own config below) and how images are
+    validated."""
 
-    source: str = "synthetic"
-    name: str | None = None  # source name in uids; defaults to ``source``
-    root: str = "data"  # where sources that generate or stage files write them
-    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
-    coco: CocoConfig = dataclasses.field(default_factory=CocoConfig)
-    pairs: PairsTableConfig = dataclasses.field(default_factory=PairsTableConfig)
-    webdataset: WebDatasetConfig = dataclasses.field(default_factory=WebDatasetConfig)
+    source: str = "synthetic"  # synthetic | coco | pairs | webdataset
+    synthetic: SyntheticWorldConfig = dataclasses.field(default_factory=SyntheticWorldConfig)
+    coco: CocoSourceConfig = dataclasses.field(default_factory=CocoSourceConfig)
+    pairs: PairsSourceConfig = dataclasses.field(default_factory=PairsSourceConfig)
+    webdataset: WebDatasetSourceConfig = dataclasses.field(default_factory=WebDatasetSourceConfig)
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_side: int = 14  # one patch
 
@@ -102,12 +71,73 @@ class BackboneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
-    """A text encoder from the text registry (``open_clip`` towers, ``hf`` sentence encoders)."""
+    """A text encoder from the text registry (``open_clip`` towers, ``hf`` sentence encoders).
 
+    ``key`` names its feature column (``text_<key>``)."""
+
+    key: str = "clip"
     kind: str = "open_clip"
-    name: str = "ViT-B-16"
+    name: str = "local-dir:artifacts/teacher/model"
     pretrained: str | None = None  # open_clip tag, hub name or local checkpoint file
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Tiny CLIP sizes and its training schedule (demo profile)."""
+
+    enabled: bool = True
+    out_dir: str = "artifacts/teacher"
+    embed_dim: int = 128
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 192
+    vision_layers: int = 4
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    threads: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+    """The CLIP whose image tower is the projector's target and whose text tower talk2dino
+    and the projector use. Demo: the teacher stage's tiny CLIP; real: ``ViT-B-16`` +
+    ``openai`` (or a local file / hub name)."""
+
+    name: str = "local-dir:artifacts/teacher/model"
+    pretrained: str | None = None
+    image_features: bool = True  # store clip_image in the features (projector target)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """The embed stage: Ray Data (or a plain loop) from the pairs manifest to features."""
+
+    pairs_dir: str = "artifacts/pairs"
+    out_dir: str = "artifacts/features"  # local path or s3://bucket/prefix
+    engine: str = "ray"  # ray | local
+    img_size: int = 224
+    interpolation: str = "bicubic"
+    batch_size: int = 64
+    decode_batch_size: int = 32
+    num_actors: int = 1
+    actor_num_cpus: float = 1.0
+    actor_num_gpus: float = 0.0
+    decode_num_cpus: float = 0.5
+    torch_threads: int = 2
+    loader_workers: int = 1  # local engine: DataLoader workers
+    shard_rows: int = 1024
+    keep_patches: bool = False
+    text_batch_size: int = 256
+    text_encoders: list[TextEncoderConfig] = dataclasses.field(
+        default_factory=lambda: [TextEncoderConfig()]
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +150,12 @@ class Params:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
-    text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+    clip: ClipConfig = dataclasses.field(default_factory=ClipConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-class ConfigError(ValueError):
-    """A params file or override that does not fit the typed config."""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -189,7 +217,10 @@ def from_dict(cls: type, data: Any, where: str = "params") -> Any:
             f"{where}: unknown key {k!r} in {cls.__name__}{hint}; valid keys: {sorted(fields)}"
         )
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a section's own validation (__post_init__)
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def to_dict(obj: Any) -> Any:
@@ -225,8 +256,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, where) for v in value] if args else list(value)
-    if origin is tuple:
-        return tuple(value)
+    if origin is tuple:  # a scalar is a one-element tuple (``urls: a.tar``)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(args[0], v, where) for v in items) if args else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

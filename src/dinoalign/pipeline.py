@@ -43,3 +43,58 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
         f"prepare: MLflow run {summary['mlflow_run']}"
     )
     return summary
+
+
+@STAGES.register("teacher")
+def teacher(params: Params, root: Path) -> dict[str, Any]:
+    """Demo only: train the tiny CLIP teacher; real profiles record that a real CLIP is used."""
+    import json
+
+    import mlflow
+
+    from dinoalign.teacher import run_teacher
+    from dinoalign.tracking import run_url, stage_run
+
+    out = root / params.teacher.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if not params.teacher.enabled:
+        note = {"skipped": True, "reason": "teacher.enabled=false: a real CLIP is configured",
+                "clip": {"name": params.clip.name, "pretrained": params.clip.pretrained}}
+        (out / "metrics.json").write_text(json.dumps(note, indent=2) + "\n")
+        print(f"teacher: skipped ({note['reason']}: {params.clip.name})")
+        return note
+    with stage_run("teacher", params) as run:
+        metrics = run_teacher(params, root, log=lambda row: mlflow.log_metrics(
+            {k: v for k, v in row.items() if k not in ("epoch", "step")}, step=int(row["step"])))
+        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(out / "metrics.json"))
+        metrics["mlflow_run"] = run_url(run)
+    print(f"teacher: test-split retrieval i2t R@1 {metrics['i2t_R@1']:.3f} (chance {metrics['chance_i2t_R@1']:.3f}), "
+          f"t2i R@1 {metrics['t2i_R@1']:.3f} (chance {metrics['chance_t2i_R@1']:.3f}) -> {out}/model\n"
+          f"teacher: MLflow run {metrics['mlflow_run']}")
+    return metrics
+
+
+@STAGES.register("embed")
+def embed(params: Params, root: Path) -> dict[str, Any]:
+    import json
+
+    import mlflow
+
+    from dinoalign.data.prepare import read_manifest
+    from dinoalign.embed.pipeline import run_embed
+    from dinoalign.tracking import run_url, stage_run
+
+    manifest = read_manifest(root / params.embed.pairs_dir)
+    with stage_run("embed", params) as run:
+        summary = run_embed(params, manifest)
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        mlflow.log_text(json.dumps(summary, indent=2), "embed_summary.json")
+        summary["mlflow_run"] = run_url(run)
+    print(
+        f"embed: {summary['images_embedded']} images + {summary['captions_embedded']} captions embedded "
+        f"({summary['images_per_s']:.1f} images/s), {summary['images_skipped']} skipped, "
+        f"{summary['images_rejected']} rejected -> {params.embed.out_dir}\n"
+        f"embed: MLflow run {summary['mlflow_run']}"
+    )
+    return summary

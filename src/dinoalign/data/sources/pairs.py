@@ -1,0 +1,172 @@
+"""Image-caption pairs from a CSV, TSV or Parquet table (local or ``s3://``).
+
+Each row names an image (a path relative to the table's folder, an absolute path, an
+``s3://`` or ``http(s)://`` URL) and a caption (or, in a Parquet list column, several).
+Rows with the same key — the optional ``key_column``, else the image reference exactly
+as written — merge into one ``PairRecord`` whose captions keep the row order;
+``uid = make_uid(cfg.name, key)``.
+The first valid row of a key fixes its image and split (``split_column``, or
+``default_split`` when there is no such column or the cell is empty).
+
+Rejects, one per dropped row (uid from ``"row:<index>"``, 0-based data row; key = the
+sample key when known), so every row ends in a record or a reject (with one caption per
+row, ``captions in records + rejects == rows``):
+
+- ``missing_image``: empty image cell; ``missing_key``: empty key cell;
+- ``empty_caption``: missing or blank caption;
+- ``conflicting_row``: a row whose image or split differs from the first row of its key.
+
+A key whose rows are all rejected yields no record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from dinoalign.errors import ConfigError
+from dinoalign.data.schema import PairRecord, Reject, make_uid
+from dinoalign.data.sources import SOURCES, STAGE, check_name, clean_caption, join_uri, parent_uri
+from dinoalign.storage import open_uri
+
+TABLE_FORMATS: dict[str, str] = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsSourceConfig:
+    """A table of (image, caption) rows."""
+
+    path: str = "data/pairs.csv"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    key_column: str | None = None  # rows sharing a key are one image; default: the image cell
+    split_column: str | None = None
+    default_split: str = "train"
+    format: str | None = None  # "csv", "tsv" or "parquet"; None: from the file suffix
+    name: str = "pairs"  # source name in uids and manifests
+
+    def __post_init__(self) -> None:
+        check_name("pairs", name=self.name, default_split=self.default_split, path=self.path)
+        if self.format is not None and self.format not in set(TABLE_FORMATS.values()):
+            raise ConfigError(
+                f"pairs.format {self.format!r} is not one of {sorted(set(TABLE_FORMATS.values()))}"
+            )
+
+
+@SOURCES.register("pairs")
+def pairs_source(cfg: PairsSourceConfig, workdir: Path) -> Iterator[PairRecord | Reject]:
+    """Records merged by key from the table at ``cfg.path`` (``workdir`` is not needed:
+    images stay where the table points)."""
+    columns = read_pairs_table(cfg)
+    folder = parent_uri(cfg.path)
+    n_rows = len(columns[cfg.image_column])
+    records: dict[str, PairRecord] = {}
+    for row in range(n_rows):
+        image_ref = _cell(columns[cfg.image_column][row])
+        image_uri = join_uri(folder, image_ref) if image_ref else ""
+        key = _cell(columns[cfg.key_column][row]) if cfg.key_column else image_ref
+        captions = _captions(columns[cfg.caption_column][row])
+        split = (
+            _cell(columns[cfg.split_column][row]) if cfg.split_column else None
+        ) or cfg.default_split
+        if image_ref is None:
+            problem = ("missing_image", f"the {cfg.image_column!r} cell is empty")
+        elif key is None:
+            problem = ("missing_key", f"the {cfg.key_column!r} cell is empty")
+        elif not captions:
+            problem = ("empty_caption", f"the {cfg.caption_column!r} cell is missing or blank")
+        else:
+            problem = _conflict(records.get(key), image_uri, split)
+        if problem is not None:
+            reason, detail = problem
+            yield Reject(
+                make_uid(cfg.name, f"row:{row}"), STAGE, reason, f"row {row}: {detail}", key or ""
+            )
+        elif key in records:
+            records[key].captions.extend(captions)
+        else:
+            records[key] = PairRecord(
+                uid=make_uid(cfg.name, key),
+                image_uri=image_uri,
+                captions=captions,
+                split=split,
+                source=cfg.name,
+            )
+    yield from records.values()
+
+
+def read_pairs_table(cfg: PairsSourceConfig) -> dict[str, list[Any]]:
+    """The configured columns of the table, as column name -> list of cell values."""
+    table_format = cfg.format or TABLE_FORMATS.get(Path(cfg.path).suffix.lower())
+    if table_format is None:
+        raise ConfigError(
+            f"cannot tell the format of {cfg.path} from its suffix: name it "
+            f"{'/'.join(TABLE_FORMATS)} or set pairs.format"
+        )
+    wanted = {
+        "image_column": cfg.image_column,
+        "caption_column": cfg.caption_column,
+        "key_column": cfg.key_column,
+        "split_column": cfg.split_column,
+    }
+    try:
+        table_file = open_uri(cfg.path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pairs table {cfg.path} not found: check pairs.path") from None
+    with table_file as f:
+        if table_format == "parquet":
+            parquet = pq.ParquetFile(f)
+            _check_columns(cfg.path, parquet.schema_arrow.names, wanted)
+            table = parquet.read(columns=sorted({c for c in wanted.values() if c}))
+            return {name: table.column(name).to_pylist() for name in table.column_names}
+        frame = pd.read_csv(
+            f, sep="\t" if table_format == "tsv" else ",", dtype=str, keep_default_na=False
+        )
+    _check_columns(cfg.path, list(frame.columns), wanted)
+    return {name: frame[name].tolist() for name in {c for c in wanted.values() if c}}
+
+
+def _check_columns(path: str, present: list[str], wanted: dict[str, str | None]) -> None:
+    for field, column in wanted.items():
+        if column and column not in present:
+            raise ConfigError(
+                f"pairs table {path} has no column {column!r} (pairs.{field}); "
+                f"its columns are {present}"
+            )
+
+
+def _conflict(record: PairRecord | None, image_uri: str, split: str) -> tuple[str, str] | None:
+    if record is None:
+        return None
+    if record.image_uri != image_uri:
+        return (
+            "conflicting_row",
+            f"image {image_uri} differs from {record.image_uri} of the same key",
+        )
+    if record.split != split:
+        return "conflicting_row", f"split {split!r} differs from {record.split!r} of the same image"
+    return None
+
+
+def _captions(value: Any) -> list[str]:
+    """The non-blank captions of a cell: one string, or a list of them (Parquet lists)."""
+    cells = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [caption for caption in map(clean_caption, cells) if caption is not None]
+
+
+def _cell(value: Any) -> str | None:
+    """A table cell as a stripped string; None for null, NaN or blank."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value).strip() or None

@@ -1,0 +1,403 @@
+"""The embed stage: pairs manifest -> feature store, incrementally and loss-free.
+
+Two engines share the same decode function, model holders and writer:
+- ``ray``: Ray Data streaming executor — decode in CPU tasks (uint8 numpy batches),
+  models in a class-based actor pool (``ActorPoolStrategy``; CPUs/GPUs per actor in
+  params), results streamed to the driver, which writes whole shards.
+- ``local``: a single-process loop with a torch DataLoader for decoding (the benchmark
+  baseline, and handy for tiny runs).
+
+Incremental: uids already in complete shards (same feature spec) or already rejected
+are skipped; a changed spec (other models, weights or preprocessing) starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dinoalign.config import BackboneConfig, ClipConfig, EmbedConfig, Params, TextEncoderConfig
+from dinoalign.data.images import ImageRejected, load_image, resize_crop
+from dinoalign.data.schema import make_caption_id
+from dinoalign.embed.features import image_features
+from dinoalign.embed.store import FeatureStore, vector_column
+
+STAGE = "embed"
+SCHEMA_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- decode
+def decode_batch(
+    batch: dict[str, np.ndarray], *, img_size: int, interpolation: str, max_pixels: int, min_side: int
+) -> dict[str, np.ndarray]:
+    """uids + image URIs -> uint8 images N×S×S×3 (short-side resize + centre crop) and a
+    reject reason per row ("" when decoded). Never raises for a bad image."""
+    uids = batch["uid"]
+    images = np.zeros((len(uids), img_size, img_size, 3), dtype=np.uint8)
+    reasons = np.full(len(uids), "", dtype=object)
+    details = np.full(len(uids), "", dtype=object)
+    for i, uri in enumerate(batch["image_uri"]):
+        try:
+            images[i] = resize_crop(
+                load_image(str(uri), max_pixels=max_pixels, min_side=min_side), img_size, interpolation
+            )
+        except ImageRejected as e:
+            reasons[i], details[i] = e.reason, e.detail
+    return {"uid": uids, "image": images, "reject_reason": reasons, "reject_detail": details}
+
+
+# ----------------------------------------------------------------------------- models
+def _device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, shapes, bytes): identifies the weights used."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        t = v.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def build_backbone_from(cfg: BackboneConfig, seed: int) -> Any:
+    from dinoalign.backbones import build_backbone
+
+    torch.manual_seed(seed)  # random-init backbones are identical in every actor
+    return build_backbone(
+        cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
+        model_kwargs=cfg.model_kwargs,
+    )
+
+
+class ImageEmbedder:
+    """Callable model holder (one per actor): decoded batch -> feature batch."""
+
+    def __init__(self, params: Params) -> None:
+        cfg = params.embed
+        torch.set_num_threads(max(1, cfg.torch_threads))
+        self.device = _device(cfg.actor_num_gpus)
+        self.backbone = build_backbone_from(params.backbone, params.seed).to(self.device)
+        self.keep_patches = cfg.keep_patches
+        self.clip = None
+        if params.clip.image_features:
+            from dinoalign.backbones.text import load_open_clip
+
+            model, pre, _ = load_open_clip(params.clip.name, params.clip.pretrained)
+            self.clip, self.clip_size = model.eval().to(self.device), _preprocess_size(pre)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        ok = batch["reject_reason"] == ""
+        n = len(batch["uid"])
+        out: dict[str, np.ndarray] = {k: batch[k] for k in ("uid", "reject_reason", "reject_detail")}
+        images = batch["image"][ok]
+        feats: dict[str, np.ndarray] = {}
+        if len(images):
+            x = self.backbone.normalize(torch.from_numpy(images)).to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                res = image_features(self.backbone(x), keep_patches=self.keep_patches)
+            feats = {k: v.float().cpu().numpy() for k, v in res.items()}
+            if self.clip is not None:
+                from dinoalign.teacher import to_clip_input
+
+                clip_x = to_clip_input(images, self.clip_size).to(self.device)
+                feats["clip_image"] = self.clip.encode_image(clip_x, normalize=True).float().cpu().numpy()
+        for k, v in feats.items():
+            full = np.zeros((n, *v.shape[1:]), dtype=np.float16 if k == "patches" else np.float32)
+            full[ok] = v
+            out[k] = full
+        out["model_seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        return out
+
+
+class TextEmbedder:
+    """Callable holder of the configured text encoders: captions -> text_<key> columns."""
+
+    def __init__(self, params: Params) -> None:
+        from dinoalign.backbones.text import build_text_encoder
+
+        torch.set_num_threads(max(1, params.embed.torch_threads))
+        self.encoders = {
+            t.key: build_text_encoder(t.kind, t.name, pretrained=t.pretrained, model_kwargs=t.model_kwargs)
+            for t in params.embed.text_encoders
+        }
+        self.batch_size = params.embed.text_batch_size
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch["caption"]]
+        out = dict(batch)
+        for key, enc in self.encoders.items():
+            out[f"text_{key}"] = enc.encode(texts, batch_size=self.batch_size).float().cpu().numpy()
+        return out
+
+
+def _preprocess_size(pre: Any) -> int:
+    size = pre["size"] if isinstance(pre, dict) else getattr(pre, "size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+# ----------------------------------------------------------------------------- spec
+def feature_spec(params: Params) -> dict[str, Any]:
+    """What the features depend on. Builds each model once (cheap next to embedding) so
+    that weight hashes, not just names, decide whether existing shards are reusable."""
+    backbone = build_backbone_from(params.backbone, params.seed)
+    with torch.no_grad():
+        s = params.embed.img_size
+        out = backbone(torch.zeros(1, 3, s, s))
+    d, h, p = out.cls.shape[-1], out.attn_logits.shape[1], out.patches.shape[1]
+    columns: dict[str, list[int]] = {
+        "cls": [d], "patch_mean": [d], "token_mean": [d], "head_embeddings": [h, d],
+        "head_mean_embedding": [d],
+    }
+    if params.embed.keep_patches:
+        columns["patches"] = [p, d]
+    spec: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "backbone": {**asdict(params.backbone), "weights_sha": state_hash(backbone),
+                     "random_init": not params.backbone.pretrained and not params.backbone.weights,
+                     "embed_dim": d, "num_heads": h, "grid": list(out.grid)},
+        "img_size": s,
+        "interpolation": params.embed.interpolation,
+        "dtype": "float32",
+        "text_encoders": {},
+    }
+    if params.clip.image_features:
+        from dinoalign.backbones.text import load_open_clip
+
+        model, pre, _ = load_open_clip(params.clip.name, params.clip.pretrained)
+        spec["clip"] = {**asdict(params.clip), "weights_sha": state_hash(model), "image_size": _preprocess_size(pre)}
+        size = spec["clip"]["image_size"]
+        with torch.no_grad():
+            columns["clip_image"] = [int(model.encode_image(torch.zeros(1, 3, size, size)).shape[-1])]
+    text = TextEmbedder(params)
+    for key, enc in text.encoders.items():
+        tcfg = next(t for t in params.embed.text_encoders if t.key == key)
+        spec["text_encoders"][key] = {**asdict(tcfg), "weights_sha": state_hash(enc), "width": int(enc.width)}
+        columns[f"text_{key}"] = [int(enc.width)]
+    spec["columns"] = columns
+    spec["spec_hash"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return spec
+
+
+# ----------------------------------------------------------------------------- engines
+def _ray_stream(
+    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from dinoalign.compute import init_ray
+
+    init_ray()
+    cfg = params.embed
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    n_blocks = max(1, min(len(rows) // max(cfg.decode_batch_size, 1), 64))
+    ds = ray.data.from_arrow(rows).repartition(n_blocks)
+    if decode:
+        ds = ds.map_batches(make_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
+                            num_cpus=cfg.decode_num_cpus)
+    ds = ds.map_batches(
+        model_cls, fn_constructor_args=(params,), batch_size=batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_num_cpus,
+        num_gpus=cfg.actor_num_gpus,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _local_stream(
+    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    model = model_cls(params)
+    cols = {c: np.asarray(rows.column(c).to_pylist(), dtype=object) for c in rows.column_names}
+    chunks = [{c: v[i : i + batch_size] for c, v in cols.items()} for i in range(0, len(rows), batch_size)]
+    if not decode:
+        for chunk in chunks:
+            yield model(chunk)
+        return
+    loader = torch.utils.data.DataLoader(
+        chunks, batch_size=None, num_workers=params.embed.loader_workers, collate_fn=make_decode,
+        prefetch_factor=2 if params.embed.loader_workers else None,
+    )
+    for decoded in loader:
+        yield model(decoded)
+
+
+ENGINES = {"ray": _ray_stream, "local": _local_stream}
+
+
+class _Decode:
+    """Picklable decode callable (Ray tasks and DataLoader workers)."""
+
+    def __init__(self, params: Params) -> None:
+        self.kw = dict(img_size=params.embed.img_size, interpolation=params.embed.interpolation,
+                       max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return decode_batch(batch, **self.kw)
+
+
+# ----------------------------------------------------------------------------- writer
+class ShardWriter:
+    """Buffers streamed rows and writes whole shards of ``shard_rows``."""
+
+    def __init__(self, store: FeatureStore, kind: str, shard_rows: int, shapes: dict[str, list[int]],
+                 string_cols: tuple[str, ...]) -> None:
+        self.store, self.kind, self.shard_rows = store, kind, shard_rows
+        self.shapes, self.string_cols = shapes, string_cols
+        self.buffer: list[dict[str, np.ndarray]] = []
+        self.buffered = 0
+        self.written = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        if len(next(iter(batch.values()))) == 0:
+            return
+        self.buffer.append(batch)
+        self.buffered += len(next(iter(batch.values())))
+        while self.buffered >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def close(self) -> None:
+        while self.buffered:
+            self._flush(min(self.buffered, self.shard_rows))
+
+    def _flush(self, n: int) -> None:
+        merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
+        head = {k: v[:n] for k, v in merged.items()}
+        rest = {k: v[n:] for k, v in merged.items()}
+        self.buffer = [rest] if len(next(iter(rest.values()))) else []
+        self.buffered -= n
+        arrays, names = [], []
+        for c in self.string_cols:
+            arrays.append(pa.array([str(x) for x in head[c]], type=pa.string()))
+            names.append(c)
+        if "caption_index" in head:
+            arrays.append(pa.array(head["caption_index"].astype(np.int32)))
+            names.append("caption_index")
+        for c in self.shapes:
+            if c in head:
+                arrays.append(vector_column(head[c], pa.float16() if c == "patches" else pa.float32()))
+                names.append(c)
+        self.store.write_shard(self.kind, pa.Table.from_arrays(arrays, names=names))
+        self.written += n
+
+
+# ----------------------------------------------------------------------------- driver
+def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Embed every manifest uid not yet embedded; return counts and throughput."""
+    cfg = params.embed
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"embed.engine={cfg.engine!r}: choose one of {sorted(ENGINES)}")
+    store = FeatureStore(cfg.out_dir)
+    spec = feature_spec(params)
+    # spec.json is written before any shard, so shards of a killed run are reusable
+    # exactly when they were made with the same models and preprocessing.
+    old = store.read_json("spec.json")
+    if old is not None and old["spec_hash"] != spec["spec_hash"]:
+        print(f"embed: feature spec changed ({old['spec_hash']} -> {spec['spec_hash']}): re-embedding all")
+        store.clear()
+    elif old is None and (store.shards("images") or store.shards("captions")):
+        print("embed: shards without spec.json (unknown provenance): re-embedding all")
+        store.clear()
+    store.write_json("spec.json", spec)
+    stream = ENGINES[cfg.engine]
+    t_start = time.perf_counter()
+
+    # ---- images
+    done = store.keys("images", "uid")
+    rejects = store.read_rejects()
+    rejected = set(rejects.column("uid").to_pylist())
+    manifest_uids = manifest.column("uid").to_pylist()
+    todo_mask = [u not in done and u not in rejected for u in manifest_uids]
+    todo = manifest.filter(pa.array(todo_mask)).select(["uid", "image_uri"])
+    image_shapes = {c: s for c, s in spec["columns"].items() if not c.startswith("text_")}
+    writer = ShardWriter(store, "images", cfg.shard_rows, image_shapes, ("uid",))
+    new_rejects: list[dict[str, str]] = []
+    model_seconds = 0.0
+    t0 = time.perf_counter()
+    if len(todo):
+        for batch in stream(todo, _Decode(params), params, ImageEmbedder, cfg.batch_size, True):
+            bad = batch["reject_reason"] != ""
+            for i in np.flatnonzero(bad):
+                new_rejects.append({"uid": str(batch["uid"][i]), "stage": STAGE, "reason": str(batch["reject_reason"][i]),
+                                    "detail": str(batch["reject_detail"][i]), "key": ""})
+            model_seconds += float(batch["model_seconds"].sum())
+            writer.add({k: v[~bad] for k, v in batch.items() if k not in ("reject_reason", "reject_detail", "model_seconds")})
+        writer.close()
+        _save_rejects(store, rejects, new_rejects)
+    t_images = time.perf_counter() - t0
+
+    # ---- captions of every embedded image
+    embedded = store.keys("images", "uid")
+    done_captions = store.keys("captions", "caption_id")
+    cap_rows = _caption_rows(manifest, embedded, done_captions)
+    text_shapes = {c: s for c, s in spec["columns"].items() if c.startswith("text_")}
+    cwriter = ShardWriter(store, "captions", cfg.shard_rows * 4, text_shapes, ("caption_id", "uid", "caption"))
+    t0 = time.perf_counter()
+    if len(cap_rows):
+        for batch in stream(cap_rows, None, params, TextEmbedder, cfg.text_batch_size, False):
+            cwriter.add(batch)
+        cwriter.close()
+    t_captions = time.perf_counter() - t0
+
+    entries = store.shard_entries()
+    all_rejects = store.read_rejects()
+    summary = {
+        "images_embedded": writer.written,
+        "captions_embedded": cwriter.written,
+        "images_rejected": len(new_rejects),
+        "images_total": sum(e["rows"] for e in entries if e["kind"] == "images"),
+        "captions_total": sum(e["rows"] for e in entries if e["kind"] == "captions"),
+        "rejects_total": all_rejects.num_rows,
+        "images_skipped": len(manifest_uids) - len(todo),
+        "images_per_s": writer.written / t_images if writer.written else 0.0,
+        "captions_per_s": cwriter.written / t_captions if cwriter.written else 0.0,
+        "seconds_images": t_images,
+        "seconds_captions": t_captions,
+        "seconds_model": model_seconds,
+        "seconds_total": time.perf_counter() - t_start,
+    }
+    store.write_json("manifest.json", {
+        "spec": spec,
+        "shards": entries,
+        "counts": {k: summary[k] for k in ("images_total", "captions_total", "rejects_total")},
+        "rejects_by_reason": _count(all_rejects.column("reason").to_pylist()),
+    })
+    return summary
+
+
+def _save_rejects(store: FeatureStore, old: pa.Table, new: list[dict[str, str]]) -> None:
+    from dinoalign.data.schema import REJECTS_SCHEMA
+
+    store.write_rejects(pa.concat_tables([old.cast(REJECTS_SCHEMA), pa.Table.from_pylist(new, schema=REJECTS_SCHEMA)]))
+
+
+def _caption_rows(manifest: pa.Table, embedded: set[str], done: set[str]) -> pa.Table:
+    uids, cids, idxs, texts = [], [], [], []
+    for uid, caps in zip(manifest.column("uid").to_pylist(), manifest.column("captions").to_pylist()):
+        if uid not in embedded:
+            continue
+        for i, cap in enumerate(caps):
+            cid = make_caption_id(uid, i)
+            if cid not in done:
+                uids.append(uid), cids.append(cid), idxs.append(i), texts.append(cap)
+    return pa.table({"caption_id": cids, "uid": uids, "caption_index": pa.array(idxs, pa.int32()), "caption": texts})
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))

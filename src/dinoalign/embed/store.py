@@ -1,0 +1,187 @@
+"""The feature store written by ``embed`` and read by curate, align and evaluate.
+
+Layout under ``embed.out_dir`` (a local path or ``s3://bucket/prefix``)::
+
+    images/part-00000.parquet    uid + image feature columns (fixed-size float lists)
+    captions/part-00000.parquet  caption_id, uid, caption_index, caption + text_<encoder> columns
+    rejects.parquet              uid, stage, reason, detail, key
+    manifest.json                spec (models, weight hashes, preprocessing, column shapes),
+                                 shard list with row counts and sha256, counts; written last
+
+A shard becomes visible only when complete (temp name + rename locally; S3 objects
+appear atomically), so a killed run leaves only whole shards and a re-run skips their
+keys. Vectors are stored flat (``H×D`` as ``H*D``); ``manifest.json`` keeps the shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dinoalign.data.schema import REJECTS_SCHEMA
+from dinoalign.storage import fs_for
+
+KINDS = ("images", "captions")
+_PART = re.compile(r"^part-(\d{5,})\.parquet$")
+
+
+def vector_column(x: np.ndarray, dtype: Any = pa.float32()) -> pa.Array:
+    """N×(shape...) array -> FixedSizeList column of the flattened trailing dims."""
+    x = np.ascontiguousarray(x)
+    width = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1
+    values = pa.array(x.reshape(-1), type=dtype)
+    return pa.FixedSizeListArray.from_arrays(values, width)
+
+
+def column_to_numpy(col: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
+    """FixedSizeList column -> N×shape numpy (zero-copy where arrow allows)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape((len(col), *shape))
+
+
+@dataclass
+class FeatureStore:
+    """Shard-level access to one feature folder (local or s3://)."""
+
+    uri: str
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = fs_for(self.uri)
+        self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+
+    # ---------------------------------------------------------------- paths & listing
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def shards(self, kind: str) -> list[str]:
+        """Complete shard file names of ``kind`` (temp files excluded), sorted."""
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(kind), detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _PART.match(n))
+
+    def next_index(self, kind: str) -> int:
+        idx = [int(_PART.match(n).group(1)) for n in self.shards(kind)]
+        return max(idx) + 1 if idx else 0
+
+    def keys(self, kind: str, key: str) -> set[str]:
+        """All keys (``uid`` / ``caption_id``) present in complete shards."""
+        out: set[str] = set()
+        for name in self.shards(kind):
+            out.update(self.read_table(kind, name, columns=[key]).column(key).to_pylist())
+        return out
+
+    # ---------------------------------------------------------------- reading & writing
+    def read_table(self, kind: str, name: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self.path(kind, name), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def read_all(self, kind: str, columns: list[str] | None = None) -> pa.Table:
+        tables = [self.read_table(kind, n, columns) for n in self.shards(kind)]
+        if not tables:
+            raise FileNotFoundError(f"no {kind} shards under {self.uri}: run the embed stage first")
+        return pa.concat_tables(tables)
+
+    def write_shard(self, kind: str, table: pa.Table) -> dict[str, Any]:
+        """Write one complete shard atomically; return its manifest entry."""
+        name = f"part-{self.next_index(kind):05d}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        self._atomic_write(self.path(kind, name), data)
+        return {"kind": kind, "file": f"{kind}/{name}", "rows": table.num_rows,
+                "sha256": hashlib.sha256(data).hexdigest()}
+
+    def _atomic_write(self, path: str, data: bytes) -> None:
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if self.local:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:  # an S3 PUT is atomic: the object appears only when complete
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    def read_rejects(self) -> pa.Table:
+        try:
+            with self.fs.open(self.path("rejects.parquet"), "rb") as f:
+                return pq.read_table(f)
+        except FileNotFoundError:
+            return REJECTS_SCHEMA.empty_table()
+
+    def write_rejects(self, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.cast(REJECTS_SCHEMA), sink)
+        self._atomic_write(self.path("rejects.parquet"), sink.getvalue().to_pybytes())
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(self.path(name), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, name: str, obj: dict[str, Any]) -> None:
+        self._atomic_write(self.path(name), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        return self.read_json("manifest.json")
+
+    def clear(self) -> None:
+        """Remove every shard, rejects and the manifest (a changed feature spec)."""
+        for kind in KINDS:
+            for name in self.shards(kind):
+                self.fs.rm(self.path(kind, name))
+        for name in ("rejects.parquet", "manifest.json", "spec.json"):
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name))
+
+    def shard_entries(self) -> list[dict[str, Any]]:
+        """Manifest entries for every complete shard (sha256 of the stored bytes)."""
+        out = []
+        for kind in KINDS:
+            for name in self.shards(kind):
+                with self.fs.open(self.path(kind, name), "rb") as f:
+                    data = f.read()
+                rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+                out.append({"kind": kind, "file": f"{kind}/{name}", "rows": rows,
+                            "sha256": hashlib.sha256(data).hexdigest()})
+        return out
+
+
+def load_image_features(uri: str, columns: Iterable[str], uids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Image feature columns as numpy arrays, shaped per the manifest, rows sorted by uid.
+
+    Returns ``{"uid": N-array of str, col: N×shape}``; ``uids`` keeps only those rows.
+    """
+    store = FeatureStore(uri)
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{uri}/manifest.json is missing: the embed stage has not finished")
+    columns = list(columns)
+    table = store.read_all("images", ["uid", *columns])
+    table = table.sort_by("uid")
+    if uids is not None:
+        keep = pa.array(sorted(set(uids)))
+        table = table.filter(pc.is_in(table.column("uid"), value_set=keep))
+    shapes = manifest["spec"]["columns"]
+    out: dict[str, np.ndarray] = {"uid": np.asarray(table.column("uid").to_pylist())}
+    for c in columns:
+        out[c] = column_to_numpy(table.column(c), tuple(shapes[c]))
+    return out
