@@ -36,6 +36,7 @@ def image_features(out: object, keep_patches: bool = False) -> dict[str, torch.T
         "head_embeddings": heads,
         "head_mean_embedding": heads.mean(1),
     }
-    if keep_patches:
+    if keep_patches:  # dinotxt's cached-token mode re-assembles [CLS, registers, patches]
+        feats["registers"] = regs
         feats["patches"] = patches
     return feats

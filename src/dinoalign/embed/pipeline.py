@@ -31,6 +31,7 @@ from dinoalign.embed.store import FeatureStore, vector_column
 
 STAGE = "embed"
 SCHEMA_VERSION = 1
+HALF_COLUMNS = ("patches", "registers")  # token-level columns are stored in fp16
 
 
 # ----------------------------------------------------------------------------- decode
@@ -63,7 +64,7 @@ def state_hash(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
-        t = v.detach().cpu().contiguous()
+        t = v.detach().cpu().contiguous().reshape(-1)
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
@@ -114,7 +115,7 @@ class ImageEmbedder:
                 clip_x = to_clip_input(images, self.clip_size).to(self.device)
                 feats["clip_image"] = self.clip.encode_image(clip_x, normalize=True).float().cpu().numpy()
         for k, v in feats.items():
-            full = np.zeros((n, *v.shape[1:]), dtype=np.float16 if k == "patches" else np.float32)
+            full = np.zeros((n, *v.shape[1:]), dtype=np.float16 if k in HALF_COLUMNS else np.float32)
             full[ok] = v
             out[k] = full
         out["model_seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
@@ -162,6 +163,7 @@ def feature_spec(params: Params) -> dict[str, Any]:
         "head_mean_embedding": [d],
     }
     if params.embed.keep_patches:
+        columns["registers"] = [int(out.registers.shape[1]), d]
         columns["patches"] = [p, d]
     spec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -288,7 +290,7 @@ class ShardWriter:
             names.append("caption_index")
         for c in self.shapes:
             if c in head:
-                arrays.append(vector_column(head[c], pa.float16() if c == "patches" else pa.float32()))
+                arrays.append(vector_column(head[c], pa.float16() if c in HALF_COLUMNS else pa.float32()))
                 names.append(c)
         self.store.write_shard(self.kind, pa.Table.from_arrays(arrays, names=names))
         self.written += n
