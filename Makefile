@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test env uv mlflow-ui clean
+.PHONY: demo test env uv mlflow-ui clean chromium
 
 uv:
 	@command -v uv >/dev/null 2>&1 || [ -x "$(HOME)/.local/bin/uv" ] || python3 -m pip install --user --quiet uv
@@ -26,8 +26,16 @@ demo: env
 	$(RUN) dvc repro
 	@echo "demo: manifest in artifacts/pairs/, MLflow runs in mlruns/ (make mlflow-ui)"
 
-test: env
+test: env chromium
 	$(RUN) python -m pytest
+
+# Debian's chromium renders the report (and the MLflow UI) in headless tests; installed only
+# when missing. Without root or apt the tests that need it skip and say why.
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  { $$SUDO apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }; } \
+	  || echo "chromium: could not install Debian's chromium (needs root or sudo and apt); browser tests will be skipped"; }
 
 mlflow-ui: env
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000

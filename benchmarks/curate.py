@@ -7,7 +7,10 @@ Synthetic 384-d embeddings (a ViT-S width): a mixture of ``--true-clusters`` Gau
 with Zipf-distributed sizes on the unit sphere. Each size runs in a fresh subprocess, so
 that its peak resident memory (``VmHWM`` from /proc/self/status, cross-checked with
 ``getrusage``) is its own. The table gives every size's time and memory as a ratio to
-the first size of the same invocation, and the scaling exponent b of time ∝ Nᵇ.
+the first size of the same invocation, and the scaling exponent b of time ∝ Nᵇ. Next to
+the wall time it gives the process CPU time (all FAISS threads): on a shared machine a
+CPU/wall ratio below the thread count means other work took cores away, and the CPU
+time is then the steadier measure of the work done.
 FAISS trains on at most max_points_per_centroid·k points (256·k by default), so k-means
 training time flattens once N exceeds that; assignment and sampling stay linear in N.
 """
@@ -84,11 +87,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     rss_before_data = _memory_mb("VmRSS")
     points = synthetic_embeddings(n, args.dim, args.true_clusters, args.seed)
     rss_with_data = _memory_mb("VmRSS")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     hierarchy = hierarchical_kmeans(
         points, args.levels, args.resample_steps, args.resample_points, args.iters, args.seed
     )
-    clustered = time.perf_counter()
+    clustered, cpu_clustered = time.perf_counter(), time.process_time()
     uids = [f"{i:012d}" for i in range(n)]  # only read by the random leaf strategy
     selected = balanced_sample(
         hierarchy,
@@ -98,12 +101,15 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         uids,
         args.seed,
     )
-    sampled = time.perf_counter()
+    sampled, cpu_sampled = time.perf_counter(), time.process_time()
     return {
         "n": n,
         "kmeans_s": clustered - started,
         "sampling_s": sampled - clustered,
         "total_s": sampled - started,
+        "kmeans_cpu_s": cpu_clustered - cpu_started,
+        "sampling_cpu_s": cpu_sampled - cpu_clustered,
+        "total_cpu_s": cpu_sampled - cpu_started,
         "selected": int(selected.sum()),
         "faiss_points": [level.faiss_points for level in hierarchy.levels],
         "clamped": hierarchy.warnings,
@@ -130,6 +136,7 @@ def with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         size_ratio = row["n"] / base["n"]
         row["size_ratio"] = size_ratio
         row["time_ratio"] = row["total_s"] / base["total_s"]
+        row["cpu_time_ratio"] = row["total_cpu_s"] / base["total_cpu_s"]
         row["peak_rss_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
         row["time_exponent"] = (
             math.log(row["time_ratio"]) / math.log(size_ratio) if size_ratio != 1 else None
@@ -140,14 +147,16 @@ def with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(results: list[dict[str, Any]]) -> str:
     header = (
         f"{'N':>10} {'k-means s':>10} {'sampling s':>10} {'total s':>9} {'×time':>7} "
-        f"{'×N':>6} {'exp b':>6} {'peak MB':>9} {'data MB':>8} {'×peak':>6}"
+        f"{'CPU s':>8} {'×CPU':>6} {'×N':>6} {'exp b':>6} {'peak MB':>9} {'data MB':>8} "
+        f"{'×peak':>6}"
     )
     lines = [header, "-" * len(header)]
     for row in results:
         exponent = "-" if row["time_exponent"] is None else f"{row['time_exponent']:.2f}"
         lines.append(
             f"{row['n']:>10,} {row['kmeans_s']:>10.2f} {row['sampling_s']:>10.2f} "
-            f"{row['total_s']:>9.2f} {row['time_ratio']:>7.2f} {row['size_ratio']:>6.1f} "
+            f"{row['total_s']:>9.2f} {row['time_ratio']:>7.2f} {row['total_cpu_s']:>8.1f} "
+            f"{row['cpu_time_ratio']:>6.2f} {row['size_ratio']:>6.1f} "
             f"{exponent:>6} {row['peak_rss_mb']:>9.0f} {row['data_mb']:>8.0f} "
             f"{row['peak_rss_ratio']:>6.2f}"
         )

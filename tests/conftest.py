@@ -7,14 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from pipeline_testing import (
+    DEMO_BACKBONE,
+    DEMO_WORLD,
+    REPO,
+    SHARED_ASSETS,
+    DemoFeatures,
+    DemoModels,
+    tiny_overrides,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO.parent / "shared" / "assets"
 
 
 @pytest.fixture(scope="session")
@@ -29,35 +36,6 @@ def coco_mini() -> Path:
     if not (path / "annotations").is_dir():
         pytest.skip(f"real COCO test data not found at {path}")
     return path
-
-
-TINY_BACKBONE = "{embed_dim: 48, depth: 2, num_heads: 3}"
-
-
-def tiny_overrides(root: Path, clip_dir: Path, **extra: str) -> list[str]:
-    """Dotted overrides that shrink every stage to a smoke run under ``root``."""
-    clip = f"local-dir:{clip_dir}"
-    base = {
-        "tracking.uri": f"sqlite:///{root / 'mlruns.db'}",
-        "data.synthetic.n_train": "24",
-        "data.synthetic.n_val": "4",
-        "data.synthetic.n_test": "12",
-        "data.synthetic.image_size": "112",
-        "prepare.out_dir": str(root / "pairs"),
-        "backbone.model_kwargs": TINY_BACKBONE,
-        "backbone.img_size": "56",
-        "clip.name": clip,
-        "embed.pairs_dir": str(root / "pairs"),
-        "embed.out_dir": str(root / "features"),
-        "embed.img_size": "56",
-        "embed.batch_size": "8",
-        "embed.decode_batch_size": "8",
-        "embed.shard_rows": "10",
-        "embed.loader_workers": "0",
-        "embed.text_encoders": f"[{{key: clip, kind: open_clip, name: '{clip}'}}]",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +54,114 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mc = model_cfg(cfg)
     model = CLIP(mc["embed_dim"], CLIPVisionCfg(**mc["vision_cfg"]), CLIPTextCfg(**mc["text_cfg"]))
     return save_teacher(model, cfg, tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real SeaweedFS (S3 API) on a free 127.0.0.1 port with required credentials; the
+    AWS_* variables point every client at it for the session. Stopped by PID."""
+    import secrets
+
+    from dinoalign import infra
+
+    keys = {"AWS_ACCESS_KEY_ID": "dinoalign-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    svc = infra.start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), keys["AWS_ACCESS_KEY_ID"],
+                                keys["AWS_SECRET_ACCESS_KEY"])
+    env = {**keys, "AWS_ENDPOINT_URL": svc.url, "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield svc
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        svc.stop()
+        assert not svc.alive(), "SeaweedFS survived its stop"
+
+
+@pytest.fixture(scope="session")
+def demo_features(tmp_path_factory: pytest.TempPathFactory) -> DemoFeatures:
+    """Prepare (synthetic world at 112 px), teacher (a tiny CLIP, a few epochs) and embed
+    (a small random-init DINOv2-shaped ViT at 112 px, 8×8 patches, with cached patch
+    tokens), through ``dinoalign.cli.main`` as ``dvc repro`` runs them."""
+    from dinoalign.cli import main
+
+    root = tmp_path_factory.mktemp("demo_features")
+    clip_dir = root / "teacher" / "model"
+    overrides = tiny_overrides(
+        root,
+        clip_dir,
+        **{f"data.synthetic.{k}": str(v) for k, v in DEMO_WORLD.items()},
+        **{
+            "backbone.model_kwargs": DEMO_BACKBONE,
+            "backbone.img_size": "112",
+            "embed.img_size": "112",
+            "embed.engine": "local",
+            "embed.batch_size": "64",
+            "embed.decode_batch_size": "64",
+            "embed.shard_rows": "256",
+            "teacher.out_dir": str(root / "teacher"),
+            "teacher.embed_dim": "64",
+            "teacher.image_size": "32",
+            "teacher.patch_size": "8",
+            "teacher.vision_width": "96",
+            "teacher.vision_layers": "2",
+            "teacher.text_width": "64",
+            "teacher.text_layers": "2",
+            "teacher.text_heads": "2",
+            "teacher.epochs": "20",
+            "teacher.batch_size": "64",
+            "teacher.warmup_steps": "20",
+            "align.out_dir": str(root / "models"),
+            "align.curves_dir": str(root / "align"),
+            "align.storage_path": str(root / "checkpoints"),
+            "align.curated": str(root / "curated" / "uids.parquet"),
+        },
+    )
+    features = DemoFeatures(root, tuple(overrides), root / "no-params" / "params.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DINOALIGN_ROOT", str(root))  # the MLflow experiment's artifacts go under root
+        for stage in ("prepare", "teacher", "embed"):
+            assert main([stage, "-p", str(features.params_file), *overrides]) == 0, stage
+    return features
+
+
+@pytest.fixture(scope="session")
+def demo_models(demo_features: DemoFeatures, tmp_path_factory: pytest.TempPathFactory) -> DemoModels:
+    import torch
+
+    from dinoalign.recipes import build
+    from dinoalign.train.data import model_config, read_spec
+
+    root = tmp_path_factory.mktemp("demo_models")
+    overrides = (
+        *demo_features.overrides,
+        f"tracking.uri=sqlite:///{root / 'mlruns.db'}",
+        f"align.out_dir={root / 'models'}",
+        f"evaluate.metrics_dir={root / 'metrics'}",
+        f"evaluate.plots_dir={root / 'plots'}",
+        f"evaluate.report_dir={root / 'report'}",
+        "evaluate.zeroshot_templates=talk2dino",
+        "evaluate.max_images=24",
+        "evaluate.num_examples=2",
+        "evaluate.save_predictions=true",
+        # 112-px images resized to 140: 2×2 overlapping 112-px windows, 140 not a multiple of 56
+        "evaluate.segmentation={short_side: 140, crop: 112, stride: 56, bg_threshold: 0.5}",
+    )
+    models = DemoModels(demo_features, root, overrides)
+    params = models.params()
+    spec = read_spec(str(demo_features.features_dir))
+    for seed, recipe in enumerate(DemoModels.RECIPES):
+        torch.manual_seed(seed)
+        build(recipe, model_config(recipe, getattr(params.align, recipe), spec)).save(str(models.model_dir(recipe)))
+    return models
+
+
+@pytest.fixture(scope="session")
+def evaluated_demo(demo_models: DemoModels) -> DemoModels:
+    """``demo_models`` after ``dinoalign evaluate`` (all three recipes)."""
+    assert demo_models.main("evaluate") == 0
+    return demo_models

@@ -2,6 +2,10 @@
 
     dinoalign prepare [-p params.yaml] [section.key=value ...]   run one pipeline stage
     dinoalign params  [-p params.yaml] [section.key=value ...]   print the resolved params
+    dinoalign infra up|down|status                               the local stack (docs/operations.md)
+    dinoalign retrain --new URI [section.key=value ...]          scheduled retraining with promotion
+    dinoalign segment|classify --model M --image I --classes "a,b"   inference (dinoalign.serve)
+    dinoalign index --model M --out DIR; dinoalign retrieve --model M --index DIR --text T
 """
 
 from __future__ import annotations
@@ -28,11 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES.names():
         _params_args(sub.add_parser(name, help=f"run the {name} stage"))
     _params_args(sub.add_parser("params", help="print the resolved params as YAML"))
+    from dinoalign.ops.cli import add_ops_commands
+
+    add_ops_commands(sub, _params_args)
+    from dinoalign.serve import add_inference_commands
+
+    add_inference_commands(sub, _params_args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:  # infra, retrain, inference: commands with their own arguments
+        return int(args.handler(args))
     try:
         params = load_params(args.params, args.overrides)
     except ConfigError as e:

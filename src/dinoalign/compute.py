@@ -17,6 +17,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        address="local",  # never attach to a stray `ray start` cluster by accident
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         log_to_driver=True,

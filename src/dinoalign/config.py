@@ -19,10 +19,14 @@ import yaml
 
 from dinoalign.errors import ConfigError
 
+from dinoalign.curate import CurateConfig
 from dinoalign.data.sources.coco import CocoSourceConfig
 from dinoalign.data.sources.pairs import PairsSourceConfig
 from dinoalign.data.sources.webdataset import WebDatasetSourceConfig
 from dinoalign.data.synthetic import SyntheticWorldConfig
+from dinoalign.evaluate.config import EvaluateConfig
+from dinoalign.ops.config import RetrainConfig
+from dinoalign.train.config import AlignConfig
 
 
 # ----------------------------------------------------------------------------- sections
@@ -46,6 +50,8 @@ class DataConfig:
     coco: CocoSourceConfig = dataclasses.field(default_factory=CocoSourceConfig)
     pairs: PairsSourceConfig = dataclasses.field(default_factory=PairsSourceConfig)
     webdataset: WebDatasetSourceConfig = dataclasses.field(default_factory=WebDatasetSourceConfig)
+    # pairs appended by `dinoalign retrain` (DVC-tracked, added to any source; null: none)
+    incoming: str | None = "incoming/pairs"
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_side: int = 14  # one patch
 
@@ -96,6 +102,7 @@ class TeacherConfig:
     text_width: int = 128
     text_layers: int = 3
     text_heads: int = 4
+    text_context: int = 32  # demo captions are short; 77 (CLIP's) costs 2.4x more
     epochs: int = 12
     batch_size: int = 128
     lr: float = 1e-3
@@ -153,6 +160,10 @@ class Params:
     clip: ClipConfig = dataclasses.field(default_factory=ClipConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
+    curate: CurateConfig = dataclasses.field(default_factory=CurateConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    retrain: RetrainConfig = dataclasses.field(default_factory=RetrainConfig)
 
 
 # ----------------------------------------------------------------------------- loading

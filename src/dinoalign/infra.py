@@ -1,16 +1,22 @@
-"""The local stack: a real SeaweedFS (S3 API), a real ``mlflow server`` and a Ray head,
-bound to 127.0.0.1 on free ports, started as their own process groups and stopped by PID.
+"""Server processes of the local stack: a real SeaweedFS (S3 API), a real ``mlflow server``
+(sqlite or a private PostgreSQL), and a Ray head, bound to 127.0.0.1 on free ports, each
+started as its own process group and stopped by PID.
 
-Used by ``dinoalign infra up|down|status`` and by the integration tests. State (PIDs,
-ports, URLs, data dirs) lives in ``infra/run/stack.json``. Credentials come from the
-environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``) and are written only to
-SeaweedFS's own identity file (mode 600), never to params, logs or MLflow.
+These are the building blocks; :mod:`dinoalign.ops.stack` assembles them into
+``dinoalign infra up|down|status`` and the integration tests use them directly.
+
+Stopping is by PID only (never by process name): a :class:`Service` records the PID and
+the process start time of its leader, so a recycled PID is never signalled, and
+:meth:`Service.stop` signals the leader's process group plus every descendant (Ray workers
+run in process groups of their own). Credentials go only to SeaweedFS's identity file
+(mode 600) and to the server processes' environments, never to params, logs or MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,9 +27,13 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
+
+import psutil
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -37,83 +47,149 @@ def _bin(name: str) -> str:
     return found
 
 
+def _started_at(pid: int) -> float:
+    return psutil.Process(pid).create_time()
+
+
 @dataclass
 class Service:
-    """One started server process."""
+    """One started server process: its leader ``pid`` and that process's start time."""
 
     name: str
     pid: int
     url: str
     log: str
     ports: dict[str, int] = field(default_factory=dict)
+    started: float = 0.0  # psutil create_time of ``pid``: guards against a recycled PID
+    grace: float = 15.0  # seconds between SIGTERM and SIGKILL
+
+    def process(self) -> psutil.Process | None:
+        """The leader process, or None when it is gone (or its PID now names another one)."""
+        try:
+            proc = psutil.Process(self.pid)
+            if self.started and abs(proc.create_time() - self.started) > 0.01:
+                return None
+            return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+        except psutil.NoSuchProcess:
+            return None
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-            return True
-        except OSError:
-            return False
+        return self.process() is not None
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the service's process group, then SIGKILL what is left."""
+    def stop(self) -> None:
+        """SIGTERM the process group and every descendant, SIGKILL what is left after
+        ``grace`` seconds, and reap the leader when it is our child."""
+        leader = self.process()
+        if leader is None:
+            self._reap()
+            return
+        try:
+            procs = [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = [leader]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            except (ProcessLookupError, PermissionError):
+                pass
+            for p in procs:
                 try:
-                    done, _ = os.waitpid(self.pid, os.WNOHANG)
-                except ChildProcessError:  # not our child: poll the pid
-                    done = 0 if self.alive() else self.pid
-                if done == self.pid or not self.alive():
-                    return
-                time.sleep(0.1)
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            self._reap()
+            _, procs = psutil.wait_procs(procs, timeout=self.grace if sig == signal.SIGTERM else 10)
+            self._reap()
+            if not procs:
+                return
+        raise RuntimeError(f"{self.name}: processes {[p.pid for p in procs]} survived SIGKILL")
+
+    def _reap(self) -> None:
+        try:
+            os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (``infra down`` from another shell)
+            pass
 
 
-def _spawn(name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, float]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
-    return proc.pid
+    return proc.pid, _started_at(proc.pid)
 
 
 def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,), service: Service | None = None) -> None:
     """Poll ``url`` until it answers with one of ``ok`` (any HTTP answer if ok is empty)."""
     deadline = time.monotonic() + timeout
-    last: Exception | None = None
+    code: int | None = None
     while time.monotonic() < deadline:
         if service is not None and not service.alive():
             raise RuntimeError(f"{service.name} exited during start; see {service.log}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if not ok or r.status in ok:
-                    return
-        except urllib.error.HTTPError as e:
-            if not ok or e.code in ok:
-                return
-            last = e
-        except (urllib.error.URLError, OSError) as e:
-            last = e
+        code = http_status(url)
+        if code is not None and (not ok or code in ok):
+            return
         time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s ({last})")
+    raise TimeoutError(f"{url} did not answer with {ok or 'anything'} within {timeout:.0f}s (last status: {code})")
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status ``url`` answers with, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_port(svc: Service, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not svc.alive():
+            raise RuntimeError(f"{svc.name} exited during start; see {svc.log}")
+        if port_open(port):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"{svc.name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s; see {svc.log}")
+
+
+def _started(svc: Service, wait: Callable[[], None]) -> Service:
+    """Run the readiness check ``wait()``; stop the service if it fails."""
+    try:
+        wait()
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
 
 
 # ----------------------------------------------------------------------------- SeaweedFS
-def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str, s3_port: int | None = None) -> Service:
-    """``weed mini`` with every port chosen free on 127.0.0.1, telemetry off, and an S3
-    identity that requires the given keys (without one the store is open to anyone)."""
+SEAWEEDFS_PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
+                   "admin", "admin_grpc")
+
+
+def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str, ports: dict[str, int] | None = None) -> Service:
+    """``weed mini`` with every port free on 127.0.0.1 (or the given ``ports``, to restart
+    on the same data and address), telemetry off, and an S3 identity that requires the
+    given keys (without one the store is open to anyone)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     ident = data_dir / "s3.json"
+    ident.touch(mode=0o600)
+    ident.chmod(0o600)
     ident.write_text(json.dumps({"identities": [{
         "name": "dinoalign", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    ident.chmod(0o600)
-    ports = {k: free_port() for k in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
-                                       "s3_grpc", "admin", "admin_grpc")}
-    ports["s3"] = s3_port or free_port()
+    ports = dict(ports) if ports else {k: free_port() for k in SEAWEEDFS_PORTS}
     cmd = [
         _bin("weed"), "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", f"-s3.config={ident}",
@@ -125,78 +201,164 @@ def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str, s3_port: i
         "-metricsPort=0",
     ]
     log = data_dir / "weed.log"
-    svc = Service("seaweedfs", _spawn("seaweedfs", cmd, log), f"http://127.0.0.1:{ports['s3']}", str(log), ports)
-    try:  # an unauthenticated GET answers 403 once the S3 gateway is up
-        wait_http(svc.url + "/", timeout=60, ok=(), service=svc)
-    except Exception:
-        svc.stop()
-        raise
-    return svc
+    pid, started = _spawn(cmd, log)
+    svc = Service("seaweedfs", pid, f"http://127.0.0.1:{ports['s3']}", str(log), ports, started)
+    # an unauthenticated GET answers 403 once the S3 gateway is up
+    return _started(svc, lambda: wait_http(svc.url + "/", timeout=60, ok=(), service=svc))
 
 
-def ensure_bucket(bucket: str) -> None:
+def ensure_bucket(bucket: str, settings: Any = None) -> None:
+    """Create ``bucket`` unless it exists (S3 bucket names need 3-63 characters)."""
+    from botocore.exceptions import ClientError
+
     from dinoalign.storage import boto3_client
 
-    s3 = boto3_client()
+    if not 3 <= len(bucket) <= 63:
+        raise ValueError(f"bucket name {bucket!r}: S3 needs 3 to 63 characters")
+    s3 = boto3_client(settings=settings)
     try:
         s3.head_bucket(Bucket=bucket)
-    except Exception:
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            raise
         s3.create_bucket(Bucket=bucket)
 
 
+# ----------------------------------------------------------------------------- PostgreSQL
+def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlflow") -> tuple[Service, str]:
+    """A private PostgreSQL cluster (Debian's server binaries) in ``data_dir`` on
+    127.0.0.1, trust auth for local connections only; returns the service and the
+    ``postgresql://`` URI of ``database``. PostgreSQL refuses to run as root: as root the
+    cluster belongs to the ``postgres`` user and runs through ``runuser``."""
+    pg_bin = Path(os.environ.get("DINOALIGN_PG_BIN", "/usr/lib/postgresql/15/bin"))
+    if not (pg_bin / "postgres").exists():
+        raise FileNotFoundError(f"PostgreSQL server binaries not found in {pg_bin} (apt-get install postgresql, "
+                                "or set DINOALIGN_PG_BIN)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    user = "postgres" if as_user else psutil.Process().username()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cluster, sockets = data_dir / "cluster", data_dir / "sockets"
+    sockets.mkdir(exist_ok=True)
+    if as_user:
+        shutil.chown(data_dir, "postgres")
+        shutil.chown(sockets, "postgres")
+    if not (cluster / "PG_VERSION").exists():
+        done = subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(cluster), "-U", user, "--auth=trust",
+                               "-E", "UTF8"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb of {cluster} as {user!r} failed (that user must be able to reach the "
+                               f"folder): {done.stderr.strip()[-500:]}")
+    port = port or free_port()
+    log = data_dir / "postgres.log"
+    pid, started = _spawn([*as_user, str(pg_bin / "postgres"), "-D", str(cluster), "-p", str(port),
+                           "-h", "127.0.0.1", "-k", str(sockets)], log)
+    svc = Service("postgres", pid, f"127.0.0.1:{port}", str(log), {"postgres": port}, started)
+
+    def ready() -> None:
+        _wait_port(svc, port, 60)
+        probe = [str(pg_bin / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres", "-tAc"]
+        exists = subprocess.run([*probe, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        if exists != "1":
+            subprocess.run([*probe, f'CREATE DATABASE "{database}"'], check=True, capture_output=True, text=True)
+
+    _started(svc, ready)
+    return svc, f"postgresql://{user}@127.0.0.1:{port}/{database}"
+
+
 # ----------------------------------------------------------------------------- MLflow
-def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, port: int | None = None) -> Service:
-    """``mlflow server`` with proxied artifacts (clients need no S3 keys), jobs off."""
+def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> Service:
+    """``mlflow server`` with proxied artifacts (clients need no S3 keys), jobs off.
+
+    ``env`` reaches only the server: for an ``s3://`` destination it must hold
+    ``MLFLOW_S3_ENDPOINT_URL`` and the keys (:func:`dinoalign.storage.mlflow_server_env`)."""
+    if backend_uri.startswith("postgresql"):
+        try:
+            import psycopg  # noqa: F401  (mlflow's SQLAlchemy dialect for postgresql://)
+        except ImportError:
+            raise RuntimeError("an mlflow server on PostgreSQL needs the psycopg[binary] package in this "
+                               "environment") from None
     port = port or free_port()
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    from dinoalign.storage import s3_settings
-
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    if s3_settings().endpoint_url:
-        env["MLFLOW_S3_ENDPOINT_URL"] = s3_settings().endpoint_url
     log = log_dir / "mlflow.log"
-    svc = Service("mlflow", _spawn("mlflow", cmd, log, env), f"http://127.0.0.1:{port}", str(log), {"http": port})
-    try:
-        wait_http(svc.url + "/health", timeout=90, service=svc)
-    except Exception:
-        svc.stop()
-        raise
-    return svc
+    pid, started = _spawn(cmd, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
+    svc = Service("mlflow", pid, f"http://127.0.0.1:{port}", str(log), {"http": port}, started)
+    return _started(svc, lambda: wait_http(svc.url + "/health", timeout=120, service=svc))
 
 
 # ----------------------------------------------------------------------------- Ray
-def start_ray_head(log_dir: Path, num_cpus: int | None = None) -> Service:
-    """``ray start --head --block`` on 127.0.0.1 (its own process group: stopping the
-    group stops raylet, GCS and workers)."""
-    port = free_port()
-    cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--include-dashboard=false", "--disable-usage-stats",
-           f"--num-cpus={num_cpus or os.cpu_count()}"]
+RAY_PORTS = ("gcs", "node_manager", "object_manager", "dashboard", "dashboard_agent_listen",
+             "dashboard_agent_grpc", "runtime_env_agent", "metrics_export")
+
+
+def ray_client_env(token_path: Path) -> dict[str, str]:
+    """What a process needs to join a token-authenticated Ray (Ray >= 2.60 turns token
+    auth on by default), besides ``RAY_ADDRESS``."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def write_ray_token(path: Path) -> Path:
+    """A fresh random Ray auth token in a mode-600 file (kept when it already exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def start_ray_head(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: int | None = None,
+                   env: dict[str, str] | None = None) -> Service:
+    """``ray start --head --block`` on 127.0.0.1 with token auth, every port chosen free
+    (defaults such as 52365 for the dashboard agent collide with any other Ray on the
+    machine) and its own ``temp_dir`` (Ray's default
+    /tmp/ray is shared with every other Ray of the machine). ``temp_dir`` must be a short
+    path: Ray puts unix sockets under it. ``env`` adds to the head's environment (the S3
+    settings that Ray Train and Ray Data workers inherit)."""
+    ports = {k: free_port() for k in RAY_PORTS}
+    cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={ports['gcs']}",
+           f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
+           "--include-dashboard=false", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+           f"--dashboard-agent-listen-port={ports['dashboard_agent_listen']}",
+           f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
+           f"--runtime-env-agent-port={ports['runtime_env_agent']}",
+           f"--metrics-export-port={ports['metrics_export']}",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--num-cpus={num_cpus or os.cpu_count()}"]
     log = log_dir / "ray.log"
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    svc = Service("ray", _spawn("ray", cmd, log, env), f"127.0.0.1:{port}", str(log), {"gcs": port})
-    deadline = time.monotonic() + 90
+    pid, started = _spawn(cmd, log, {**(env or {}), **ray_client_env(token_path)})
+    # a SIGTERMed raylet drains for up to 30 s; the head keeps nothing worth waiting for
+    svc = Service("ray", pid, f"127.0.0.1:{ports['gcs']}", str(log), ports, started, grace=3.0)
+    return _started(svc, lambda: _wait_ray(svc, log))
+
+
+def _wait_ray(svc: Service, log: Path, timeout: float = 120) -> None:
+    """The GCS port listens early; ``ray start --block`` logs "Ray runtime started" once the
+    raylet is up too."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not svc.alive():
             raise RuntimeError(f"ray head exited during start; see {log}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return svc
-        except OSError:
-            time.sleep(0.3)
-    svc.stop()
-    raise TimeoutError(f"ray head did not listen on {port} within 90s; see {log}")
+        if port_open(svc.ports["gcs"]) and "Ray runtime started" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"ray head not ready within {timeout:.0f}s; see {log}")
 
 
 # ----------------------------------------------------------------------------- state
-def save_state(path: Path, services: list[Service], extra: dict) -> None:
+def save_state(path: Path, services: list[Service], extra: dict[str, Any]) -> None:
+    """Write the stack state (services with PIDs, ports, URLs + ``extra``) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"services": [asdict(s) for s in services], **extra}, indent=2) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"services": [asdict(s) for s in services], **extra}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
-def load_state(path: Path) -> tuple[list[Service], dict]:
+def load_state(path: Path) -> tuple[list[Service], dict[str, Any]]:
     if not path.exists():
         return [], {}
     raw = json.loads(path.read_text())

@@ -64,8 +64,11 @@ def teacher(params: Params, root: Path) -> dict[str, Any]:
         print(f"teacher: skipped ({note['reason']}: {params.clip.name})")
         return note
     with stage_run("teacher", params) as run:
-        metrics = run_teacher(params, root, log=lambda row: mlflow.log_metrics(
-            {k: v for k, v in row.items() if k not in ("epoch", "step")}, step=int(row["step"])))
+        def log(row: dict[str, float]) -> None:
+            print(f"teacher: epoch {row['epoch']} loss {row['loss']:.3f} ({row['samples_per_s']:.0f} samples/s)")
+            mlflow.log_metrics({"loss": row["loss"], "samples_per_s": row["samples_per_s"]}, step=int(row["step"]))
+
+        metrics = run_teacher(params, root, log=log)
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(out / "metrics.json"))
         metrics["mlflow_run"] = run_url(run)
@@ -97,4 +100,75 @@ def embed(params: Params, root: Path) -> dict[str, Any]:
         f"{summary['images_rejected']} rejected -> {params.embed.out_dir}\n"
         f"embed: MLflow run {summary['mlflow_run']}"
     )
+    return summary
+
+
+@STAGES.register("curate")
+def curate(params: Params, root: Path) -> dict[str, Any]:
+    """Balance the train pairs over image clusters and caption entries, drop near-duplicates."""
+    import mlflow
+
+    from dinoalign.curate.stage import PLOTS_DIR, STATS_FILE, run_curate, stats_metrics
+    from dinoalign.tracking import run_url, stage_run
+
+    with stage_run("curate", params) as run:
+        summary = run_curate(params, root)
+        stats, out = summary["stats"], Path(summary["out_dir"])
+        mlflow.log_metrics({**stats_metrics(stats), "seconds": summary["seconds"]})
+        mlflow.set_tag("curate.faiss_device", stats["kmeans"]["device"])
+        mlflow.log_artifact(str(out / STATS_FILE))
+        mlflow.log_artifacts(str(out / PLOTS_DIR), PLOTS_DIR)
+        summary["mlflow_run"] = run_url(run)
+    removed = stats["removed"]
+    print(
+        f"curate: kept {stats['n_kept']} of {stats['n_train']} train pairs "
+        f"({stats['combine']}; removed: {removed['dedup']} near-duplicates, "
+        f"{removed['image_balancing']} by image balancing, {removed['text_balancing']} by text "
+        f"balancing; {stats['without_features']['count']} without features) -> {out}\n"
+        + "".join(f"curate: warning: {note}\n" for note in stats["kmeans"]["warnings"])
+        + f"curate: MLflow run {summary['mlflow_run']}"
+    )
+    return summary
+
+
+@STAGES.register("evaluate")
+def evaluate(params: Params, root: Path) -> dict[str, Any]:
+    """Each recipe of ``evaluate.recipes`` -> ``metrics/<recipe>.json`` + ``plots/<recipe>/``,
+    one MLflow run ``evaluate@<recipe>`` each (dinoalign.evaluate.stage)."""
+    from dinoalign.evaluate.stage import run_evaluate
+
+    return run_evaluate(params, root)
+
+
+@STAGES.register("align")
+def align(params: Params, root: Path) -> dict[str, Any]:
+    """Train ``align.recipe`` with Ray Train, register it as ``dinoalign-<recipe>@candidate``
+    (dinoalign.train.stage)."""
+    from dinoalign.train.stage import run_align
+
+    summary = run_align(params, root)
+    print(
+        f"align: {summary['recipe']} {summary['steps']} steps ({summary['epochs']} epochs over "
+        f"{summary['train_samples']} samples of {summary['train_uids']} train uids), final loss "
+        f"{summary['final_loss']:.4f}, {summary['mean_samples_per_s']:.0f} samples/s -> "
+        f"{params.align.out_dir}/{summary['recipe']} (dinoalign-{summary['recipe']} version "
+        f"{summary['model_version']} @candidate)\n"
+        f"align: MLflow run {summary['mlflow_run']}"
+    )
+    return summary
+
+
+@STAGES.register("report")
+def report(params: Params, root: Path) -> dict[str, Any]:
+    """Every recipe side by side in one self-contained page: ``report/index.html``."""
+    import mlflow
+
+    from dinoalign.report import write_report
+    from dinoalign.tracking import run_url, stage_run
+
+    with stage_run("report", params) as run:
+        path = write_report(params, root)
+        mlflow.log_artifact(str(path))
+        summary = {"report": str(path), "mlflow_run": run_url(run)}
+    print(f"report: {path} (open it in a browser; it needs no network)\nreport: MLflow run {summary['mlflow_run']}")
     return summary

@@ -3,8 +3,12 @@
 Every client that touches object storage (boto3, fsspec/s3fs, pyarrow's S3 filesystem
 used by Ray Data and Ray Train, MLflow, the DVC remote) is configured from the same
 environment variables: ``AWS_ENDPOINT_URL`` (or ``DINOALIGN_S3_ENDPOINT``),
-``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``. Credentials
-are never read from params.yaml and never logged.
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, and the retry
+policy ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` (botocore's own variables, so the DVC
+remote and the MLflow server, which create their own botocore clients, follow it too).
+Credentials are never read from params.yaml and never logged: the DVC remote gets them in
+``.dvc/config.local`` only (:func:`configure_dvc_remote`), the MLflow server in its
+environment (:func:`mlflow_server_env`).
 """
 
 from __future__ import annotations
@@ -16,24 +20,67 @@ from typing import IO, Any
 import fsspec
 
 
+DEFAULT_MAX_ATTEMPTS = 5  # botocore "standard" mode: exponential backoff with jitter, <= 20 s apart
+
+
 @dataclasses.dataclass(frozen=True)
 class S3Settings:
     endpoint_url: str | None
     access_key: str | None
     secret_key: str | None
     region: str
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_mode: str = "standard"
 
     def __repr__(self) -> str:  # never print secrets
-        return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+        return (f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+                f"max_attempts={self.max_attempts}, retry_mode={self.retry_mode!r})")
 
 
 def s3_settings() -> S3Settings:
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a positive integer")
     return S3Settings(
         endpoint_url=os.environ.get("DINOALIGN_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL"),
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
         region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        max_attempts=int(attempts),
+        retry_mode=os.environ.get("AWS_RETRY_MODE", "standard"),
     )
+
+
+def botocore_config(settings: S3Settings | None = None) -> Any:
+    """The retry policy for every botocore-based client (boto3, s3fs)."""
+    from botocore.config import Config
+
+    s = settings or s3_settings()
+    return Config(retries={"max_attempts": s.max_attempts, "mode": s.retry_mode})
+
+
+def client_env(settings: S3Settings | None = None, *, with_keys: bool = True) -> dict[str, str]:
+    """Environment variables that point a client process (DVC, MLflow, Ray workers,
+    pyarrow) at the same S3 as this process. Keys only when ``with_keys``."""
+    s = settings or s3_settings()
+    env = {"AWS_DEFAULT_REGION": s.region, "AWS_MAX_ATTEMPTS": str(s.max_attempts),
+           "AWS_RETRY_MODE": s.retry_mode}
+    if s.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = s.endpoint_url
+    if with_keys and s.access_key and s.secret_key:
+        env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = s.access_key, s.secret_key
+    return env
+
+
+def mlflow_server_env(settings: S3Settings | None = None) -> dict[str, str]:
+    """What an ``mlflow server`` with an ``s3://`` artifact destination needs: the endpoint
+    as ``MLFLOW_S3_ENDPOINT_URL`` and the keys (its clients then need neither: artifacts
+    are proxied through the server)."""
+    s = settings or s3_settings()
+    env = client_env(s)
+    if s.endpoint_url:
+        env["MLFLOW_S3_ENDPOINT_URL"] = s.endpoint_url
+    return env
 
 
 def is_remote(uri: str) -> bool:
@@ -50,6 +97,7 @@ def fs_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
             secret=s.secret_key,
             endpoint_url=s.endpoint_url,
             client_kwargs={"region_name": s.region},
+            config_kwargs={"retries": {"max_attempts": s.max_attempts, "mode": s.retry_mode}},
             skip_instance_cache=False,
         )
         return fs, uri[len("s3://") :]
@@ -67,16 +115,18 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def boto3_client(service: str = "s3") -> Any:
+def boto3_client(service: str = "s3", settings: S3Settings | None = None) -> Any:
+    """A boto3 client for this S3 (``settings``: default from the environment)."""
     import boto3
 
-    s = s3_settings()
+    s = settings or s3_settings()
     return boto3.client(
         service,
         endpoint_url=s.endpoint_url,
         aws_access_key_id=s.access_key,
         aws_secret_access_key=s.secret_key,
         region_name=s.region,
+        config=botocore_config(s),
     )
 
 
@@ -96,6 +146,61 @@ def pyarrow_fs(uri: str) -> tuple[Any, str]:
             endpoint_override=endpoint,
             scheme=scheme,
             region=s.region,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s.max_attempts),
         )
         return fs, uri[len("s3://") :]
     return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+def configure_dvc_remote(repo: str | os.PathLike[str], name: str, url: str, *, default: bool = False,
+                         shared: bool = False, settings: S3Settings | None = None) -> None:
+    """Point DVC remote ``name`` at ``url`` (``s3://bucket/prefix``) on this S3.
+
+    What ``dvc remote add`` + ``dvc remote modify`` would write, through DVC's own config
+    API (one import instead of five CLI start-ups). The URL, ``endpointurl`` and region go
+    to ``.dvc/config`` when ``shared`` (a stable endpoint every clone uses: commit it) or
+    else to ``.dvc/config.local``, like the keys, which always go to ``.dvc/config.local``
+    (git-ignored by DVC). ``default`` makes it the remote of ``dvc push``/``dvc pull`` in
+    this checkout (``core.remote`` in the local config).
+    """
+    from dvc.config import Config
+
+    if not url.startswith("s3://"):
+        raise ValueError(f"DVC remote url {url!r}: expected s3://bucket/prefix")
+    s = settings or s3_settings()
+    dvc_dir = os.path.join(os.fspath(repo), ".dvc")
+    if not os.path.isdir(dvc_dir):
+        raise FileNotFoundError(f"{repo} is not a DVC repository (no .dvc/): run `dvc init` there first")
+    config = Config(dvc_dir=dvc_dir, validate=False)
+    where = {"url": url, "region": s.region}
+    if s.endpoint_url:
+        where["endpointurl"] = s.endpoint_url
+    with config.edit("repo" if shared else "local") as conf:
+        conf["remote"][name] = {**conf["remote"].get(name, {}), **where}
+    with config.edit("local") as conf:
+        remote = conf["remote"].setdefault(name, {})
+        if s.access_key and s.secret_key:
+            remote["access_key_id"], remote["secret_access_key"] = s.access_key, s.secret_key
+        if default:
+            conf["core"]["remote"] = name
+
+
+def unset_default_dvc_remote(repo: str | os.PathLike[str], name: str) -> bool:
+    """Undo ``configure_dvc_remote(default=True)`` for remote ``name``: this checkout's
+    ``dvc push`` goes back to the committed default remote. True when something changed."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=os.path.join(os.fspath(repo), ".dvc"), validate=False)
+    with config.edit("local") as conf:
+        if conf["core"].get("remote") != name:
+            return False
+        del conf["core"]["remote"]
+    return True
+
+
+def under_root(uri: str, root: str | os.PathLike[str]) -> str:
+    """A location from params as an absolute path or URI: a relative local path is taken
+    relative to the repo root (where params.yaml lives); URIs and absolute paths are kept."""
+    if is_remote(uri) or uri.startswith("file://") or os.path.isabs(uri):
+        return uri
+    return os.path.join(os.fspath(root), uri)

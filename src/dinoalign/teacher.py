@@ -40,7 +40,7 @@ def model_cfg(cfg: TeacherConfig) -> dict[str, Any]:
             "head_width": 64,
         },
         "text_cfg": {
-            "context_length": 77,
+            "context_length": cfg.text_context,
             "vocab_size": 49408,
             "width": cfg.text_width,
             "heads": cfg.text_heads,
@@ -79,7 +79,7 @@ def train_teacher(
     rng = np.random.default_rng(seed)
     mc = model_cfg(cfg)
     model = CLIP(mc["embed_dim"], CLIPVisionCfg(**mc["vision_cfg"]), CLIPTextCfg(**mc["text_cfg"]))
-    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.text_context)
     pixels = to_clip_input(images, cfg.image_size)
     loss_fn = open_clip.ClipLoss()
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -212,7 +212,7 @@ def run_teacher(params: Any, root: Path, log: Any = None) -> dict[str, Any]:
     test_images, test_caps, _ = load_split_images(manifest, "test", **kw)
     texts = [c for caps in test_caps for c in caps]
     owner = [i for i, caps in enumerate(test_caps) for _ in caps]
-    img, txt = encode_clip(model, open_clip.get_tokenizer("ViT-B-16"), test_images, texts, cfg.image_size)
+    img, txt = encode_clip(model, open_clip.get_tokenizer("ViT-B-16", context_length=cfg.text_context), test_images, texts, cfg.image_size)
     metrics = retrieval_metrics(img, txt, owner)
     metrics.update({"train_images": len(train_images), "test_images": len(test_images),
                     "final_loss": curve[-1]["loss"], "model_dir": str(out / MODEL_DIR)})

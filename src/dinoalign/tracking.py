@@ -68,11 +68,14 @@ def _loggable(v: Any) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterator[Any]:
+def stage_run(
+    stage: str, params: Params, run_name: str | None = None, resume_run_id: str | None = None
+) -> Iterator[Any]:
     """Open one MLflow run for a pipeline stage, log the resolved params, tag it.
 
     Yields the ``mlflow`` module's active run. Failures mark the run FAILED (MLflow's
-    context manager does that) and re-raise.
+    context manager does that) and re-raise. ``resume_run_id``: continue that run of
+    the experiment instead (a resumed training); its params were logged when it began.
     """
     import mlflow
 
@@ -93,6 +96,10 @@ def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterat
         "mlflow.source.git.commit": git_commit(),
         "dvc.stage": os.environ.get("DVC_STAGE", stage),
     }
+    if resume_run_id is not None:
+        with mlflow.start_run(run_id=resume_run_id, tags=tags) as run:
+            yield run
+        return
     with mlflow.start_run(run_name=run_name or stage, tags=tags) as run:
         flat = {k: _loggable(v) for k, v in flatten(to_dict(params)).items()}
         mlflow.log_params(flat)

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
+from curate_mixture import make_mixture
 from dinoalign.curate.kmeans import (
     faiss_sample_count,
     hierarchical_kmeans,
@@ -26,8 +27,8 @@ def test_faiss_sample_count_matches_what_faiss_reports(capfd, n, k, max_per_cent
     assert faiss_sample_count(n, k, max_per_centroid) == int(reported.group(1))
 
 
-def test_hierarchy_records_the_faiss_sample_counts(mixture):
-    points, _, _ = mixture([600, 300, 100], dim=8, noise=0.1, seed=0)
+def test_hierarchy_records_the_faiss_sample_counts():
+    points, _, _ = make_mixture([600, 300, 100], dim=8, noise=0.1, seed=0)
     hierarchy = hierarchical_kmeans(
         points,
         [20, 4],
@@ -52,8 +53,8 @@ def test_rank_within_groups_by_hand():
     assert rank_within_groups(groups, keys).tolist() == [1, 0, 0, 1, 2]
 
 
-def test_assignments_are_nearest_centroids_and_levels_compose(mixture):
-    points, _, _ = mixture([300, 200, 100, 50], dim=8, noise=0.2, seed=1)
+def test_assignments_are_nearest_centroids_and_levels_compose():
+    points, _, _ = make_mixture([300, 200, 100, 50], dim=8, noise=0.2, seed=1)
     hierarchy = hierarchical_kmeans(points, [12, 3], [1, 1], [5, 2], iters=10, seed=0)
     items = points
     for level in hierarchy.levels:
@@ -67,8 +68,8 @@ def test_assignments_are_nearest_centroids_and_levels_compose(mixture):
     assert np.array_equal(clusters[:, 1], hierarchy.levels[1].assignment[clusters[:, 0]])
 
 
-def test_a_resampling_step_reclusters_the_closest_points(mixture):
-    points, _, _ = mixture([400, 100, 30], dim=8, noise=0.2, seed=2)
+def test_a_resampling_step_reclusters_the_closest_points():
+    points, _, _ = make_mixture([400, 100, 30], dim=8, noise=0.2, seed=2)
     k, s, iters, seed = 6, 7, 10, 3
     hierarchy = hierarchical_kmeans(points, [k], [1], [s], iters=iters, seed=seed)
 
@@ -85,12 +86,12 @@ def test_a_resampling_step_reclusters_the_closest_points(mixture):
     np.testing.assert_allclose(hierarchy.levels[0].centroids, expected, atol=1e-5)
 
 
-def test_resampling_moves_centroids_from_dense_to_sparse_clusters(mixture):
+def test_resampling_moves_centroids_from_dense_to_sparse_clusters():
     """The paper's point: plain k-means spends most centroids on the dense cluster."""
     sizes = [2400, 1200, 600, 300, 150, 80, 40, 30]
     in_largest = {0: 0, 5: 0}
     for seed in range(5):
-        points, _, means = mixture(sizes, dim=16, noise=0.05, seed=seed)
+        points, _, means = make_mixture(sizes, dim=16, noise=0.05, seed=seed)
         for steps in in_largest:
             level = hierarchical_kmeans(points, [32], [steps], [5], iters=20, seed=seed).levels[0]
             nearest_mean = ((level.centroids[:, None] - means[None]) ** 2).sum(-1).argmin(1)
@@ -99,8 +100,8 @@ def test_resampling_moves_centroids_from_dense_to_sparse_clusters(mixture):
     assert in_largest[5] <= 0.75 * in_largest[0]
 
 
-def test_same_seed_gives_identical_hierarchies(mixture):
-    points, _, _ = mixture([500, 100], dim=8, noise=0.3, seed=4)
+def test_same_seed_gives_identical_hierarchies():
+    points, _, _ = make_mixture([500, 100], dim=8, noise=0.3, seed=4)
     runs = [
         hierarchical_kmeans(points, [10, 3], [2, 1], [5, 2], iters=10, seed=7) for _ in range(2)
     ]
@@ -109,8 +110,8 @@ def test_same_seed_gives_identical_hierarchies(mixture):
         assert np.array_equal(a.assignment, b.assignment)
 
 
-def test_more_clusters_than_items_is_clamped_with_a_recorded_warning(mixture):
-    points, _, _ = mixture([6, 4], dim=4, noise=0.3, seed=5)
+def test_more_clusters_than_items_is_clamped_with_a_recorded_warning():
+    points, _, _ = make_mixture([6, 4], dim=4, noise=0.3, seed=5)
     with pytest.warns(UserWarning, match="clamped"):
         hierarchy = hierarchical_kmeans(points, [16, 20], [0, 0], [1, 1], iters=5, seed=0)
     assert [level.k for level in hierarchy.levels] == [10, 10]

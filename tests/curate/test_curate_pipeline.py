@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from curate_mixture import make_mixture
 from dinoalign.config import from_dict
 from dinoalign.curate import CurateConfig, curate
 from dinoalign.data.schema import make_uid
@@ -15,10 +16,10 @@ SIZES = [900, 300, 120, 60, 20]  # true image clusters
 
 
 @pytest.fixture(scope="module")
-def pairs(mixture) -> tuple[list[str], np.ndarray, list[list[str]]]:
+def pairs() -> tuple[list[str], np.ndarray, list[list[str]]]:
     """1404 pairs: (uids, embeddings N×16 of varied norms, captions); the last 4 are
     near-copies of pair 0."""
-    points, _, _ = mixture(SIZES, dim=16, noise=0.05, seed=0)
+    points, _, _ = make_mixture(SIZES, dim=16, noise=0.05, seed=0)
     rng = np.random.default_rng(0)
     copies = points[0] + 1e-4 * rng.standard_normal((4, 16))
     embeddings = np.concatenate([points, copies])

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from curate_mixture import make_mixture
 from dinoalign.curate.kmeans import ClusterHierarchy, KMeansLevel, hierarchical_kmeans
 from dinoalign.curate.sampling import (
     balanced_sample,
@@ -117,8 +118,8 @@ def test_only_eligible_points_are_sampled():
         assert not (selected & ~eligible).any()
 
 
-def test_random_strategy_is_seeded_and_differs_from_closest(mixture):
-    points, _, _ = mixture([300, 100], dim=8, noise=0.3, seed=0)
+def test_random_strategy_is_seeded_and_differs_from_closest():
+    points, _, _ = make_mixture([300, 100], dim=8, noise=0.3, seed=0)
     uids = [f"{i:04d}" for i in range(len(points))]
     hierarchy = hierarchical_kmeans(points, [8, 2], [0, 0], [1, 1], iters=10, seed=0)
     everyone = np.ones(len(points), bool)
@@ -150,9 +151,9 @@ def _kl_from_uniform(counts: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_balanced_sampling_is_far_more_uniform_than_random_sampling(mixture, seed):
+def test_balanced_sampling_is_far_more_uniform_than_random_sampling(seed):
     sizes = [2400, 1200, 600, 300, 150, 80, 40, 30]  # 80:1 between largest and smallest
-    points, labels, _ = mixture(sizes, dim=16, noise=0.05, seed=seed)
+    points, labels, _ = make_mixture(sizes, dim=16, noise=0.05, seed=seed)
     uids = [f"{i:05d}" for i in range(len(points))]
     target = 240
     hierarchy = hierarchical_kmeans(points, [32, 8], [3, 3], [5, 2], iters=20, seed=seed)

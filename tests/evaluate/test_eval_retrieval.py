@@ -11,7 +11,12 @@ from PIL import Image
 
 from dinoalign.evaluate.datasets import EVAL_DATASETS
 from dinoalign.evaluate.metrics import chance_recall_at_k
-from dinoalign.evaluate.retrieval import evaluate_retrieval, percent_of_reference, retrieval_metrics
+from dinoalign.evaluate.retrieval import (
+    evaluate_retrieval,
+    percent_of_reference,
+    retrieval_metrics,
+    retrieval_metrics_from_similarity,
+)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,6 +54,34 @@ def test_retrieval_metrics_match_brute_force_across_chunks():
         assert got[f"chance_t2i_R@{k}"] == pytest.approx(k / n_images)
     assert 0 < got["t2i_R@1"] < 1
     assert got["num_images"] == n_images and got["num_texts"] == len(owner)
+
+
+def test_retrieval_from_a_models_own_scores_matches_loops_with_ties_against():
+    # best-head-like scores (max over 3 random "heads"), rounded so that ties occur
+    gen = torch.Generator().manual_seed(5)
+    n_images = 7
+    owner = [i for i in range(n_images) for _ in range(1 + i % 3)]
+    scores = torch.randn(len(owner), n_images, 3, generator=gen).amax(-1).mul(4).round()
+    scores[torch.arange(len(owner)), torch.tensor(owner)] += 1.0  # positives a bit higher
+    got = retrieval_metrics_from_similarity(scores, owner, ks=(1, 2, 5))
+
+    def hit(row: list[float], positive: list[bool], k: int) -> bool:
+        best = max(v for v, p in zip(row, positive) if p)
+        return sum(v >= best for v, p in zip(row, positive) if not p) < k
+
+    table = scores.tolist()
+    for k in (1, 2, 5):
+        i2t = np.mean([
+            hit([table[t][i] for t in range(len(owner))], [o == i for o in owner], k)
+            for i in range(n_images)
+        ])
+        t2i = np.mean([hit(table[t], [owner[t] == i for i in range(n_images)], k) for t in range(len(owner))])
+        assert got[f"i2t_R@{k}"] == pytest.approx(i2t)
+        assert got[f"t2i_R@{k}"] == pytest.approx(t2i)
+    assert (scores == scores.max()).sum() > 1  # the ties are real
+    assert got["chance_t2i_R@1"] == pytest.approx(1 / n_images)
+    with pytest.raises(ValueError, match="T×M"):
+        retrieval_metrics_from_similarity(scores[0], owner)
 
 
 def test_retrieval_metrics_reject_images_without_captions():

@@ -75,10 +75,12 @@ class CurateConfig:
       text balancing off. ``text_threshold``: t. ``keep_unmatched``: keep pairs whose
       captions match no entry.
     - ``dedup_threshold``: cosine distance below which pairs are near-duplicates (None:
-      no deduplication). Its scale depends on the feature space: random-init backbones
-      crowd all images into a narrow cone, hence the tiny demo value.
+      no deduplication). Its scale depends on the feature space: the demo's random-init
+      backbone crowds all images into a narrow cone (nearest-neighbour cls distances of
+      unrelated demo images start at ~0.0004, median 0.003), hence the tiny default.
       ``dedup_nprobe``: level-1 clusters searched per pair.
     - ``combine``: "image", "text", "intersection" or "all" (see the module docstring).
+    - ``out_dir``: where the curate stage writes (:mod:`.stage`); the library ignores it.
     """
 
     levels: list[int] = dataclasses.field(default_factory=lambda: [64, 8])
@@ -93,9 +95,10 @@ class CurateConfig:
     text_vocab: list[str] | str | None = None
     text_threshold: float = 100.0
     keep_unmatched: bool = True
-    dedup_threshold: float | None = 0.002
+    dedup_threshold: float | None = 0.0003
     dedup_nprobe: int = 4
     combine: str = "image"
+    out_dir: str = "artifacts/curated"
 
     def __post_init__(self) -> None:
         check_level_params(self.levels, self.resample_steps, self.resample_points)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import itertools
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 
 from dinoalign.config import Params
 from dinoalign.data.images import ImageRejected, probe_image
+from dinoalign.data.incoming import read_incoming
 from dinoalign.data.schema import (
     MANIFEST_SCHEMA,
     PairRecord,
@@ -120,6 +122,8 @@ def run_prepare(params: Params, root: Path) -> dict[str, Any]:
     out_dir = root / params.prepare.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     items = build_source(params.data, out_dir)
+    if params.data.incoming:  # pairs appended by `dinoalign retrain`
+        items = itertools.chain(items, read_incoming(root / params.data.incoming))
     if params.prepare.validate_images:
         items = _validate_stream(items, params)
     return write_manifest(items, out_dir, params.prepare.shard_size, root)

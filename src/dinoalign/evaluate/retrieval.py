@@ -44,18 +44,50 @@ def retrieval_metrics(
     belongs to image ``caption_image_index[t]``; with the chance level of a random
     ranking next to each (``chance_i2t_R@k`` averages the hypergeometric chance over
     images, whose caption counts may differ)."""
-    ks = tuple(ks)
     images = F.normalize(image_emb.float(), dim=-1)
     texts = F.normalize(text_emb.float(), dim=-1)
-    owner = torch.as_tensor(caption_image_index, dtype=torch.long, device=texts.device)
-    n_images, n_texts = images.shape[0], texts.shape[0]
-    if owner.shape != (n_texts,):
-        raise ValueError(
-            f"caption_image_index needs one entry per caption ({n_texts}), got {tuple(owner.shape)}"
-        )
     if images.shape[1] != texts.shape[1]:
         raise ValueError(
             f"image and text embeddings differ in width: {images.shape[1]} vs {texts.shape[1]}"
+        )
+    owner, image_ids = _caption_owners(caption_image_index, images.shape[0], texts.shape[0])
+    owner, image_ids = owner.to(texts.device), image_ids.to(texts.device)
+    i2t = _chunked_ranks(
+        images, texts, lambda a, b: owner[None, :] == image_ids[a:b, None], chunk_size
+    )
+    t2i = _chunked_ranks(
+        texts, images, lambda a, b: image_ids[None, :] == owner[a:b, None], chunk_size
+    )
+    return _recall_summary(i2t, t2i, owner, images.shape[0], ks)
+
+
+def retrieval_metrics_from_similarity(
+    text_image_scores: Tensor,
+    caption_image_index: Tensor | np.ndarray,
+    ks: Iterable[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` from a model's own T×M caption-image scores (for models
+    that do not score pairs by one cosine, e.g. talk2dino's best head per pair)."""
+    if text_image_scores.ndim != 2:
+        raise ValueError(f"scores must be T×M, got shape {tuple(text_image_scores.shape)}")
+    scores = text_image_scores.float()
+    n_texts, n_images = scores.shape
+    owner, image_ids = _caption_owners(caption_image_index, n_images, n_texts)
+    owner, image_ids = owner.to(scores.device), image_ids.to(scores.device)
+    t2i = positive_ranks(scores, image_ids[None, :] == owner[:, None])
+    i2t = positive_ranks(scores.T, owner[None, :] == image_ids[:, None])
+    return _recall_summary(i2t, t2i, owner, n_images, ks)
+
+
+def _caption_owners(
+    caption_image_index: Tensor | np.ndarray, n_images: int, n_texts: int
+) -> tuple[Tensor, Tensor]:
+    """(owner image of each caption (T,), image ids 0..M−1), validated: every caption
+    names an image, every image has a caption."""
+    owner = torch.as_tensor(caption_image_index, dtype=torch.long)
+    if owner.shape != (n_texts,):
+        raise ValueError(
+            f"caption_image_index needs one entry per caption ({n_texts}), got {tuple(owner.shape)}"
         )
     if n_texts and (owner.min() < 0 or owner.max() >= n_images):
         raise ValueError(f"caption_image_index must lie in [0, {n_images})")
@@ -65,17 +97,20 @@ def retrieval_metrics(
             f"{int((captions_per_image == 0).sum())} images have no caption; drop them before "
             "retrieval (they could never be found from text, nor find any)"
         )
-    image_ids = torch.arange(n_images, device=texts.device)
-    i2t = _chunked_ranks(
-        images, texts, lambda a, b: owner[None, :] == image_ids[a:b, None], chunk_size
-    )
-    t2i = _chunked_ranks(
-        texts, images, lambda a, b: image_ids[None, :] == owner[a:b, None], chunk_size
-    )
+    return owner, torch.arange(n_images)
+
+
+def _recall_summary(
+    i2t: Tensor, t2i: Tensor, owner: Tensor, n_images: int, ks: Iterable[int]
+) -> dict[str, float]:
+    """Recall@k per direction from best-positive ranks, with the chance levels."""
+    ks = tuple(ks)
+    n_texts = owner.shape[0]
     out: dict[str, float] = {}
     for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k, value in recall_from_ranks(ranks, ks).items():
             out[f"{direction}_R@{k}"] = value
+    captions_per_image = torch.bincount(owner, minlength=n_images)
     counts, n_with_count = np.unique(captions_per_image.cpu().numpy(), return_counts=True)
     for k in ks:
         chance = sum(

@@ -195,11 +195,12 @@ def evaluate_segmentation(
     predictor: Predictor,
     save_dir: str | None = None,
     max_images: int | None = None,
-) -> dict[str, float | int | dict[str, float]]:
+) -> dict[str, float | int | dict[str, float] | list[list[int]]]:
     """mIoU, per-class IoU, pixel accuracy and mean class accuracy over ``dataset`` (one
-    confusion matrix for all pixels), next to the chance mIoU of a uniformly random
-    labelling of the same ground truth. ``save_dir`` (path or URI): predicted label maps
-    as ``<save_dir>/<name>.png`` (8-bit class ids). ``max_images``: the first N only."""
+    confusion matrix for all pixels, returned too as ``confusion_matrix``: rows ground
+    truth, columns prediction), next to the chance mIoU of a uniformly random labelling
+    of the same ground truth. ``save_dir`` (path or URI): predicted label maps as
+    ``<save_dir>/<name>.png`` (8-bit class ids). ``max_images``: the first N only."""
     num_classes = len(dataset.class_names)
     if num_classes > IGNORE_INDEX:
         raise ValueError(
@@ -221,6 +222,7 @@ def evaluate_segmentation(
         "chance_mIoU": chance_miou(confusion.gt_pixel_counts()),
         "num_images": count,
         "per_class_iou": {n: float(v) for n, v in zip(dataset.class_names, iou.tolist())},
+        "confusion_matrix": confusion.matrix.tolist(),
     }
 
 

@@ -50,11 +50,19 @@ def zeroshot_logits(image_emb: Tensor, class_emb: Tensor) -> Tensor:
     )
 
 
-def zeroshot_classify(image_emb: Tensor, class_emb: Tensor, labels: Tensor) -> dict[str, float]:
+def zeroshot_classify(
+    image_emb: Tensor, class_emb: Tensor, labels: Tensor
+) -> dict[str, float | int]:
     """Top-1, top-5 and mean per-class recall of images B×E against classes N×E for integer
     ``labels`` (B,), with the chance level of a uniformly random ranking next to each."""
-    logits = zeroshot_logits(image_emb, class_emb)
-    n_classes = class_emb.shape[0]
+    return classification_metrics(zeroshot_logits(image_emb, class_emb), labels)
+
+
+def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float | int]:
+    """Top-1, top-5, mean per-class recall and their chance levels from any class scores
+    B×N (cosines, or a recipe's own pair scores such as talk2dino's best head) for integer
+    ``labels`` (B,)."""
+    n_classes = logits.shape[1]
     acc = topk_accuracy(logits, labels, ks=(1, 5))
     return {
         "top1": acc[1],
@@ -62,8 +70,8 @@ def zeroshot_classify(image_emb: Tensor, class_emb: Tensor, labels: Tensor) -> d
         "mean_per_class_recall": mean_per_class_recall(logits, labels),
         "chance_top1": chance_topk(n_classes, 1),
         "chance_top5": chance_topk(n_classes, 5),
-        "num_images": float(image_emb.shape[0]),
-        "num_classes": float(n_classes),
+        "num_images": int(logits.shape[0]),
+        "num_classes": int(n_classes),
     }
 
 
@@ -73,7 +81,7 @@ def evaluate_zeroshot(
     encode_texts: TextEncoder,
     templates: str | Sequence[str] = "openai_imagenet",
     batch_size: int = 64,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Embed every image of ``dataset`` and its class names, then :func:`zeroshot_classify`."""
     labels: list[int] = []
 

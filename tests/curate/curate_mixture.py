@@ -1,11 +1,13 @@
-"""Synthetic data for the curation tests: unequal Gaussian clusters on the unit sphere."""
+"""Synthetic data for the curation tests: unequal Gaussian clusters on the unit sphere.
+
+A plain module, not a conftest: a conftest.py here would shadow the top-level
+``tests/conftest.py`` for ``from pipeline_testing import tiny_overrides`` (conftests outside
+packages all import as the module ``conftest``).
+"""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
-import pytest
 
 Mixture = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -19,8 +21,3 @@ def make_mixture(sizes: list[int], dim: int, noise: float, seed: int) -> Mixture
     points = means[labels] + noise * rng.standard_normal((len(labels), dim))
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     return points.astype(np.float32), labels, means.astype(np.float32)
-
-
-@pytest.fixture(scope="session")
-def mixture() -> Callable[..., Mixture]:
-    return make_mixture

@@ -1,0 +1,207 @@
+"""Embed-stage throughput and memory: the Ray Data pipeline vs a plain PyTorch loop.
+
+Both engines run the same code path (``dinoalign.embed.pipeline.run_embed``): decode
+(PNG -> short-side resize + centre crop) -> backbone forward -> per-image features ->
+parquet shards, with the same batch size; only the engine differs (``embed.engine=ray``:
+Ray Data tasks + an actor pool; ``local``: a DataLoader with worker processes feeding the
+model in the main process). The ratio ray/local is printed for each size.
+
+A second mode measures peak resident memory (sum over the driver and every Ray process)
+while embedding growing datasets with a cheap model: streaming means the peak must not
+grow with the number of images.
+
+    python benchmarks/embed.py throughput --sizes 2000 20000 --model vit_small
+    python benchmarks/embed.py memory --sizes 20000 60000
+    python benchmarks/embed.py throughput --sizes 500 --model tiny   # smoke run
+
+Images come from the synthetic demo world at 224 px; a manifest of N rows cycles over a
+base set of distinct rendered images (each row is still decoded from its PNG file).
+Results are appended as JSON lines to ``--out`` (default docs/benchmarks/embed.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MODELS = {
+    # ViT-S/14-shaped (DINOv2 ViT-S/14 with registers: 384-d, 12 blocks, 6 heads), random init
+    "vit_small": "{}",
+    "tiny": "{embed_dim: 48, depth: 2, num_heads: 3}",
+}
+
+
+def build_world(root: Path, n_unique: int) -> Path:
+    """Render ``n_unique`` demo-world train images at 224 px; return the image folder."""
+    from dinoalign.config import load_params
+    from dinoalign.data.prepare import run_prepare
+
+    params = load_params("/nonexistent.yaml", [
+        f"prepare.out_dir={root / 'world'}", f"data.synthetic.n_train={n_unique}", "data.synthetic.n_val=0",
+        "data.synthetic.n_test=0", "data.synthetic.image_size=224", "prepare.validate_images=false"])
+    run_prepare(params, root)
+    return root / "world"
+
+
+def manifest_of(world: Path, n: int) -> "object":
+    """A pairs manifest of ``n`` rows cycling over the world's images (distinct uids)."""
+    import pyarrow as pa
+
+    from dinoalign.data.prepare import read_manifest
+    from dinoalign.data.schema import MANIFEST_SCHEMA, make_uid
+
+    base = read_manifest(world).to_pylist()
+    for r in base:  # prepare stores paths relative to its root (here: world's parent)
+        r["image_uri"] = str(world.parent / r["image_uri"])
+    rows = []
+    for i in range(n):
+        r = dict(base[i % len(base)])
+        r["uid"] = make_uid("bench", str(i))
+        rows.append(r)
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def run_one(world: Path, n: int, engine: str, model: str, batch_size: int, out: Path) -> dict:
+    """Embed ``n`` images with one engine in this process; return the summary."""
+    from dinoalign.config import load_params
+    from dinoalign.embed.pipeline import run_embed
+
+    params = load_params("/nonexistent.yaml", [
+        f"embed.out_dir={out}", f"embed.engine={engine}", "embed.img_size=224", "backbone.img_size=224",
+        f"backbone.model_kwargs={MODELS[model]}", f"embed.batch_size={batch_size}",
+        f"embed.decode_batch_size={batch_size}", "clip.image_features=false", "embed.text_encoders=[]",
+        "embed.shard_rows=2048", "embed.loader_workers=1", "embed.actor_num_cpus=1", "embed.decode_num_cpus=0.5",
+        f"embed.torch_threads={os.cpu_count()}"])
+    return run_embed(params, manifest_of(world, n))
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process, its children and every Ray process."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            procs = {me, *me.children(recursive=True)}
+            for p in psutil.process_iter(["name", "cmdline"]):
+                cmd = " ".join(p.info.get("cmdline") or [])
+                if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or (p.info.get("name") or "").startswith("ray"):
+                    procs.add(p)
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def versions() -> dict:
+    import pyarrow
+    import ray
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "processor": _cpu_name()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement in a fresh process (so peak RSS and Ray state do not leak)."""
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
+        t0 = time.perf_counter()
+        summary = run_one(Path(args.world), args.n, args.engine, args.model, args.batch_size, Path(tmp) / "features")
+        wall = time.perf_counter() - t0
+    print("RESULT " + json.dumps({"n": args.n, "engine": args.engine, "model": args.model,
+                                  "batch_size": args.batch_size, "images_per_s": summary["images_per_s"],
+                                  "seconds_images": summary["seconds_images"], "wall_s": wall,
+                                  "peak_rss_mb": rss.peak / 2**20}))
+
+
+def measure(world: Path, n: int, engine: str, model: str, batch_size: int) -> dict:
+    cmd = [sys.executable, __file__, "_child", "--world", str(world), "--n", str(n), "--engine", engine,
+           "--model", model, "--batch-size", str(batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"benchmark child failed ({engine}, n={n}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=["throughput", "memory", "_child"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    ap.add_argument("--model", choices=sorted(MODELS), default="vit_small")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--unique", type=int, default=2000, help="distinct rendered images the manifest cycles over")
+    ap.add_argument("--engines", nargs="+", default=["local", "ray"])
+    ap.add_argument("--out", default="docs/benchmarks/embed.jsonl")
+    ap.add_argument("--world", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode == "_child":
+        return child(args)
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        world = build_world(Path(tmp), args.unique)
+        meta = {"mode": args.mode, "versions": versions(), "date": time.strftime("%Y-%m-%d")}
+        rows = []
+        model = "tiny" if args.mode == "memory" else args.model
+        engines = ["ray"] if args.mode == "memory" else args.engines
+        for n in args.sizes:
+            res = {e: measure(world, n, e, model, args.batch_size) for e in engines}
+            row = {"n": n, "model": model, **{f"{e}": res[e] for e in engines}}
+            if "ray" in res and "local" in res:
+                row["ray_over_local"] = res["ray"]["images_per_s"] / res["local"]["images_per_s"]
+            rows.append(row)
+            line = ", ".join(f"{e} {res[e]['images_per_s']:.1f} img/s (peak RSS {res[e]['peak_rss_mb']:.0f} MB)"
+                             for e in engines)
+            ratio = f", ray/local = {row['ray_over_local']:.2f}" if "ray_over_local" in row else ""
+            print(f"{args.mode} n={n} model={model}: {line}{ratio}", flush=True)
+        if args.mode == "memory" and len(rows) > 1:
+            growth = rows[-1]["ray"]["peak_rss_mb"] / rows[0]["ray"]["peak_rss_mb"]
+            print(f"peak RSS ratio {rows[-1]['n']} vs {rows[0]['n']} images: {growth:.2f}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(json.dumps({**meta, "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

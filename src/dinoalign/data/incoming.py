@@ -1,0 +1,179 @@
+"""Caption data appended for retraining (``dinoalign retrain``): a DVC-tracked folder
+(``data.incoming``, default ``incoming/pairs``, versioned by ``incoming/pairs.dvc``) whose
+pairs the prepare stage adds to whatever ``data.source`` yields.
+
+Layout of the folder::
+
+    pairs.parquet     key, image (relative to the folder), captions (list), split, batch
+    images/           the appended images, copied in (``<uid>.<ext>``)
+    rejects.parquet   rows of new data that did not become a pair (REJECTS_SCHEMA, stage "retrain")
+
+The ledger of batches (id, source URI, fingerprint, counts, status) is retraining's own
+state and lives beside its decisions (``retrain.decisions_dir``), outside this folder, so
+that marking a batch decided does not change the data the pipeline depends on.
+
+Identity: a new pair's ``key`` is the uid it has in its own source (a pairs table or
+webdataset shards), so ``uid = make_uid("incoming", key)`` is stable across retrains and a
+pair seen before is never appended twice. Appended pairs always join the ``train`` split:
+the evaluation split stays fixed, so a candidate and the champion are compared on the
+same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dinoalign.data.schema import REJECTS_SCHEMA, PairRecord, Reject, make_uid, rejects_to_table
+from dinoalign.data.sources.pairs import TABLE_FORMATS, PairsSourceConfig, pairs_source
+from dinoalign.data.sources.webdataset import WebDatasetSourceConfig, webdataset_source
+from dinoalign.storage import fs_for, read_bytes
+
+SOURCE = "incoming"
+STAGE = "retrain"
+TABLE, REJECTS, IMAGES = "pairs.parquet", "rejects.parquet", "images"
+SPLIT = "train"
+TABLE_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("image", pa.string(), nullable=False),
+    pa.field("captions", pa.list_(pa.string()), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("batch", pa.string(), nullable=False),
+])
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+# ----------------------------------------------------------------------------- prepare side
+def read_incoming(folder: Path) -> Iterator[PairRecord | Reject]:
+    """The appended pairs as manifest items (none when nothing was ever appended).
+
+    Raises FileNotFoundError when ``<folder>.dvc`` exists but the data is not checked
+    out: building the manifest without it would silently drop the appended pairs."""
+    table = folder / TABLE
+    if not table.exists():
+        pointer = folder.with_name(folder.name + ".dvc")
+        if pointer.exists():
+            raise FileNotFoundError(f"{pointer} tracks appended pairs but {folder}/{TABLE} is not checked out: "
+                                    f"run `dvc pull {pointer}` first")
+        return iter(())
+    cfg = PairsSourceConfig(path=str(table), image_column="image", caption_column="captions", key_column="key",
+                            split_column="split", name=SOURCE)
+    return pairs_source(cfg, folder)
+
+
+# ----------------------------------------------------------------------------- new data
+def is_table(uri: str) -> bool:
+    return any(uri.lower().endswith(s) for s in TABLE_FORMATS)
+
+
+def fingerprint(uri: str) -> str:
+    """sha256 over what is at ``uri`` (a file, or every file under a folder/prefix): path,
+    size and ETag or mtime, so a drop location that has not changed is recognised
+    without reading it."""
+    fs, path = fs_for(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no new data at {uri}")
+    files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    h = hashlib.sha256()
+    for name in sorted(files):
+        info = files[name]
+        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        h.update(f"{name}\0{info.get('size')}\0{stamp}\n".encode())
+    return h.hexdigest()
+
+
+def new_data_items(uri: str, workdir: Path, image_column: str = "image", caption_column: str = "caption",
+                   key_column: str | None = None) -> Iterator[PairRecord | Reject]:
+    """The pairs at ``uri``: a csv/tsv/parquet table (the ``pairs`` source), or webdataset
+    shards (one ``.tar`` or a folder/prefix of them; images extracted under ``workdir``)."""
+    if is_table(uri):
+        cfg = PairsSourceConfig(path=uri, image_column=image_column, caption_column=caption_column,
+                                key_column=key_column, name="new")
+        return pairs_source(cfg, workdir)
+    fs, path = fs_for(uri)
+    if fs.isdir(path):
+        shards = sorted(p for p in fs.find(path) if p.lower().endswith(_TAR_SUFFIXES))
+        if not shards:
+            raise FileNotFoundError(f"{uri} holds no pairs table and no .tar shards")
+        scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+        urls = tuple(f"{scheme}{p}" if scheme else p for p in shards)
+    elif uri.lower().endswith(_TAR_SUFFIXES):
+        urls = (uri,)
+    else:
+        raise ValueError(f"{uri}: expected a pairs table ({'/'.join(TABLE_FORMATS)}), a webdataset .tar "
+                         "or a folder of .tar shards")
+    return webdataset_source(WebDatasetSourceConfig(urls=urls, split=SPLIT, name="new"), workdir)
+
+
+# ----------------------------------------------------------------------------- the folder
+def existing_keys(folder: Path) -> set[str]:
+    table = folder / TABLE
+    return set(pq.read_table(table, columns=["key"]).column("key").to_pylist()) if table.exists() else set()
+
+
+def append_batch(folder: Path, items: Iterator[PairRecord | Reject], batch: str) -> dict[str, int]:
+    """Copy the images of new records into ``folder`` and append their rows (split
+    ``train``, ``batch``) to the table; records whose key is already there are skipped,
+    unreadable images and the source's own rejects go to ``rejects.parquet``. Nothing is
+    written when no record is new. Returns counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    known = existing_keys(folder)
+    rows: list[dict[str, Any]] = []
+    rejects: list[Reject] = []
+    seen = present = 0
+    for item in items:
+        if isinstance(item, Reject):
+            rejects.append(Reject(item.uid, STAGE, item.reason, item.detail, item.key))
+            continue
+        seen += 1
+        key = item.uid
+        if key in known:
+            present += 1
+            continue
+        name = f"{IMAGES}/{make_uid(SOURCE, key)}{_suffix(item.image_uri)}"
+        try:
+            data = read_bytes(item.image_uri)
+        except (FileNotFoundError, OSError) as e:
+            rejects.append(Reject(make_uid(SOURCE, key), STAGE, "missing", f"{item.image_uri}: {e}", key))
+            continue
+        _atomic_bytes(folder / name, data)
+        rows.append({"key": key, "image": name, "captions": list(item.captions), "split": SPLIT, "batch": batch})
+        known.add(key)
+    if rows:
+        new = pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)
+        old = folder / TABLE
+        _atomic_parquet(pa.concat_tables([pq.read_table(old).cast(TABLE_SCHEMA), new]) if old.exists() else new, old)
+        if rejects:
+            previous = folder / REJECTS
+            table = rejects_to_table(rejects)
+            if previous.exists():
+                table = pa.concat_tables([pq.read_table(previous).cast(REJECTS_SCHEMA), table])
+            _atomic_parquet(table, previous)
+    return {"records": seen, "appended": len(rows), "already_present": present, "rejected": len(rejects)}
+
+
+def _suffix(uri: str) -> str:
+    suffix = os.path.splitext(uri.split("?", 1)[0])[1].lower()
+    return suffix if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") else ".img"
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 600; these are shared data files
+    os.replace(tmp, path)
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    _atomic_bytes(path, sink.getvalue().to_pybytes())

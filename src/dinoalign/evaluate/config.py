@@ -1,0 +1,113 @@
+"""The ``evaluate:`` section of params.yaml (the evaluate and report stages, and the
+inference commands' defaults).
+
+Defaults are the demo profile: the synthetic world's test split, seen and held-out
+compositions reported separately (params.yaml sets the segmentation window to the
+demo's 112-pixel embed size). The papers' settings are in docs/reproduce.md (short
+side 448, crop 448, stride 224, PAMR on for the "with refinement" rows, 80 ImageNet
+templates for zero-shot, 7 for dense).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dinoalign.evaluate.datasets import EVAL_DATASETS
+from dinoalign.evaluate.segmentation import SegmentationConfig
+from dinoalign.evaluate.templates import resolve_templates
+
+DEMO_DATASET = "demo"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """What ``dinoalign evaluate`` measures and where it writes.
+
+    - ``recipes``: the models to evaluate, each read from ``<align.out_dir>/<recipe>/``
+      where the align stage writes it (DVC runs one ``evaluate@<recipe>`` per entry by
+      overriding this list); the report compares the same recipes.
+    - ``dataset``: ``demo`` (the synthetic world from ``embed.pairs_dir``: zero-shot,
+      retrieval and segmentation on ``split``) or a registered evaluation dataset
+      (``voc21``, ``ade20k``, ``karpathy``, ``imagenet_folder``... see
+      :data:`dinoalign.evaluate.datasets.EVAL_DATASETS`) read from ``root`` with
+      ``dataset_options`` (``split``, ``json_file``...); its task decides the metrics.
+    - ``zeroshot_templates`` / ``dense_templates``: a template set name
+      (``openai_imagenet`` = the 80 CLIP prompts, ``talk2dino`` = the 7 TCL prompts) or
+      a list of prompts with one ``{}``.
+    - ``segmentation``: resize, sliding window, PAMR and the default background
+      threshold; ``bg_thresholds`` overrides the threshold per recipe (their scores live
+      on different scales: talk2dino a sigmoid of a cosine, dinotxt a cosine).
+    - ``background_cleaning`` / ``cleaning_lambda``: talk2dino's cleaning (λ) on
+      datasets with a background class.
+    - ``max_images``: evaluate only the first N images of each set (smoke runs).
+    - ``save_predictions``: write every predicted label map as a PNG under
+      ``<plots_dir>/<recipe>/predictions/``; ``num_examples`` overlays are always made.
+    - ``report_dir``: where the report stage writes ``index.html``; ``mlflow_ui``: the
+      address its run links use when runs are in the embedded store (``make mlflow-ui``).
+    """
+
+    recipes: list[str] = dataclasses.field(
+        default_factory=lambda: ["talk2dino", "dinotxt", "projector"]
+    )
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    report_dir: str = "report"
+    mlflow_ui: str = "http://127.0.0.1:5000"
+    dataset: str = DEMO_DATASET
+    root: str | None = None
+    dataset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    split: str = "test"
+    zeroshot_templates: str | list[str] = "openai_imagenet"
+    dense_templates: str | list[str] = "talk2dino"
+    ks: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 64
+    max_images: int | None = None
+    segmentation: SegmentationConfig = dataclasses.field(default_factory=SegmentationConfig)
+    bg_thresholds: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    background_cleaning: bool = True
+    cleaning_lambda: float = 0.2
+    save_predictions: bool = False
+    num_examples: int = 4
+    device: str = "auto"
+    torch_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.recipes or len(set(self.recipes)) != len(self.recipes):
+            raise ValueError(
+                f"evaluate.recipes must be a non-empty list without repeats, got {self.recipes}"
+            )
+        if self.dataset != DEMO_DATASET:
+            try:
+                EVAL_DATASETS.get(self.dataset)
+            except KeyError as e:
+                raise ValueError(f"evaluate.dataset: {e.args[0]} (or {DEMO_DATASET!r})") from None
+            if not self.root:
+                raise ValueError(
+                    f"evaluate.dataset={self.dataset!r} needs evaluate.root (its folder or URI)"
+                )
+        for name in ("zeroshot_templates", "dense_templates"):
+            try:
+                resolve_templates(getattr(self, name))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"evaluate.{name}: {e.args[0]}") from None
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"evaluate.ks must be positive integers, got {self.ks}")
+        if self.batch_size < 1 or self.num_examples < 0 or self.torch_threads < 1:
+            raise ValueError(
+                "evaluate.batch_size and torch_threads must be >= 1, num_examples >= 0"
+            )
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"evaluate.max_images must be >= 1 or null, got {self.max_images}")
+        if self.device not in DEVICES:
+            raise ValueError(f"evaluate.device must be one of {DEVICES}, got {self.device!r}")
+        if self.cleaning_lambda < 0:
+            raise ValueError(f"evaluate.cleaning_lambda must be >= 0, got {self.cleaning_lambda}")
+
+    def segmentation_for(self, recipe: str) -> SegmentationConfig:
+        """The segmentation settings of ``recipe``: its ``bg_thresholds`` entry, if any,
+        replaces the shared background threshold."""
+        if recipe in self.bg_thresholds:
+            return dataclasses.replace(self.segmentation, bg_threshold=self.bg_thresholds[recipe])
+        return self.segmentation

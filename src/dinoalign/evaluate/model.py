@@ -1,0 +1,408 @@
+"""A trained recipe together with the frozen towers it needs at inference time.
+
+A saved recipe (``model.safetensors`` + ``config.json``) holds only what was trained;
+the frozen DINOv2 backbone and, for talk2dino and the projector, the CLIP text tower
+are rebuilt from params exactly as the embed stage builds them
+(:func:`dinoalign.embed.pipeline.build_backbone_from`: ``backbone`` + ``seed``; the
+images resized and centre-cropped to ``embed.img_size``), so evaluation, the inference
+commands and the training features all see the same image path.
+
+Notation: B images, N texts, E joint width, D backbone width, H heads, P patches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dinoalign.config import Params
+from dinoalign.errors import InferenceError
+from dinoalign.recipes import Recipe, background_cleaning, load_recipe
+from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE, join_uri
+from dinoalign.storage import fs_for, read_bytes, under_root
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Where a model came from: the reference the user gave, the recipe, the sha256 of
+    its weights file and its saved config."""
+
+    reference: str
+    recipe: str
+    weights_sha256: str
+    config: dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(
+            "device 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu"
+        )
+    return torch.device(name)
+
+
+def load_model(reference: str, params: Params, root: Path) -> tuple[Recipe, ModelInfo]:
+    """The recipe saved under ``reference``: a folder (path relative to ``root``, absolute,
+    or an ``s3://`` URI) or an MLflow model URI (``models:/dinoalign-talk2dino@champion``,
+    ``runs:/<id>/model``) resolved against ``tracking.uri``."""
+    if reference.startswith(MLFLOW_SCHEMES):
+        with tempfile.TemporaryDirectory(prefix="dinoalign-model-") as tmp:
+            local = _download_mlflow_model(reference, params, Path(tmp))
+            return _load_dir(str(local), reference)
+    return _load_dir(under_root(reference, root), reference)
+
+
+def _load_dir(directory: str, reference: str) -> tuple[Recipe, ModelInfo]:
+    fs, path = fs_for(directory)
+    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not fs.exists(f"{path.rstrip('/')}/{n}")]
+    if missing:
+        raise InferenceError(
+            f"no trained model at {reference!r}: {directory} lacks {', '.join(missing)}. Pass a "
+            "folder written by the align stage (artifacts/models/<recipe>) or an MLflow URI "
+            "such as models:/dinoalign-talk2dino@champion"
+        )
+    config = json.loads(read_bytes(join_uri(directory, CONFIG_FILE)))
+    weights_sha = hashlib.sha256(read_bytes(join_uri(directory, WEIGHTS_FILE))).hexdigest()
+    recipe = load_recipe(directory)
+    return recipe, ModelInfo(reference, config["recipe"], weights_sha, config)
+
+
+def _download_mlflow_model(reference: str, params: Params, dst: Path) -> Path:
+    """Download an MLflow model's artifacts and return the folder in them that holds the
+    recipe files (the model may have been logged as a plain folder or inside a flavour)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from dinoalign.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(dst)))
+    except MlflowException as e:
+        raise InferenceError(
+            f"MLflow could not resolve {reference!r} at {mlflow.get_tracking_uri()}: {e.message.rstrip('.')}. "
+            "Check the registered model name and alias (the align stage registers "
+            "dinoalign-<recipe> with alias 'candidate') and tracking.uri"
+        ) from None
+    candidates = sorted(
+        p.parent for p in local.rglob(CONFIG_FILE) if (p.parent / WEIGHTS_FILE).is_file()
+    )
+    if not candidates:
+        raise InferenceError(
+            f"{reference} resolved to {local}, which holds no {CONFIG_FILE} + {WEIGHTS_FILE} "
+            "pair: it is not a dinoalign recipe model"
+        )
+    return candidates[0]
+
+
+class AlignedModel:
+    """``recipe`` + the frozen backbone and text tower named in ``params``.
+
+    Image batches are ``dict[str, Tensor]`` with the keys the recipe reads
+    (talk2dino ``head_embeddings`` B×H×D, projector ``token_mean`` B×D, dinotxt
+    ``tokens_vision`` B×(1+R+P)×D); they come from raw images (:meth:`image_batch`) or
+    from the embed stage's feature store (:meth:`store_batch`).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        params: Params,
+        root: Path,
+        device: torch.device | str = "cpu",
+        info: ModelInfo | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.recipe = recipe.to(device).eval()
+        self.name: str = recipe.cfg.name
+        self.params = params
+        self.root = root
+        self.device = torch.device(device)
+        self.info = info
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls, reference: str, params: Params, root: Path, device: str = "auto", batch_size: int = 64
+    ) -> AlignedModel:
+        recipe, info = load_model(reference, params, root)
+        return cls(recipe, params, root, resolve_device(device), info, batch_size)
+
+    # ------------------------------------------------------------------ frozen towers
+
+    @functools.cached_property
+    def backbone(self) -> Any:
+        """The frozen DINOv2 of ``params.backbone``, seeded as the embed stage seeds it."""
+        from dinoalign.embed.pipeline import build_backbone_from
+
+        cfg = self.params.backbone
+        recipe_backbone = getattr(self.recipe.cfg, "backbone", cfg.name)
+        if recipe_backbone != cfg.name:
+            raise InferenceError(
+                f"the {self.name} model was trained on backbone {recipe_backbone!r} but "
+                f"params name {cfg.name!r}: run with backbone.name={recipe_backbone}"
+            )
+        backbone = build_backbone_from(cfg, self.params.seed).to(self.device)
+        vision_dim = getattr(self.recipe.cfg, "vision_dim", backbone.embed_dim)
+        if backbone.embed_dim != vision_dim:
+            raise InferenceError(
+                f"backbone {cfg.name} with {cfg.model_kwargs or 'default sizes'} is "
+                f"{backbone.embed_dim} wide but the {self.name} model expects {vision_dim}: "
+                "use the backbone params the model was trained with"
+            )
+        return backbone
+
+    @functools.cached_property
+    def text_tower(self) -> Any:
+        """The frozen text encoder whose features the recipe reads: for talk2dino the
+        embed text encoder it was trained on (``align.talk2dino.text_encoder``, a key of
+        ``embed.text_encoders``), for the projector the text tower of its CLIP
+        (``params.clip``). dinotxt has its own text transformer."""
+        from dinoalign.backbones.text import build_text_encoder
+
+        if self.name == "projector":
+            clip = self.params.clip
+            return build_text_encoder(
+                "open_clip", self._under_root(clip.name), pretrained=clip.pretrained
+            ).to(self.device)
+        key = self.params.align.talk2dino.text_encoder
+        configs = {t.key: t for t in self.params.embed.text_encoders}
+        if key not in configs:
+            raise InferenceError(
+                f"align.talk2dino.text_encoder is {key!r} but embed.text_encoders has only {sorted(configs)}"
+            )
+        t = configs[key]
+        return build_text_encoder(
+            t.kind, self._under_root(t.name), pretrained=t.pretrained, model_kwargs=t.model_kwargs
+        ).to(self.device)
+
+    @functools.cached_property
+    def clip(self) -> tuple[Any, int]:
+        """(the full CLIP of ``params.clip`` in eval mode, its image input size): the
+        projector's teacher, whose own retrieval is the projector's reference."""
+        from dinoalign.backbones.text import load_open_clip
+        from dinoalign.embed.pipeline import _preprocess_size
+
+        model, preprocess, _ = load_open_clip(
+            self._under_root(self.params.clip.name), self.params.clip.pretrained
+        )
+        return model.eval().to(self.device), _preprocess_size(preprocess)
+
+    def clip_image_features(self, images: Sequence[np.ndarray]) -> Tensor:
+        """B×E normalised CLIP image embeddings of raw uint8 images, made as the embed
+        stage makes its ``clip_image`` column (resize + crop to ``embed.img_size``, then
+        CLIP's own resize and normalisation)."""
+        from dinoalign.data.images import resize_crop
+        from dinoalign.teacher import to_clip_input
+
+        embed = self.params.embed
+        model, size = self.clip
+        pixels = np.stack([resize_crop(img, embed.img_size, embed.interpolation) for img in images])
+        with torch.no_grad():
+            return (
+                model.encode_image(to_clip_input(pixels, size).to(self.device), normalize=True)
+                .float()
+                .cpu()
+            )
+
+    def _under_root(self, name: str) -> str:
+        """An open_clip model name with a relative ``local-dir:`` path resolved against
+        the root (the demo teacher lives at ``local-dir:artifacts/teacher/model``)."""
+        prefix = "local-dir:"
+        if name.startswith(prefix):
+            return prefix + under_root(name[len(prefix) :], self.root)
+        return name
+
+    # ------------------------------------------------------------------ images
+
+    def image_batch(self, images: Sequence[np.ndarray]) -> dict[str, Tensor]:
+        """Raw uint8 H×W×3 images (any sizes) -> the recipe's image batch, through the
+        embed stage's path: short side to ``embed.img_size`` + centre crop, the backbone,
+        :func:`dinoalign.embed.features.image_features`."""
+        from dinoalign.data.images import resize_crop
+
+        embed = self.params.embed
+        pixels = np.stack([resize_crop(img, embed.img_size, embed.interpolation) for img in images])
+        x = self.backbone.normalize(torch.from_numpy(pixels))
+        return self._batch_from_backbone(x)
+
+    def _batch_from_backbone(self, x: Tensor) -> dict[str, Tensor]:
+        """Normalised images B×3×H×W -> the recipe's image batch (on the CPU)."""
+        from dinoalign.embed.features import image_features
+
+        with torch.no_grad():
+            if self.name == "dinotxt":
+                return {"tokens_vision": self.recipe.forward_images(x, self.backbone).float().cpu()}
+            features = image_features(self.backbone(x))
+        keys = {"talk2dino": ("head_embeddings",), "projector": ("token_mean",)}[self.name]
+        return {k: features[k].float().cpu() for k in keys}
+
+    def store_columns(self) -> tuple[str, ...]:
+        """The feature-store columns :meth:`store_batch` reads for this recipe."""
+        return {
+            "talk2dino": ("head_embeddings",),
+            "projector": ("token_mean",),
+            "dinotxt": ("cls", "registers", "patches"),
+        }[self.name]
+
+    def store_batch(self, store_uri: str, uids: Sequence[str]) -> dict[str, Tensor]:
+        """The image batch of ``uids`` (in that order) from the embed stage's features.
+        Every uid must have been embedded."""
+        from dinoalign.embed.store import load_image_features
+
+        columns = self.store_columns()
+        loaded = load_image_features(store_uri, columns, uids)
+        row = {uid: i for i, uid in enumerate(loaded["uid"].tolist())}
+        missing = [u for u in uids if u not in row]
+        if missing:
+            raise InferenceError(
+                f"{len(missing)} of {len(uids)} images have no features in {store_uri} (e.g. "
+                f"{missing[0]}): run the embed stage on them first"
+            )
+        order = np.asarray([row[u] for u in uids], dtype=np.int64)
+        arrays = {c: torch.from_numpy(loaded[c][order].astype(np.float32)) for c in columns}
+        if self.name == "dinotxt":
+            tokens = torch.cat(
+                [arrays["cls"][:, None], arrays["registers"], arrays["patches"]], dim=1
+            )
+            return {"tokens_vision": tokens}
+        return arrays
+
+    def store_has_columns(self, store_uri: str) -> bool:
+        """Whether the feature store holds every column :meth:`store_batch` needs."""
+        from dinoalign.embed.store import FeatureStore
+
+        manifest = FeatureStore(store_uri).read_manifest()
+        return manifest is not None and all(
+            c in manifest["spec"]["columns"] for c in self.store_columns()
+        )
+
+    # ------------------------------------------------------------------ texts
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """N strings -> N×E normalised text embeddings (CLIP text tower first for
+        talk2dino and the projector, the recipe's own text transformer for dinotxt)."""
+        if not texts:
+            raise InferenceError("no text to encode")
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                part = list(texts[start : start + self.batch_size])
+                if self.name == "dinotxt":
+                    chunks.append(self.recipe.encode_text(part))
+                else:
+                    raw = self.text_tower.encode(part, batch_size=self.batch_size)
+                    chunks.append(self.recipe.encode_text(raw))
+        return torch.cat(chunks).float()
+
+    def class_embeddings(
+        self, class_names: Sequence[str], templates: str | Sequence[str]
+    ) -> Tensor:
+        """N×E class embeddings from names × templates. talk2dino as its paper does: the
+        raw CLIP features of the templates are averaged, then ψ, then normalised; the
+        other recipes by the CLIP protocol (normalise, average, re-normalise)."""
+        from dinoalign.evaluate.templates import resolve_templates
+        from dinoalign.evaluate.zeroshot import class_text_embeddings
+
+        if self.name != "talk2dino":
+            return class_text_embeddings(self.encode_texts, class_names, templates, self.batch_size)
+        prompts_per_class = resolve_templates(templates)
+        prompts = [t.replace("{}", name) for name in class_names for t in prompts_per_class]
+        with torch.no_grad():
+            raw = self.text_tower.encode(prompts, batch_size=self.batch_size)
+            mean = raw.view(len(class_names), len(prompts_per_class), -1).mean(dim=1)
+            return self.recipe.encode_text(mean).float()
+
+    # ------------------------------------------------------------------ scores
+
+    def scores(self, text_embeddings: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """N×B text-image scores (the recipe's :meth:`~Recipe.similarity`: best head for
+        talk2dino, cosine otherwise), images taken ``batch_size`` at a time."""
+        n_images = next(iter(batch.values())).shape[0]
+        parts = []
+        with torch.no_grad():
+            for start in range(0, n_images, self.batch_size):
+                part = {k: v[start : start + self.batch_size] for k, v in batch.items()}
+                parts.append(
+                    self.recipe.similarity(text_embeddings.to(self.device), part).float().cpu()
+                )
+        return torch.cat(parts, dim=1)
+
+    def score_batches(
+        self, text_embeddings: Tensor, batches: Iterator[Mapping[str, Tensor]]
+    ) -> Tensor:
+        """N×M scores against image batches streamed one at a time (large sets whose
+        features would not fit in memory at once, e.g. dinotxt's tokens)."""
+        return torch.cat([self.scores(text_embeddings, b) for b in batches], dim=1)
+
+    def index_vectors(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+        """(V×E unit vectors for a nearest-neighbour index, vectors per image). talk2dino
+        indexes each image's H normalised head embeddings, so that the best inner product
+        over an image's vectors is its best-head score; the others index encode_image."""
+        with torch.no_grad():
+            if self.name == "talk2dino":
+                heads = F.normalize(batch["head_embeddings"].float(), dim=-1)
+                return heads.flatten(0, 1), heads.shape[1]
+            return self.recipe.encode_image(batch).float().cpu(), 1
+
+    # ------------------------------------------------------------------ dense
+
+    def dense_logits_fn(
+        self, class_embeddings: Tensor, clean_background: bool = False, cleaning_lambda: float = 0.2
+    ) -> Any:
+        """A :data:`dinoalign.evaluate.segmentation.LogitsFn` for ``class_embeddings``
+        N×E: crop B×3×h×w (RGB 0–255) -> B×N×h'×w' scores on the patch grid.
+
+        Crops whose sides are not multiples of the patch size are resized to the nearest
+        multiples first. talk2dino: sigmoid maps, with background cleaning if asked;
+        dinotxt: cosines of its dense features with the second half of the text
+        embedding. The projector has no dense head."""
+        if not self.recipe.has_dense_head:
+            raise InferenceError(
+                f"{self.name} has no dense head (it maps one global feature per image): it "
+                "cannot segment; use talk2dino or dinotxt"
+            )
+        backbone = self.backbone
+        text = class_embeddings.to(self.device)
+        patch = backbone.patch_size
+
+        def logits(crop: Tensor) -> Tensor:
+            height, width = crop.shape[-2:]
+            size = (
+                max(patch, round(height / patch) * patch),
+                max(patch, round(width / patch) * patch),
+            )
+            x = crop.float().to(self.device)
+            if size != (height, width):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = (x / 255.0 - backbone.mean[:, None, None]) / backbone.std[:, None, None]
+            with torch.no_grad():
+                if self.name == "dinotxt":
+                    tokens = self.recipe.forward_images(x, backbone)
+                    grid = (size[0] // patch, size[1] // patch)
+                    return self.recipe.dense_logits({"tokens_vision": tokens}, text, grid)
+                out = backbone(x)
+                if clean_background:
+                    cleaned = background_cleaning(
+                        out.patches, out.attn_logits, text, cleaning_lambda
+                    )
+                    return cleaned.unflatten(-1, out.grid)
+                return self.recipe.dense_logits({"patches": out.patches}, text, out.grid)
+
+        return logits

@@ -1,0 +1,543 @@
+"""The evaluate stage: each recipe of ``evaluate.recipes`` -> ``metrics/<recipe>.json``,
+``plots/<recipe>/`` and one MLflow run.
+
+``metrics/<recipe>.json`` (chance next to every number; NaN is written as null)::
+
+    zeroshot      top1, top5, mean_per_class_recall, chance_top1, chance_top5, num_images, num_classes
+    retrieval     i2t.{r1,r5,r10,chance_r1,...}, t2i.{...}, chance_r1 (= 1/#images in both
+                  directions), num_images, num_texts; projector: clip.{i2t,t2i} (the teacher
+                  CLIP's own scores) and percent_of_clip.{i2t,t2i}.{r1,...}
+    segmentation  miou, chance_miou, per_class {name: IoU or null}, pixel_accuracy,
+                  mean_accuracy, num_images, bg_threshold, background_cleaning, pamr
+                  (the projector, without a dense head: {"skipped": reason})
+    heldout       the same blocks for the demo world's test images with a held-out
+                  composition (the top level holds the images with seen compositions only)
+    info          recipe, dataset, model (reference, weights sha256, config), frozen
+                  towers, settings; mlflow (run id, experiment id, tracking URI)
+
+``plots/<recipe>/``: ``zeroshot_predictions.csv`` (subset, uid, actual, predicted: DVC's
+confusion template), ``per_class_iou.csv`` (class, IoU per subset), ``examples/*.png``
+(image | ground truth | prediction), ``segmentation_confusion_<subset>.png`` (row-normalised
+pixel confusion) and, with ``save_predictions``, ``predictions/<subset>/<name>.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinoalign.config import Params
+from dinoalign.errors import InferenceError
+from dinoalign.evaluate.config import DEMO_DATASET, EvaluateConfig
+from dinoalign.evaluate.demo import DemoImages, DemoSegmentation, load_demo
+from dinoalign.evaluate.model import AlignedModel
+from dinoalign.evaluate.retrieval import (
+    percent_of_reference,
+    retrieval_metrics,
+    retrieval_metrics_from_similarity,
+)
+from dinoalign.evaluate.segmentation import (
+    evaluate_segmentation,
+    make_predictor,
+    scored_class_names,
+)
+from dinoalign.evaluate.visualize import (
+    heatmap,
+    label_palette,
+    overlay,
+    panels,
+    png_bytes,
+    with_legend,
+)
+from dinoalign.evaluate.zeroshot import classification_metrics
+from dinoalign.storage import under_root
+
+STAGE = "evaluate"
+PREDICTIONS_CSV = "zeroshot_predictions.csv"
+PER_CLASS_CSV = "per_class_iou.csv"
+EXAMPLES_DIR = "examples"
+TOP_LEVEL_SUBSET = "seen"  # the demo's top-level blocks; "heldout" gets its own block
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Everything the evaluation of one recipe produced: ``metrics`` (the JSON) and the
+    material for the plots, per subset (``seen``/``heldout`` on the demo, ``all`` for a
+    registered dataset)."""
+
+    metrics: dict[str, Any]
+    predictions: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+    per_class_iou: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    confusion: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
+    examples: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_evaluate(params: Params, root: Path) -> dict[str, dict[str, Any]]:
+    """Evaluate every recipe in ``evaluate.recipes``; returns their metrics by recipe."""
+    torch.set_num_threads(params.evaluate.torch_threads)
+    return {recipe: evaluate_and_record(params, root, recipe) for recipe in params.evaluate.recipes}
+
+
+def evaluate_and_record(params: Params, root: Path, recipe: str) -> dict[str, Any]:
+    """Load ``<align.out_dir>/<recipe>``, evaluate it, write its metrics and plots, and log
+    them to one MLflow run ``evaluate@<recipe>``; returns the metrics."""
+    import mlflow
+
+    from dinoalign.tracking import run_url, stage_run
+
+    cfg = params.evaluate
+    started = time.perf_counter()
+    with stage_run(STAGE, params, run_name=f"{STAGE}@{recipe}") as run:
+        reference = model_reference(params, recipe)
+        model = AlignedModel.load(reference, params, root, cfg.device, cfg.batch_size)
+        if model.name != recipe:
+            raise InferenceError(f"{reference} holds a {model.name} model, not {recipe}")
+        metrics_path = root / cfg.metrics_dir / f"{recipe}.json"
+        plots_dir = root / cfg.plots_dir / recipe
+        shutil.rmtree(plots_dir, ignore_errors=True)  # no stale picture of an earlier run
+        evaluation = evaluate_model(model, params, root)
+        evaluation.metrics["info"]["seconds"] = time.perf_counter() - started
+        evaluation.metrics["info"]["mlflow"] = {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": without_credentials(mlflow.get_tracking_uri()),
+            "run": run_url(run),
+        }
+        write_outputs(evaluation, metrics_path, plots_dir)
+        mlflow.set_tags(
+            {"dinoalign.recipe": recipe, "dinoalign.model_sha256": model.info.weights_sha256}
+        )
+        mlflow.log_metrics(numeric_metrics(evaluation.metrics))
+        mlflow.log_artifact(str(metrics_path))
+        if (plots_dir / EXAMPLES_DIR).is_dir():
+            mlflow.log_artifacts(str(plots_dir / EXAMPLES_DIR), EXAMPLES_DIR)
+    print(
+        summary_line(recipe, evaluation.metrics)
+        + f"\n{STAGE}@{recipe}: -> {metrics_path}, {plots_dir}/; MLflow run {run_url(run)}"
+    )
+    return evaluation.metrics
+
+
+def model_reference(params: Params, recipe: str) -> str:
+    """Where ``recipe``'s model is read: ``<align.out_dir>/<recipe>``, where align writes it."""
+    return f"{params.align.out_dir.rstrip('/')}/{recipe}"
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` with any ``user:password@`` removed (tracking URIs end up in reports)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(model: AlignedModel, params: Params, root: Path) -> Evaluation:
+    """All the metrics of ``model`` on ``evaluate.dataset`` (the demo world, or a
+    registered dataset whose task decides what is measured)."""
+    cfg = params.evaluate
+    info = {
+        "recipe": model.name,
+        "dataset": cfg.dataset,
+        "model": dataclasses.asdict(model.info) if model.info else None,
+        "backbone": dataclasses.asdict(params.backbone),
+        "backbone_random_init": not params.backbone.pretrained and not params.backbone.weights,
+        "clip": dataclasses.asdict(params.clip),
+        "img_size": params.embed.img_size,
+        "zeroshot_templates": cfg.zeroshot_templates,
+        "dense_templates": cfg.dense_templates,
+        "max_images": cfg.max_images,
+    }
+    if cfg.dataset == DEMO_DATASET:
+        evaluation = _evaluate_demo(model, params, root)
+    else:
+        evaluation = _evaluate_dataset(model, params, root)
+    evaluation.metrics["info"] = {**info, **evaluation.metrics.get("info", {})}
+    return evaluation
+
+
+def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluation:
+    cfg = params.evaluate
+    subsets, world = load_demo(
+        root / params.embed.pairs_dir, params.data.synthetic.source, cfg.split, root
+    )
+    class_names = list(world["classes"])
+    features_uri = under_root(params.embed.out_dir, root)
+    use_store = model.store_has_columns(features_uri)
+    zeroshot_classes = model.class_embeddings(class_names, cfg.zeroshot_templates)
+    evaluation = Evaluation(metrics={})
+    blocks: dict[str, dict[str, Any]] = {}
+    for subset, images in subsets.items():
+        images = images.head(cfg.max_images)
+        if not len(images):
+            blocks[subset] = {"skipped": f"no {subset} images in the {cfg.split} split"}
+            continue
+        batch = (
+            model.store_batch(features_uri, images.uids)
+            if use_store
+            else _online_batch(model, images, params)
+        )
+        block: dict[str, Any] = {"num_images": len(images)}
+        single = np.flatnonzero(images.labels >= 0)
+        if len(single):
+            logits = model.scores(zeroshot_classes, _rows(batch, single)).T
+            block["zeroshot"] = classification_metrics(
+                logits, torch.from_numpy(images.labels[single])
+            )
+            predicted = logits.argmax(dim=1).tolist()
+            evaluation.predictions += [
+                (subset, images.uids[i], class_names[images.labels[i]], class_names[p])
+                for i, p in zip(single.tolist(), predicted)
+            ]
+        reference = None
+        if model.name == "projector":
+            reference = _clip_image_features(model, images, features_uri, params, use_store)
+        block["retrieval"] = retrieval_block(model, batch, images.captions, cfg.ks, reference)
+        if model.recipe.has_dense_head:
+            dataset = DemoSegmentation(images, params.data.max_pixels, params.data.min_side)
+            seg, confusion, examples = segmentation_block(model, dataset, cfg, root, subset)
+            block["segmentation"] = seg
+            evaluation.per_class_iou[subset] = seg["per_class"]
+            evaluation.confusion[subset] = confusion
+            evaluation.examples.update(examples)
+        else:
+            block["segmentation"] = {"skipped": f"{model.name} has no dense head"}
+        blocks[subset] = block
+    evaluation.metrics = {**blocks[TOP_LEVEL_SUBSET], "heldout": blocks["heldout"]}
+    evaluation.metrics["info"] = {
+        "split": cfg.split,
+        "subsets": {s: len(v.head(cfg.max_images)) for s, v in subsets.items()},
+        "top_level": "test images whose objects are all seen compositions; 'heldout': those with a held-out one",
+        "heldout_compositions": world["heldout_compositions"],
+        "image_features": features_uri
+        if use_store
+        else "computed from the images (feature store lacks the columns)",
+    }
+    return evaluation
+
+
+def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evaluation:
+    from dinoalign.evaluate.datasets import EVAL_DATASETS
+
+    cfg = params.evaluate
+    dataset = EVAL_DATASETS.build(
+        cfg.dataset, under_root(str(cfg.root), root), **cfg.dataset_options
+    )
+    count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
+    metrics: dict[str, Any] = {
+        "num_images": count,
+        "info": {"task": dataset.task, "root": cfg.root},
+    }
+    evaluation = Evaluation(metrics=metrics)
+    if dataset.task == "segmentation":
+        seg, confusion, examples = segmentation_block(model, dataset, cfg, root, "all")
+        metrics["segmentation"] = seg
+        evaluation.per_class_iou["all"] = seg["per_class"]
+        evaluation.confusion["all"] = confusion
+        evaluation.examples.update(examples)
+        return evaluation
+    images = (dataset[i][0] for i in range(count))
+    if dataset.task == "classification":
+        classes = model.class_embeddings(dataset.class_names, cfg.zeroshot_templates)
+        labels = torch.tensor([dataset.samples[i][1] for i in range(count)])
+        logits = model.score_batches(classes, _online_batches(model, images, cfg.batch_size)).T
+        metrics["zeroshot"] = classification_metrics(logits, labels)
+        evaluation.predictions = [
+            ("all", dataset.samples[i][0], dataset.class_names[int(a)], dataset.class_names[int(p)])
+            for i, (a, p) in enumerate(zip(labels.tolist(), logits.argmax(dim=1).tolist()))
+        ]
+        return evaluation
+    captions = [dataset.samples[i][1] for i in range(count)]
+    text = model.encode_texts([c for caps in captions for c in caps])
+    scores = model.score_batches(text, _online_batches(model, images, cfg.batch_size))
+    reference = None
+    if model.name == "projector":
+        reference = torch.cat(
+            [
+                model.clip_image_features(chunk)
+                for chunk in _chunks((dataset[i][0] for i in range(count)), cfg.batch_size)
+            ]
+        )
+    metrics["retrieval"] = retrieval_block(
+        model, None, captions, cfg.ks, reference, scores=scores, text=text
+    )
+    return evaluation
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def retrieval_block(
+    model: AlignedModel,
+    batch: Mapping[str, torch.Tensor] | None,
+    captions: Sequence[Sequence[str]],
+    ks: Sequence[int],
+    clip_images: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    text: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """R@k both ways over the images of ``batch`` and all their ``captions`` (scores from
+    the recipe's own similarity, T×M, unless given); with ``clip_images`` (M×E, the
+    teacher CLIP's image embeddings, projector only) CLIP's own retrieval on the same
+    split and the recipe's recalls as a percentage of it."""
+    owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    if text is None:
+        text = model.encode_texts([c for caps in captions for c in caps])
+    if scores is None:
+        scores = model.scores(text, batch)
+    raw = retrieval_metrics_from_similarity(scores, owner, ks)
+    block = format_retrieval(raw, ks)
+    if clip_images is not None:
+        # the projector's text side is CLIP's own text tower: the same text embeddings
+        clip_raw = retrieval_metrics(clip_images, text, owner, ks)
+        block["clip"] = format_retrieval(clip_raw, ks)
+        pct = percent_of_reference(raw, clip_raw)
+        block["percent_of_clip"] = {
+            d: {f"r{k}": pct[f"{d}_R@{k}_pct"] for k in ks} for d in ("i2t", "t2i")
+        }
+    return block
+
+
+def format_retrieval(raw: Mapping[str, float], ks: Sequence[int]) -> dict[str, Any]:
+    """The library's flat ``i2t_R@k`` keys -> ``{"i2t": {"r1": .., "chance_r1": ..}, ...}``.
+    ``chance_r1`` = 1/#images: a random ranking's R@1 is the same in both directions."""
+    block: dict[str, Any] = {
+        d: {
+            **{f"r{k}": raw[f"{d}_R@{k}"] for k in ks},
+            **{f"chance_r{k}": raw[f"chance_{d}_R@{k}"] for k in ks},
+        }
+        for d in ("i2t", "t2i")
+    }
+    block["chance_r1"] = 1.0 / raw["num_images"]
+    block["num_images"] = int(raw["num_images"])
+    block["num_texts"] = int(raw["num_texts"])
+    return block
+
+
+def segmentation_block(
+    model: AlignedModel, dataset: Any, cfg: EvaluateConfig, root: Path, subset: str
+) -> tuple[dict[str, Any], list[list[int]], dict[str, Image.Image]]:
+    """(metrics, pixel confusion matrix, example overlays) of ``model`` on a segmentation
+    dataset (items: image, label, name; ``class_names``; ``has_background``)."""
+    seg_cfg = cfg.segmentation_for(model.name)
+    names = scored_class_names(dataset, seg_cfg)
+    clean = cfg.background_cleaning and dataset.has_background and model.name == "talk2dino"
+    classes = model.class_embeddings(names, cfg.dense_templates)
+    predictor = make_predictor(
+        model.dense_logits_fn(classes, clean, cfg.cleaning_lambda), dataset, seg_cfg, model.device
+    )
+    save_dir = (
+        str(root / cfg.plots_dir / model.name / "predictions" / subset)
+        if cfg.save_predictions
+        else None
+    )
+    raw = evaluate_segmentation(dataset, predictor, save_dir, cfg.max_images)
+    block = {
+        "miou": raw["mIoU"],
+        "chance_miou": raw["chance_mIoU"],
+        "pixel_accuracy": raw["pixel_accuracy"],
+        "mean_accuracy": raw["mean_accuracy"],
+        "num_images": raw["num_images"],
+        "per_class": raw["per_class_iou"],
+        "bg_threshold": seg_cfg.bg_threshold if dataset.has_background else None,
+        "background_cleaning": clean,
+        "pamr": seg_cfg.pamr,
+    }
+    examples = {}
+    palette = label_palette(len(dataset.class_names), background=dataset.has_background)
+    keep = (0,) if dataset.has_background else ()
+    for i in range(min(cfg.num_examples, int(raw["num_images"]))):
+        image, label, _name = dataset[i]
+        pred = predictor(image).cpu().numpy()
+        picture = panels(
+            [
+                image,
+                overlay(image, label, palette, keep=keep),
+                overlay(image, pred, palette, keep=keep),
+            ],
+            ["image", "ground truth", "prediction"],
+        )
+        present = sorted(set(np.unique(label).tolist()) | set(np.unique(pred).tolist()))
+        examples[f"{subset}-{i:02d}.png"] = with_legend(
+            picture, dataset.class_names, palette, present
+        )
+    return block, raw["confusion_matrix"], examples
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _rows(batch: Mapping[str, torch.Tensor], index: np.ndarray) -> dict[str, torch.Tensor]:
+    rows = torch.from_numpy(index)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _online_batches(
+    model: AlignedModel, images: Iterator[np.ndarray], size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    for chunk in _chunks(images, size):
+        yield model.image_batch(chunk)
+
+
+def _load_demo_images(images: DemoImages, params: Params) -> Iterator[np.ndarray]:
+    from dinoalign.data.images import load_image
+
+    for uri in images.image_uris:
+        yield load_image(uri, max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+
+
+def _online_batch(
+    model: AlignedModel, images: DemoImages, params: Params
+) -> dict[str, torch.Tensor]:
+    parts = list(
+        _online_batches(model, _load_demo_images(images, params), params.evaluate.batch_size)
+    )
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _clip_image_features(
+    model: AlignedModel, images: DemoImages, features_uri: str, params: Params, use_store: bool
+) -> torch.Tensor:
+    """The teacher CLIP's image embeddings of the demo images: the embed stage's
+    ``clip_image`` column when it is there, else computed the same way."""
+    from dinoalign.embed.store import FeatureStore, load_image_features
+
+    manifest = FeatureStore(features_uri).read_manifest() if use_store else None
+    if manifest is not None and "clip_image" in manifest["spec"]["columns"]:
+        loaded = load_image_features(features_uri, ["clip_image"], images.uids)
+        row = {u: i for i, u in enumerate(loaded["uid"].tolist())}
+        return torch.from_numpy(
+            loaded["clip_image"][[row[u] for u in images.uids]].astype(np.float32)
+        )
+    chunks = _chunks(_load_demo_images(images, params), params.evaluate.batch_size)
+    return torch.cat([model.clip_image_features(chunk) for chunk in chunks])
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def jsonable(value: Any) -> Any:
+    """Nested metrics with NaN/inf floats as None and tensors/numpy scalars as Python."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of nested ``metrics`` flattened to MLflow metric names
+    (``zeroshot.top1``, ``heldout.segmentation.per_class.red circle``); ``info`` skipped."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not prefix and key == "info":
+            continue
+        name = re.sub(r"[^\w\-. :/]", "_", f"{prefix}{key}")
+        if isinstance(value, Mapping):
+            out.update(numeric_metrics(value, name + "."))
+        elif (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            out[name] = float(value)
+    return out
+
+
+def write_outputs(evaluation: Evaluation, metrics_path: Path, plots_dir: Path) -> None:
+    """``metrics_path`` and the plots under ``plots_dir`` (module docstring); the metrics
+    file is written whole and renamed into place."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    if evaluation.predictions:
+        _write_csv(
+            plots_dir / PREDICTIONS_CSV,
+            ["subset", "uid", "actual", "predicted"],
+            evaluation.predictions,
+        )
+    if evaluation.per_class_iou:
+        subsets = list(evaluation.per_class_iou)
+        names = list(evaluation.per_class_iou[subsets[0]])
+        rows = [[n, *(_csv_number(evaluation.per_class_iou[s][n]) for s in subsets)] for n in names]
+        _write_csv(plots_dir / PER_CLASS_CSV, ["class", *subsets], rows)
+    for subset, matrix in evaluation.confusion.items():
+        (plots_dir / f"segmentation_confusion_{subset}.png").write_bytes(
+            png_bytes(heatmap(np.asarray(matrix)))
+        )
+    for name, picture in evaluation.examples.items():
+        (plots_dir / EXAMPLES_DIR).mkdir(exist_ok=True)
+        (plots_dir / EXAMPLES_DIR / name).write_bytes(png_bytes(picture))
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+    tmp.write_text(json.dumps(jsonable(evaluation.metrics), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, metrics_path)
+
+
+def _csv_number(value: float) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.6f}"
+
+
+def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def summary_line(recipe: str, metrics: Mapping[str, Any]) -> str:
+    """One line per reported block: each number with its chance level."""
+    lines = []
+    top = TOP_LEVEL_SUBSET if "heldout" in metrics else "all"
+    for where, block in ((top, metrics), ("heldout", metrics.get("heldout", {}))):
+        parts = []
+        if "zeroshot" in block:
+            z = block["zeroshot"]
+            parts.append(f"zero-shot top-1 {z['top1']:.3f} (chance {z['chance_top1']:.3f})")
+        if "retrieval" in block:
+            r = block["retrieval"]
+            parts.append(
+                f"R@1 i2t {r['i2t']['r1']:.3f} t2i {r['t2i']['r1']:.3f} (chance {r['chance_r1']:.3f})"
+            )
+        seg = block.get("segmentation", {})
+        if "miou" in seg:
+            parts.append(f"mIoU {_fmt(seg['miou'])} (chance {_fmt(seg['chance_miou'])})")
+        if parts:
+            lines.append(f"{STAGE}@{recipe} [{where}]: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"

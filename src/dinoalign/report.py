@@ -1,0 +1,614 @@
+"""The report stage: one self-contained HTML page comparing the recipes side by side.
+
+``<evaluate.report_dir>/index.html`` renders offline: CSS inline, pictures as ``data:``
+URIs, charts as inline SVG, no script and no external resource. It shows, from the
+files the other stages wrote:
+
+- the metrics of every recipe (``metrics/<recipe>.json``) with chance next to each
+  number, seen and held-out compositions apart, the projector as % of its CLIP;
+- training curves (``<align.curves_dir>/<recipe>/curve.csv``, the teacher's curve);
+- segmentation overlays, per-class IoU and confusion pictures (``plots/<recipe>/``);
+- curation statistics (``<curate.out_dir>/stats.json``), data and reject counts (the
+  pairs ``summary.json`` and the features ``manifest.json``);
+- versions: git commit, the DVC hashes of ``dvc.lock``, model weights, frozen towers;
+- links to the MLflow runs (the latest run of every stage in the experiment).
+
+Missing inputs (a stage not run yet) are shown as missing, never invented.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dinoalign.config import Params
+
+REPORT_FILE = "index.html"
+MISSING = "—"
+SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2329;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:20px 28px 60px}
+h1{font-size:26px;margin:8px 0 2px}h2{font-size:19px;margin:34px 0 10px;border-bottom:2px solid #dde1e6;padding-bottom:4px}
+h3{font-size:15px;margin:18px 0 6px}.sub{color:#5b6570;margin:0 0 12px}
+.warn{background:#fff4d6;border:1px solid #f0d68a;padding:8px 12px;border-radius:6px;margin:12px 0}
+table{border-collapse:collapse;background:#fff;margin:6px 0 14px;box-shadow:0 1px 2px rgba(0,0,0,.06)}
+th,td{padding:5px 10px;border-bottom:1px solid #e8ebef;text-align:left;vertical-align:top}
+th{background:#eef1f5;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.best{font-weight:700}.chance{color:#8a949e;font-size:12px;font-weight:400}
+.grid{display:flex;flex-wrap:wrap;gap:14px}.card{background:#fff;padding:10px 12px;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
+.card h3{margin-top:0}img{image-rendering:pixelated;max-width:100%}
+figure{display:inline-block;vertical-align:top;margin:4px 10px 8px 0}figcaption{font-size:11px;color:#5b6570;max-width:200px}
+figure img[width]{border:1px solid #ccd3da}
+.bar{display:inline-block;height:9px;background:#4c78a8;border-radius:2px;vertical-align:middle;margin-right:6px}
+code{background:#eef1f5;padding:1px 4px;border-radius:3px;font-size:12px}small{color:#5b6570}
+a{color:#1f5fa8}
+"""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``, None when the file does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """Rows of a training-curve CSV with numeric columns (empty when missing)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [
+            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            for row in csv.DictReader(f)
+        ]
+
+
+def dvc_lock_outputs(root: Path) -> list[tuple[str, str, str]]:
+    """(stage, output path, md5) of every output recorded in ``dvc.lock``."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return []
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return [
+        (stage, out["path"], out.get("md5", out.get("etag", "")))
+        for stage, entry in stages.items()
+        for out in entry.get("outs", [])
+    ]
+
+
+def mlflow_runs(params: Params) -> tuple[list[dict[str, Any]], str | None]:
+    """(the latest run of every run name in the experiment, None) or ([], why not)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dinoalign.tracking import tracking_uri
+
+    try:
+        client = MlflowClient(tracking_uri(params))
+        experiment = client.get_experiment_by_name(params.tracking.experiment)
+        if experiment is None:
+            return [], f"no MLflow experiment {params.tracking.experiment!r} yet"
+        runs = client.search_runs(
+            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=500
+        )
+    except (MlflowException, OSError) as e:
+        return [], f"MLflow unreachable: {e}"
+    latest: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        name = run.data.tags.get("mlflow.runName", run.info.run_id)
+        latest.setdefault(
+            name,
+            {
+                "name": name,
+                "run_id": run.info.run_id,
+                "experiment_id": run.info.experiment_id,
+                "status": run.info.status,
+                "start": datetime.datetime.fromtimestamp(
+                    run.info.start_time / 1000, datetime.timezone.utc
+                ),
+                "stage": run.data.tags.get("dinoalign.stage", ""),
+            },
+        )
+    return sorted(latest.values(), key=lambda r: r["start"]), None
+
+
+def run_link(params: Params, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI address of a run: the tracking server's when it is one, otherwise
+    ``evaluate.mlflow_ui`` (``make mlflow-ui`` serves the embedded store there)."""
+    from dinoalign.evaluate.stage import without_credentials
+    from dinoalign.tracking import tracking_uri
+
+    uri = tracking_uri(params)
+    base = without_credentials(uri) if uri.startswith("http") else params.evaluate.mlflow_ui
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+# ----------------------------------------------------------------------------- html bits
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def pct(value: Any) -> str:
+    """A rate in [0, 1] as a percentage with one decimal; missing/NaN -> the dash."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return MISSING
+    return f"{100 * value:.1f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], raw: bool = False) -> str:
+    """An HTML table of text cells (escaped), or with ``raw`` of ready ``<td>`` elements."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(c if raw else f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def png_img(data: bytes, alt: str, width: int | None = None) -> str:
+    size = f' width="{width}"' if width else ""
+    return f'<img alt="{esc(alt)}"{size} src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def line_chart(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    x_label: str,
+    y_label: str,
+    width: int = 360,
+    height: int = 210,
+) -> str:
+    """Inline SVG line chart of named (x, y) series, with axis ranges and labels."""
+    points = [p for s in series.values() for p in s if all(math.isfinite(v) for v in p)]
+    if not points:
+        return f"<p><small>no {esc(y_label)} values</small></p>"
+    left, right, top, bottom = 52, 10, 10, 34
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y: float) -> float:
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    inner_width, inner_height = width - left - right, height - top - bottom
+    middle_y = top + inner_height / 2
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{esc(y_label)}">',
+        f'<rect x="{left}" y="{top}" width="{inner_width}" height="{inner_height}" fill="#fff" '
+        'stroke="#ccd3da"/>',
+    ]
+    for value, y in ((y0, sy(y0)), (y1, sy(y1))):
+        parts.append(
+            f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{value:.3g}</text>'
+        )
+    for value, x in ((x0, sx(x0)), (x1, sx(x1))):
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - bottom + 13}" font-size="10" text-anchor="middle">{value:.4g}</text>'
+        )
+    parts.append(
+        f'<text x="{left + inner_width / 2:.0f}" y="{height - 4}" font-size="11" '
+        f'text-anchor="middle">{esc(x_label)}</text>'
+    )
+    parts.append(
+        f'<text x="12" y="{middle_y:.0f}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 12 {middle_y:.0f})">{esc(y_label)}</text>'
+    )
+    for i, (name, values) in enumerate(series.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        path = " ".join(
+            f"{sx(x):.1f},{sy(y):.1f}" for x, y in values if math.isfinite(x) and math.isfinite(y)
+        )
+        parts.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{path}"/>'
+        )
+        if len(series) > 1:
+            parts.append(
+                f'<text x="{left + 6}" y="{top + 14 + 13 * i}" font-size="11" fill="{colour}">{esc(name)}</text>'
+            )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _get(block: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(block, Mapping) or key not in block:
+            return None
+        block = block[key]
+    return block
+
+
+def metric_rows(
+    blocks: Mapping[str, Mapping[str, Any]],
+) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(label, value path, chance path) of every metric present in any recipe's block."""
+    rows: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+        ("zero-shot top-1", ("zeroshot", "top1"), ("zeroshot", "chance_top1")),
+        ("zero-shot top-5", ("zeroshot", "top5"), ("zeroshot", "chance_top5")),
+        (
+            "zero-shot mean per-class recall",
+            ("zeroshot", "mean_per_class_recall"),
+            ("zeroshot", "chance_top1"),
+        ),
+    ]
+    ks = sorted(
+        {
+            int(k[1:])
+            for b in blocks.values()
+            for k in (_get(b, ("retrieval", "i2t")) or {})
+            if k[1:].isdigit() and k[0] == "r"
+        }
+    )
+    for direction, label in (("i2t", "image→text"), ("t2i", "text→image")):
+        rows += [
+            (
+                f"{label} R@{k}",
+                ("retrieval", direction, f"r{k}"),
+                ("retrieval", direction, f"chance_r{k}"),
+            )
+            for k in ks
+        ]
+    rows.append(("segmentation mIoU", ("segmentation", "miou"), ("segmentation", "chance_miou")))
+    return [r for r in rows if any(_get(b, r[1]) is not None for b in blocks.values())]
+
+
+def results_table(blocks: Mapping[str, Mapping[str, Any]]) -> str:
+    """Recipes side by side: each cell the value (%) with its chance level under it; the
+    best recipe of a row in bold."""
+    rows = []
+    for label, path, chance_path in metric_rows(blocks):
+        values = {r: _get(b, path) for r, b in blocks.items()}
+        finite = [v for v in values.values() if isinstance(v, (int, float)) and math.isfinite(v)]
+        best = max(finite) if len(finite) > 1 else None
+        cells = [f"<td>{esc(label)}</td>"]
+        for recipe, block in blocks.items():
+            value = values[recipe]
+            if value is None:
+                reason = _skip_reason(block, path[0])
+                cells.append(
+                    f'<td class="num" title="{esc(reason)}">{MISSING} <span class="chance">{esc(reason)}</span></td>'
+                )
+                continue
+            cls = "num best" if best is not None and value == best else "num"
+            cells.append(
+                f'<td class="{cls}">{pct(value)} <span class="chance">chance {pct(_get(block, chance_path))}</span></td>'
+            )
+        rows.append(cells)
+    return table(["metric (%)", *blocks], rows, raw=True)
+
+
+def _skip_reason(block: Mapping[str, Any], task: str) -> str:
+    skipped = _get(block, (task, "skipped"))
+    return str(skipped) if skipped else "not measured"
+
+
+def projector_table(block: Mapping[str, Any]) -> str:
+    """The projector's recalls, the teacher CLIP's own on the same images, and their ratio."""
+    ret = block.get("retrieval", {})
+    if "percent_of_clip" not in ret:
+        return ""
+    rows = []
+    for direction, label in (("i2t", "image→text"), ("t2i", "text→image")):
+        for key in sorted(ret["percent_of_clip"][direction], key=lambda k: int(k[1:])):
+            ratio = ret["percent_of_clip"][direction][key]
+            rows.append(
+                [
+                    f"<td>{label} R@{key[1:]}</td>",
+                    f'<td class="num">{pct(ret[direction][key])}</td>',
+                    f'<td class="num">{pct(ret["clip"][direction][key])}</td>',
+                    f'<td class="num">{MISSING if ratio is None else f"{ratio:.1f}"}</td>',
+                ]
+            )
+    return table(
+        ["metric", "projector (%)", "teacher CLIP (%)", "projector / CLIP (%)"], rows, raw=True
+    )
+
+
+def _section_results(metrics: Mapping[str, Mapping[str, Any]], missing: Sequence[str]) -> str:
+    out = ["<h2>Results</h2>"]
+    if missing:
+        out.append(
+            f'<p class="warn">no metrics for {esc(", ".join(missing))}: run <code>dvc repro</code> (evaluate@…)</p>'
+        )
+    if not metrics:
+        return "".join(out)
+    first = next(iter(metrics.values()))
+    info = first.get("info", {})
+    if "heldout" in first:
+        subsets = info.get("subsets", {})
+        out.append(
+            f"<h3>Seen compositions <small>({esc(subsets.get('seen', '?'))} test images)</small></h3>"
+        )
+        out.append(results_table(metrics))
+        heldout = ", ".join(info.get("heldout_compositions", []))
+        out.append(
+            f"<h3>Held-out compositions <small>({esc(subsets.get('heldout', '?'))} test images with "
+            f"a composition never seen in training: {esc(heldout)})</small></h3>"
+        )
+        out.append(results_table({r: m.get("heldout", {}) for r, m in metrics.items()}))
+    else:
+        out.append(f"<h3>{esc(info.get('dataset', ''))}</h3>" + results_table(metrics))
+    if "projector" in metrics:
+        for title, block in (
+            ("seen", metrics["projector"]),
+            ("held-out", metrics["projector"].get("heldout", {})),
+        ):
+            rendered = projector_table(block)
+            if rendered:
+                out.append(f"<h3>Projector vs its teacher CLIP ({title})</h3>{rendered}")
+    return "".join(out)
+
+
+def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
+    out = ["<h2>Training curves</h2>", '<div class="grid">']
+    for recipe in recipes:
+        curve = read_curve(root / params.align.curves_dir / recipe / "curve.csv")
+        summary = read_json(root / params.align.curves_dir / recipe / "metrics.json") or {}
+        points = [(r["step"], r["loss"]) for r in curve if "step" in r and "loss" in r]
+        body = (
+            line_chart({recipe: points}, "step", "loss")
+            if curve
+            else "<p><small>no curve.csv yet</small></p>"
+        )
+        note = "<small>no align metrics.json</small>"
+        if summary:
+            note = (
+                f"<small>{esc(summary.get('steps', '?'))} steps, {esc(summary.get('train_uids', '?'))} "
+                f"train images, final loss {esc(summary.get('final_loss', '?'))}</small>"
+            )
+        out.append(f'<div class="card"><h3>{esc(recipe)}</h3>{body}{note}</div>')
+    teacher = read_curve(root / params.teacher.out_dir / "curve.csv")
+    if teacher:
+        chart = line_chart({"teacher": [(r["epoch"], r["loss"]) for r in teacher]}, "epoch", "loss")
+        out.append(f'<div class="card"><h3>teacher CLIP (demo)</h3>{chart}</div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+def _section_segmentation(
+    params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]
+) -> str:
+    dense = {r: m for r, m in metrics.items() if "per_class" in m.get("segmentation", {})}
+    if not dense:
+        return ""
+    out = ["<h2>Segmentation</h2>"]
+    for recipe in dense:
+        plots = root / params.evaluate.plots_dir / recipe
+        seg = dense[recipe]["segmentation"]
+        settings = (
+            f"background threshold {seg.get('bg_threshold')}, background cleaning "
+            f"{'on' if seg.get('background_cleaning') else 'off'}, PAMR {'on' if seg.get('pamr') else 'off'}"
+        )
+        pictures = "".join(
+            f"<figure>{png_img(p.read_bytes(), f'{recipe} {p.stem}')}<figcaption>{esc(p.stem)}</figcaption></figure>"
+            for p in sorted((plots / "examples").glob("*.png"))
+        )
+        confusion = "".join(
+            f"<figure>{png_img(p.read_bytes(), p.stem, 186)}<figcaption>pixel confusion, "
+            f"{esc(p.stem.rsplit('_', 1)[-1])}: rows ground truth, columns prediction</figcaption></figure>"
+            for p in sorted(
+                plots.glob("segmentation_confusion_*.png"), key=lambda p: p.stem.endswith("heldout")
+            )
+        )
+        out.append(f"<h3>{esc(recipe)} <small>({esc(settings)})</small></h3>")
+        out.append(f'<div class="card">{pictures or "<small>no examples</small>"}{confusion}</div>')
+    out.append("<h3>Per-class IoU (%)</h3>")
+    names = list(next(iter(dense.values()))["segmentation"]["per_class"])
+    columns = [
+        (
+            r,
+            s,
+            (m if s == "seen" else m.get("heldout", {}))
+            .get("segmentation", {})
+            .get("per_class", {}),
+        )
+        for r, m in dense.items()
+        for s in (("seen", "heldout") if "heldout" in m else ("seen",))
+    ]
+    rows = []
+    for name in names:
+        cells = [f"<td>{esc(name)}</td>"]
+        for _recipe, _subset, per_class in columns:
+            value = per_class.get(name)
+            bar = f'<span class="bar" style="width:{0 if value is None else round(60 * value)}px"></span>'
+            cells.append(f'<td class="num">{bar}{pct(value)}</td>')
+        rows.append(cells)
+    headers = ["class", *(f"{r} ({s})" for r, s, _ in columns)]
+    out.append(table(headers, rows, raw=True))
+    return "".join(out)
+
+
+def flat_scalars(data: Any, prefix: str = "", depth: int = 3) -> list[tuple[str, str]]:
+    """(dotted key, value) of the scalars of nested ``data``, lists of scalars shortened."""
+    out: list[tuple[str, str]] = []
+    if isinstance(data, Mapping) and depth > 0:
+        for key, value in data.items():
+            out += flat_scalars(value, f"{prefix}{key}.", depth - 1)
+    elif isinstance(data, (str, int, float, bool)) or data is None:
+        out.append((prefix.rstrip("."), str(data)))
+    elif isinstance(data, list) and all(isinstance(v, (str, int, float, bool)) for v in data):
+        shown = ", ".join(str(v) for v in data[:8]) + (
+            f", … ({len(data)})" if len(data) > 8 else ""
+        )
+        out.append((prefix.rstrip("."), f"[{shown}]"))
+    return out
+
+
+def _section_data(params: Params, root: Path) -> str:
+    from dinoalign.embed.store import FeatureStore
+    from dinoalign.storage import under_root
+
+    out = ["<h2>Data, rejects and curation</h2>", '<div class="grid">']
+    pairs = read_json(root / params.embed.pairs_dir / "summary.json")
+    manifest = FeatureStore(under_root(params.embed.out_dir, root)).read_manifest()
+    curate = read_json(root / params.curate.out_dir / "stats.json")
+    features = None
+    if manifest is not None:
+        features = {
+            "counts": manifest.get("counts"),
+            "rejects_by_reason": manifest.get("rejects_by_reason"),
+            "spec_hash": manifest["spec"].get("spec_hash"),
+        }
+    for title, data, keep in (
+        ("pairs (prepare)", pairs, lambda k: not k.startswith("shards")),
+        ("features (embed)", features, lambda k: True),
+        (
+            "curation (curate)",
+            curate,
+            lambda k: not k.startswith(("kmeans.levels", "text.caption_counts")),
+        ),
+    ):
+        if data is None:
+            out.append(
+                f'<div class="card"><h3>{esc(title)}</h3><small>not produced yet</small></div>'
+            )
+            continue
+        rows = [[k, v] for k, v in flat_scalars(data) if keep(k)]
+        out.append(f'<div class="card"><h3>{esc(title)}</h3>{table(["", "value"], rows)}</div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    from dinoalign.tracking import git_commit
+
+    out = ["<h2>Versions</h2>"]
+    backbone = params.backbone
+    random_init = not backbone.pretrained and not backbone.weights
+    rows = [
+        ["git commit", git_commit(root)],
+        ["profile", params.profile],
+        [
+            "backbone",
+            f"{backbone.name} {backbone.model_kwargs or ''}"
+            + (
+                " — RANDOM INIT (demo)"
+                if random_init
+                else f" weights {backbone.weights or 'pretrained'}"
+            ),
+        ],
+        [
+            "CLIP (text tower, projector target)",
+            f"{params.clip.name} {params.clip.pretrained or ''}",
+        ],
+    ]
+    for recipe, m in metrics.items():
+        model = _get(m, ("info", "model")) or {}
+        rows.append(
+            [
+                f"model {recipe}",
+                f"sha256 {str(model.get('weights_sha256', '?'))[:16]}… from {model.get('reference', '?')}",
+            ]
+        )
+    out.append(table(["", ""], rows))
+    lock = dvc_lock_outputs(root)
+    if lock:
+        out.append(
+            "<h3>DVC outputs (dvc.lock)</h3>"
+            + table(["stage", "output", "md5"], [[s, p, h] for s, p, h in lock])
+        )
+    else:
+        out.append(
+            "<p><small>no dvc.lock (run through <code>dvc repro</code> to record data versions)</small></p>"
+        )
+    return "".join(out)
+
+
+def _section_mlflow(params: Params) -> str:
+    runs, problem = mlflow_runs(params)
+    out = ["<h2>MLflow runs</h2>"]
+    if problem:
+        return "".join(out) + f"<p><small>{esc(problem)}</small></p>"
+    from dinoalign.tracking import tracking_uri
+
+    if not tracking_uri(params).startswith("http"):
+        out.append(
+            "<p><small>embedded store: start the UI with <code>make mlflow-ui</code> for these "
+            f"links ({esc(params.evaluate.mlflow_ui)})</small></p>"
+        )
+    rows = [
+        [
+            f"<td>{esc(r['name'])}</td>",
+            f"<td>{esc(r['status'])}</td>",
+            f"<td>{r['start']:%Y-%m-%d %H:%M:%S} UTC</td>",
+            f'<td><a href="{esc(run_link(params, r["experiment_id"], r["run_id"]))}">{esc(r["run_id"][:12])}</a></td>',
+        ]
+        for r in runs
+    ]
+    out.append(table(["run", "status", "started", "run id"], rows, raw=True))
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def render_report(params: Params, root: Path) -> str:
+    """The report page for the recipes of ``evaluate.recipes`` (module docstring)."""
+    recipes = list(params.evaluate.recipes)
+    metrics: dict[str, dict[str, Any]] = {}
+    for recipe in recipes:
+        found = read_json(root / params.evaluate.metrics_dir / f"{recipe}.json")
+        if found is not None:
+            metrics[recipe] = found
+    missing = [r for r in recipes if r not in metrics]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    backbone = params.backbone
+    warn = ""
+    if not backbone.pretrained and not backbone.weights:
+        warn = (
+            f'<p class="warn">Demo profile: the backbone <code>{esc(backbone.name)}</code> is a tiny '
+            "<b>random-init</b> ViT and the data is the synthetic world; the numbers show that each recipe "
+            "learns (compare with chance), not how it compares with the papers (docs/reproduce.md).</p>"
+        )
+    dataset = params.evaluate.dataset
+    body = "".join(
+        [
+            "<h1>dinoalign report</h1>",
+            f'<p class="sub">profile <b>{esc(params.profile)}</b> · dataset <b>{esc(dataset)}</b> · '
+            f"recipes {esc(', '.join(recipes))} · generated {now:%Y-%m-%d %H:%M} UTC</p>",
+            warn,
+            _section_results(metrics, missing),
+            _section_curves(params, root, recipes),
+            _section_segmentation(params, root, metrics),
+            _section_data(params, root),
+            _section_versions(params, root, metrics),
+            _section_mlflow(params),
+        ]
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>dinoalign report</title><style>{CSS}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
+
+
+def write_report(params: Params, root: Path) -> Path:
+    """Render the report and write ``<evaluate.report_dir>/index.html`` (whole, then
+    renamed into place); returns its path."""
+    out_dir = root / params.evaluate.report_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_report(params, root), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

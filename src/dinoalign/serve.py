@@ -1,0 +1,452 @@
+"""The inference commands of ``dinoalign``: segment, classify, index and retrieve.
+
+    dinoalign segment  --model M --image I --classes "cat,dog,sky" --out mask.png [--overlay overlay.png]
+    dinoalign classify --model M --image I --classes "cat,dog,sky" [--top-k 5]
+    dinoalign index    --model M --out DIR [--split test]     FAISS index of embedded images
+    dinoalign retrieve --model M --index DIR --text "a red circle" [-k 5]
+
+``M`` is a model folder (``artifacts/models/talk2dino``) or an MLflow model URI
+(``models:/dinoalign-talk2dino@champion``). The frozen backbone and CLIP text tower come
+from the params (``-p params.yaml`` and ``key=value`` overrides), as in every stage.
+Results are printed as JSON on stdout; problems (a missing model, an unreadable image, a
+bad class list, an index of another model) end with a message on stderr and exit code 2.
+
+Unknown classes: a text encoder trained only on this project's captions (dinotxt's
+text tower; the demo teacher CLIP of talk2dino and the projector) has never seen words
+outside them, so a class with such a word is refused (``--allow-unknown`` to go on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dinoalign.config import ConfigError, Params, load_params
+from dinoalign.data.images import ImageRejected, load_image
+from dinoalign.errors import InferenceError
+
+if TYPE_CHECKING:
+    from dinoalign.evaluate.model import AlignedModel
+
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.parquet"
+INDEX_META = "index.json"
+MAX_SEGMENT_CLASSES = 254  # labels 0..255 in an 8-bit PNG, one reserved for background
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def add_inference_commands(
+    sub: Any, params_args: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Register segment, classify, index and retrieve on the ``dinoalign`` sub-parsers;
+    each sets ``handler`` (called with the parsed args, returns the exit code)."""
+    seg = sub.add_parser(
+        "segment", help="open-vocabulary segmentation of one image into a label PNG"
+    )
+    _model_args(seg)
+    seg.add_argument("--image", required=True, help="image file or URI")
+    seg.add_argument(
+        "--classes", required=True, help='comma-separated class names, e.g. "cat,dog,sky"'
+    )
+    seg.add_argument(
+        "--out", required=True, type=Path, help="label map PNG (palette indices = labels)"
+    )
+    seg.add_argument(
+        "--overlay", type=Path, help="also write the image with the labels blended over it"
+    )
+    seg.add_argument(
+        "--bg-threshold",
+        type=float,
+        default=None,
+        help="background (label 0) where no class scores above this (default: evaluate params)",
+    )
+    seg.add_argument(
+        "--no-background", action="store_true", help="no background label: classes are 0..N-1"
+    )
+    seg.add_argument("--pamr", action="store_true", help="refine with PAMR (slower)")
+    params_args(seg)
+    seg.set_defaults(handler=_handle(segment_command))
+
+    cls = sub.add_parser("classify", help="zero-shot classification of one image")
+    _model_args(cls)
+    cls.add_argument("--image", required=True, help="image file or URI")
+    cls.add_argument(
+        "--classes", required=True, help='comma-separated class names, e.g. "cat,dog,sky"'
+    )
+    cls.add_argument("--top-k", type=int, default=5, help="how many classes to print (default 5)")
+    params_args(cls)
+    cls.set_defaults(handler=_handle(classify_command))
+
+    idx = sub.add_parser("index", help="build a FAISS index of the embedded images for retrieve")
+    _model_args(idx)
+    idx.add_argument("--out", required=True, type=Path, help="index folder to write")
+    idx.add_argument(
+        "--split",
+        default=None,
+        help="only images of this split of the pairs manifest (default: all)",
+    )
+    params_args(idx)
+    idx.set_defaults(handler=_handle(index_command))
+
+    ret = sub.add_parser("retrieve", help="the images of an index that best match a text")
+    _model_args(ret)
+    ret.add_argument(
+        "--index", required=True, type=Path, help="folder written by `dinoalign index`"
+    )
+    ret.add_argument("--text", required=True, help="the query")
+    ret.add_argument("-k", "--k", type=int, default=5, help="how many images (default 5)")
+    params_args(ret)
+    ret.set_defaults(handler=_handle(retrieve_command))
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model folder or MLflow URI, e.g. models:/dinoalign-talk2dino@champion",
+    )
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: evaluate.device)")
+    p.add_argument(
+        "--allow-unknown",
+        action="store_true",
+        help="accept class words the model's text encoder never saw in training",
+    )
+
+
+def _handle(
+    command: Callable[[argparse.Namespace, Params, Path], dict[str, Any]],
+) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command: load params, run, print its JSON result; user errors -> exit 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            params = load_params(args.params, args.overrides)
+            root = Path(args.params).resolve().parent
+            result = command(args, params, root)
+        except (InferenceError, ImageRejected, ConfigError, FileNotFoundError) as e:
+            print(f"dinoalign {args.command}: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(result, indent=2))
+        return 0
+
+    return run
+
+
+def _load(args: argparse.Namespace, params: Params, root: Path) -> AlignedModel:
+    import torch
+
+    from dinoalign.evaluate.model import AlignedModel
+
+    reference = args.model
+    if "://" not in reference and not reference.startswith(("models:/", "runs:/")):
+        reference = str(
+            Path(reference).resolve()
+        )  # a folder on the command line is relative to the cwd
+    device = args.device or params.evaluate.device
+    torch.set_num_threads(params.evaluate.torch_threads)
+    return AlignedModel.load(reference, params, root, device, params.evaluate.batch_size)
+
+
+def _read_image(uri: str, params: Params) -> np.ndarray:
+    try:
+        return load_image(uri, max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+    except ImageRejected as e:
+        raise InferenceError(f"cannot use image {uri}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def parse_classes(text: str, max_classes: int | None = None) -> list[str]:
+    """``"cat, dog,sky"`` -> ``["cat", "dog", "sky"]``; empty names, repeats (ignoring
+    case) and more than ``max_classes`` names are errors."""
+    names = [n.strip() for n in text.split(",")]
+    if not text.strip() or any(not n for n in names):
+        raise InferenceError(
+            f"--classes {text!r} has an empty class name: give names separated by commas"
+        )
+    seen: dict[str, str] = {}
+    for name in names:
+        if name.lower() in seen:
+            raise InferenceError(f"class {name!r} is given twice in --classes")
+        seen[name.lower()] = name
+    if max_classes is not None and len(names) > max_classes:
+        raise InferenceError(
+            f"{len(names)} classes; at most {max_classes} fit in an 8-bit label map"
+        )
+    return names
+
+
+def training_vocabulary(params: Params, root: Path) -> set[str] | None:
+    """Lower-case words of the train-split captions of the pairs manifest (what a text
+    encoder trained on them has seen), None when the manifest is not here."""
+    from dinoalign.data.prepare import read_manifest
+
+    pairs_dir = root / params.embed.pairs_dir
+    if not (pairs_dir / "summary.json").is_file():
+        return None
+    table = read_manifest(pairs_dir)
+    words: set[str] = set()
+    for split, captions in zip(
+        table.column("split").to_pylist(), table.column("captions").to_pylist()
+    ):
+        if split == "train":
+            for caption in captions:
+                words.update(_WORD.findall(caption.lower()))
+    return words
+
+
+def check_known_classes(
+    model: AlignedModel, classes: Sequence[str], params: Params, root: Path
+) -> None:
+    """Refuse class words that the model's text encoder cannot know: dinotxt's text tower
+    and the demo teacher CLIP (``teacher.enabled``) learnt only the train captions."""
+    if model.name != "dinotxt" and not params.teacher.enabled:
+        return  # a pretrained CLIP text tower: open vocabulary
+    vocabulary = training_vocabulary(params, root)
+    if vocabulary is None:
+        return
+    unknown = {c: [w for w in _WORD.findall(c.lower()) if w not in vocabulary] for c in classes}
+    unknown = {c: words for c, words in unknown.items() if words}
+    if unknown:
+        listed = "; ".join(f"{c!r} ({', '.join(w)})" for c, w in unknown.items())
+        raise InferenceError(
+            f"unknown classes for this {model.name} model: {listed}. Its text encoder was trained only "
+            f"on the captions of {params.embed.pairs_dir}, which never use these words, so it cannot "
+            f"recognise them; pass --allow-unknown to score them anyway"
+        )
+
+
+# ----------------------------------------------------------------------------- segment / classify
+
+
+def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
+    """Label map of ``--image`` over ``--classes`` (label 0 = background unless
+    ``--no-background``), written as a palette PNG; optionally an overlay."""
+    import torch
+    from PIL import Image
+
+    from dinoalign.evaluate.segmentation import segment
+    from dinoalign.evaluate.visualize import label_palette, overlay, with_legend
+
+    classes = parse_classes(args.classes, MAX_SEGMENT_CLASSES)
+    model = _load(args, params, root)
+    if not args.allow_unknown:
+        check_known_classes(model, classes, params, root)
+    image = _read_image(args.image, params)
+    cfg = params.evaluate.segmentation_for(model.name)
+    threshold = (
+        None
+        if args.no_background
+        else (args.bg_threshold if args.bg_threshold is not None else cfg.bg_threshold)
+    )
+    cfg = dataclasses.replace(cfg, pamr=cfg.pamr or args.pamr)
+    clean = (
+        threshold is not None and params.evaluate.background_cleaning and model.name == "talk2dino"
+    )
+    embeddings = model.class_embeddings(classes, params.evaluate.dense_templates)
+    logits_fn = model.dense_logits_fn(embeddings, clean, params.evaluate.cleaning_lambda)
+    pixels = (
+        torch.from_numpy(np.ascontiguousarray(image))
+        .permute(2, 0, 1)[None]
+        .float()
+        .to(model.device)
+    )
+    with torch.no_grad():
+        labels = (
+            segment(pixels, logits_fn, len(classes), cfg, threshold)[0]
+            .cpu()
+            .numpy()
+            .astype(np.uint8)
+        )
+    names = (["background"] if threshold is not None else []) + classes
+    palette = label_palette(len(names), background=threshold is not None)
+    mask = Image.fromarray(labels)
+    mask.putpalette(palette.reshape(-1).tolist())  # L -> P, the indices stay the labels
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    mask.save(args.out, format="PNG")
+    result: dict[str, Any] = {
+        "model": args.model,
+        "recipe": model.name,
+        "image": args.image,
+        "labels": dict(enumerate(names)),
+        "pixel_fraction": {n: float((labels == i).mean()) for i, n in enumerate(names)},
+        "bg_threshold": threshold,
+        "pamr": cfg.pamr,
+        "mask": str(args.out),
+    }
+    if args.overlay is not None:
+        keep = (0,) if threshold is not None else ()
+        picture = Image.fromarray(overlay(image, labels, palette, keep=keep))
+        present = sorted(np.unique(labels).tolist())
+        args.overlay.parent.mkdir(parents=True, exist_ok=True)
+        with_legend(picture, names, palette, present).save(args.overlay, format="PNG")
+        result["overlay"] = str(args.overlay)
+    return result
+
+
+def classify_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
+    """Zero-shot scores of ``--image`` for each of ``--classes`` (the recipe's own
+    similarity against template-averaged class embeddings), best first; probabilities
+    are softmax(100·score) as in CLIP."""
+    import torch
+
+    classes = parse_classes(args.classes)
+    if args.top_k < 1:
+        raise InferenceError(f"--top-k must be >= 1, got {args.top_k}")
+    model = _load(args, params, root)
+    if not args.allow_unknown:
+        check_known_classes(model, classes, params, root)
+    image = _read_image(args.image, params)
+    embeddings = model.class_embeddings(classes, params.evaluate.zeroshot_templates)
+    scores = model.scores(embeddings, model.image_batch([image]))[:, 0]
+    probabilities = torch.softmax(100.0 * scores, dim=0)
+    order = torch.argsort(scores, descending=True)[: args.top_k].tolist()
+    return {
+        "model": args.model,
+        "recipe": model.name,
+        "image": args.image,
+        "predictions": [
+            {"class": classes[i], "score": float(scores[i]), "probability": float(probabilities[i])}
+            for i in order
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- index / retrieve
+
+
+def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
+    """A FAISS inner-product index of the embedded images (``embed.out_dir``) under the
+    model's image vectors, with the uid and image URI of every item."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dinoalign.data.prepare import read_manifest
+    from dinoalign.embed.store import FeatureStore
+    from dinoalign.storage import under_root
+
+    model = _load(args, params, root)
+    features = under_root(params.embed.out_dir, root)
+    store = FeatureStore(features)
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise InferenceError(
+            f"no features at {features}: run the embed stage first (dinoalign embed)"
+        )
+    embedded = sorted(store.keys("images", "uid"))
+    pairs = {r["uid"]: r for r in read_manifest(root / params.embed.pairs_dir).to_pylist()}
+    uids = [
+        u
+        for u in embedded
+        if u in pairs and (args.split is None or pairs[u]["split"] == args.split)
+    ]
+    if not uids:
+        raise InferenceError(
+            f"no embedded images{'' if args.split is None else f' in split {args.split!r}'} to index"
+        )
+    if not model.store_has_columns(features):
+        raise InferenceError(
+            f"the features at {features} lack {', '.join(model.store_columns())} that {model.name} needs: "
+            "re-run embed with embed.keep_patches=true"
+        )
+    batch = model.store_batch(features, uids)
+    vectors, per_item = model.index_vectors(batch)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+    args.out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(args.out / INDEX_FILE))
+    pq.write_table(
+        pa.table(
+            {
+                "uid": uids,
+                "image_uri": [pairs[u]["image_uri"] for u in uids],
+                "split": [pairs[u]["split"] for u in uids],
+            }
+        ),
+        args.out / ITEMS_FILE,
+    )
+    meta = {
+        "recipe": model.name,
+        "model": args.model,
+        "model_sha256": model.info.weights_sha256 if model.info else None,
+        "features": features,
+        "feature_spec": manifest["spec"]["spec_hash"],
+        "split": args.split,
+        "items": len(uids),
+        "vectors_per_item": per_item,
+        "dim": int(vectors.shape[1]),
+        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (args.out / INDEX_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return {"index": str(args.out), **meta}
+
+
+def search(
+    index: Any, query: np.ndarray, k: int, per_item: int, n_items: int
+) -> list[tuple[int, float]]:
+    """The ``k`` best items for one query (1×E): items own ``per_item`` consecutive
+    vectors and score by their best one. Searching k·per_item vectors is exact: every
+    vector ranked above the k-th best item's best vector belongs to one of the k−1
+    items ranked above it."""
+    k = min(k, n_items)
+    scores, ids = index.search(np.ascontiguousarray(query, dtype=np.float32), k * per_item)
+    best: dict[int, float] = {}
+    for score, vector in zip(scores[0].tolist(), ids[0].tolist()):
+        if vector >= 0:
+            item = vector // per_item
+            best.setdefault(item, score)  # results come best first
+    return sorted(best.items(), key=lambda item: -item[1])[:k]
+
+
+def retrieve_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
+    """The ``k`` images of ``--index`` that best match ``--text`` (the recipe's own
+    similarity: talk2dino's best head, cosine otherwise)."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    if not args.text.strip():
+        raise InferenceError("--text is empty")
+    if args.k < 1:
+        raise InferenceError(f"-k must be >= 1, got {args.k}")
+    meta_path = args.index / INDEX_META
+    if not meta_path.is_file():
+        raise InferenceError(
+            f"{args.index} is not an index folder (no {INDEX_META}): build one with `dinoalign index`"
+        )
+    meta = json.loads(meta_path.read_text())
+    model = _load(args, params, root)
+    if model.info is not None and meta["model_sha256"] != model.info.weights_sha256:
+        raise InferenceError(
+            f"the index {args.index} was built with another model ({meta['model']}, weights "
+            f"{str(meta['model_sha256'])[:12]}…) than {args.model} ({model.info.weights_sha256[:12]}…): "
+            f"rebuild it with `dinoalign index --model {args.model} --out {args.index}`"
+        )
+    if not args.allow_unknown:
+        check_known_classes(model, [args.text], params, root)
+    index = faiss.read_index(str(args.index / INDEX_FILE))
+    items = pq.read_table(args.index / ITEMS_FILE).to_pylist()
+    query = model.encode_texts([args.text]).numpy()
+    hits = search(index, query, args.k, int(meta["vectors_per_item"]), len(items))
+    return {
+        "model": args.model,
+        "recipe": model.name,
+        "text": args.text,
+        "results": [
+            {"rank": rank + 1, "score": score, **items[item]}
+            for rank, (item, score) in enumerate(hits)
+        ],
+    }

@@ -1,0 +1,207 @@
+"""The ``align`` section of params.yaml: how the three recipes are trained.
+
+Shared run settings (workers, checkpoint storage, failures) sit at the top; each recipe
+has its own section with the optimisation settings and ``model``, the *free* choices of
+the recipe's own config dataclass (``Talk2DINOConfig``, ``DinoTxtConfig``,
+``ProjectorConfig``). The widths, head and register counts are never set here: the align
+stage reads them from the feature store's ``manifest.json`` (:data:`INFERRED_MODEL_FIELDS`),
+so a model always fits the features it is trained on.
+
+Kept import-light (no torch): ``dinoalign.config`` imports it for every command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+RECIPE_NAMES: tuple[str, ...] = ("talk2dino", "dinotxt", "projector")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "onecycle")
+DINOTXT_INPUTS: tuple[str, ...] = ("images", "tokens")
+
+# Recipe config fields the align stage fills in from the features' manifest spec.
+INFERRED_MODEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "talk2dino": ("text_dim", "vision_dim"),
+    "dinotxt": ("backbone", "vision_dim", "vision_heads", "num_registers"),
+    "projector": ("vision_dim", "embed_dim"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeTrainingConfig:
+    """Optimisation of one recipe; subclasses set the recipe's defaults (its paper's).
+
+    - ``model``: free fields of the recipe's config (e.g. ``projection: linear``); the
+      widths come from the features (:data:`INFERRED_MODEL_FIELDS`).
+    - ``batch_size``: the global batch, split evenly over ``align.num_workers``.
+    - ``schedule``: ``constant`` (after warmup), ``cosine`` (linear warmup then cosine to
+      0) or ``onecycle`` (``torch.optim.lr_scheduler.OneCycleLR`` peaking at ``lr``;
+      its warmup is ``warmup_steps`` when > 0, else 30% of the steps).
+    - ``checkpoint_every`` / ``log_every``: in optimiser steps; a checkpoint falls on a
+      log boundary so a resumed run logs exactly the rows of an uninterrupted one.
+    """
+
+    recipe: ClassVar[str]
+
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        name = f"align.{self.recipe}"
+        for field in ("epochs", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{name}.{field} must be >= 1, got {getattr(self, field)}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"{name}: lr must be > 0 and weight_decay, warmup_steps >= 0, got "
+                f"{self.lr}, {self.weight_decay}, {self.warmup_steps}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"{name}.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{name}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"{name}.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(
+                f"{name}.checkpoint_every ({self.checkpoint_every}) must be a multiple of "
+                f"log_every ({self.log_every}), so that a resumed run logs the same rows"
+            )
+        inferred = sorted(set(self.model) & set(INFERRED_MODEL_FIELDS[self.recipe]))
+        if inferred:
+            raise ValueError(
+                f"{name}.model sets {inferred}, which the align stage reads from the "
+                f"features' manifest.json (the backbone and text encoder that made them); "
+                f"remove them from params"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Talk2DINOTrainingConfig(RecipeTrainingConfig):
+    """Paper: Adam, lr 1e-4, batch 128, 100 epochs, no schedule, one sample per caption.
+    ``text_encoder``: the embed text encoder key whose ``text_<key>`` column is ψ's input."""
+
+    recipe: ClassVar[str] = "talk2dino"
+
+    epochs: int = 100
+    optimizer: str = "adam"
+    text_encoder: str = "clip"
+
+
+@dataclasses.dataclass(frozen=True)
+class DinoTxtTrainingConfig(RecipeTrainingConfig):
+    """dino.txt: AdamW (0.9, 0.99), weight decay 1e-4 on matrices, warmup then cosine.
+
+    ``inputs``: ``images`` decodes the train images and runs the frozen backbone online
+    on a RandomResizedCrop (scale ``crop_scale``) with a horizontal flip (``hflip``);
+    ``tokens`` trains without augmentation from the cached ``cls``/``registers``/
+    ``patches`` columns (``embed.keep_patches: true``). One caption per image per epoch,
+    drawn at random.
+    """
+
+    recipe: ClassVar[str] = "dinotxt"
+
+    betas: tuple[float, ...] = (0.9, 0.99)
+    weight_decay: float = 1e-4
+    lr: float = 5e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 200
+    inputs: str = "images"
+    crop_scale: tuple[float, ...] = (0.5, 1.0)
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inputs not in DINOTXT_INPUTS:
+            raise ValueError(f"align.dinotxt.inputs must be one of {DINOTXT_INPUTS}, got {self.inputs!r}")
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(
+                f"align.dinotxt.crop_scale must be [min, max] with 0 < min <= max <= 1, "
+                f"got {list(self.crop_scale)}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorTrainingConfig(RecipeTrainingConfig):
+    """The projector: unit-norm MSE to the CLIP image embedding, OneCycleLR (the original:
+    16 epochs over CC12M)."""
+
+    recipe: ClassVar[str] = "projector"
+
+    epochs: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "onecycle"
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """The ``align`` section.
+
+    - ``recipe``: which recipe a run trains; each DVC stage ``align@<name>`` sets it
+      (``dinoalign align align.recipe=talk2dino``).
+    - ``curated``: the curate stage's ``uids.parquet``; when the file exists, training uses
+      the train-split uids it marks ``kept``, otherwise every train uid.
+    - ``out_dir``: the trained model goes to ``<out_dir>/<recipe>/`` (safetensors +
+      config.json); ``curves_dir``: ``<curves_dir>/<recipe>/curve.csv`` and
+      ``metrics.json`` (DVC plots and metrics).
+    - ``storage_path``: Ray Train checkpoints, a local directory or ``s3://bucket/prefix``.
+      A run named ``run_name`` (default: recipe + a hash of everything that decides the
+      training) resumes from its latest checkpoint there; ``keep_checkpoints`` are kept.
+    - ``num_workers`` DDP workers (gloo on CPU, nccl on GPU with ``use_gpu``), each with
+      ``cpus_per_worker`` Ray CPUs (fractions allowed) and as many torch threads (min 1).
+    - ``max_failures``: worker-group restarts from the latest checkpoint (-1: unlimited).
+    """
+
+    recipe: str | None = None
+    curated: str | None = "artifacts/curated/uids.parquet"
+    out_dir: str = "artifacts/models"
+    curves_dir: str = "artifacts/align"
+    storage_path: str = "artifacts/checkpoints"
+    run_name: str | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    keep_checkpoints: int = 2
+    talk2dino: Talk2DINOTrainingConfig = dataclasses.field(default_factory=Talk2DINOTrainingConfig)
+    dinotxt: DinoTxtTrainingConfig = dataclasses.field(default_factory=DinoTxtTrainingConfig)
+    projector: ProjectorTrainingConfig = dataclasses.field(default_factory=ProjectorTrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.recipe is not None and self.recipe not in RECIPE_NAMES:
+            raise ValueError(f"align.recipe must be one of {RECIPE_NAMES}, got {self.recipe!r}")
+        if self.num_workers < 1 or not self.cpus_per_worker > 0 or self.keep_checkpoints < 1:
+            raise ValueError(
+                f"align: num_workers and keep_checkpoints must be >= 1 and cpus_per_worker "
+                f"> 0, got {self.num_workers}, {self.keep_checkpoints}, {self.cpus_per_worker}"
+            )
+        if self.max_failures < -1:
+            raise ValueError(f"align.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        if self.recipe is not None and self.training.batch_size % self.num_workers:
+            raise ValueError(
+                f"align.{self.recipe}.batch_size ({self.training.batch_size}) must be a "
+                f"multiple of align.num_workers ({self.num_workers}): every worker takes an "
+                f"equal share of the global batch"
+            )
+
+    @property
+    def training(self) -> RecipeTrainingConfig:
+        """The section of the selected ``recipe``."""
+        if self.recipe is None:
+            raise ValueError(
+                "align.recipe is not set: run one recipe with `dinoalign align "
+                f"align.recipe=<name>` (one of {', '.join(RECIPE_NAMES)}), as the DVC "
+                "stages align@<name> do"
+            )
+        return getattr(self, self.recipe)

@@ -1,0 +1,204 @@
+"""The embed stage: feature math, both engines, incremental runs, rejects, kill + resume, S3."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from badfiles import CORPUS_MIN_SIDE, write_bad_corpus
+from pipeline_testing import tiny_overrides
+from dinoalign.backbones import build_backbone
+from dinoalign.cli import main
+from dinoalign.config import load_params
+from dinoalign.data.prepare import read_manifest
+from dinoalign.data.schema import make_caption_id
+from dinoalign.embed.features import head_embeddings, image_features
+from dinoalign.embed.pipeline import run_embed
+from dinoalign.embed.store import FeatureStore, load_image_features
+
+
+def test_head_embeddings_match_a_by_hand_softmax_pooling() -> None:
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_small_patch14_reg4_dinov2", img_size=56,
+                              model_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 3})
+    out = backbone(torch.randn(2, 3, 56, 70))
+    got = head_embeddings(out.patches, out.attn_logits)
+    B, H, P = out.attn_logits.shape
+    for b in range(B):
+        for h in range(H):
+            logits = out.attn_logits[b, h].tolist()
+            m = max(logits)
+            w = [np.exp(x - m) for x in logits]
+            w = [x / sum(w) for x in w]
+            expected = sum(w[p] * out.patches[b, p].double() for p in range(P))
+            torch.testing.assert_close(got[b, h].double(), expected, rtol=1e-5, atol=1e-6)
+    feats = image_features(out, keep_patches=True)
+    assert feats["head_embeddings"].shape == (2, 3, 48)
+    torch.testing.assert_close(feats["head_mean_embedding"], got.mean(1))
+    all_tokens = torch.cat([out.cls[:, None], out.registers, out.patches], 1)
+    torch.testing.assert_close(feats["token_mean"], all_tokens.mean(1))
+    assert feats["registers"].shape == (2, 4, 48) and feats["patches"].shape == (2, P, 48)
+
+
+def _prepare(root: Path, clip_dir: Path, **extra: str) -> list[str]:
+    ov = tiny_overrides(root, clip_dir, **extra)
+    assert main(["prepare", "-p", "/nonexistent/params.yaml", *ov]) == 0
+    return ov
+
+
+@pytest.fixture()
+def world(tmp_path: Path, tiny_clip_dir: Path) -> tuple[Path, list[str]]:
+    return tmp_path, _prepare(tmp_path, tiny_clip_dir, **{"embed.engine": "local"})
+
+
+def _uids(store_uri: str, kind: str = "images", key: str = "uid") -> list[str]:
+    return FeatureStore(store_uri).read_all(kind, [key]).column(key).to_pylist()
+
+
+def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[str]]) -> None:
+    root, ov = world
+    params = load_params("/nonexistent/params.yaml", ov)
+    manifest = read_manifest(root / "pairs")
+    first = run_embed(params, manifest)
+    assert first["images_embedded"] == manifest.num_rows == 40
+    assert first["captions_embedded"] == sum(len(c) for c in manifest.column("captions").to_pylist())
+    feats = load_image_features(str(root / "features"), ["cls", "head_embeddings", "clip_image", "patches"])
+    assert feats["head_embeddings"].shape == (40, 3, 48)
+    assert feats["patches"].shape == (40, 16, 48) and feats["clip_image"].shape == (40, 32)
+    assert sorted(feats["uid"]) == sorted(manifest.column("uid").to_pylist())
+    np.testing.assert_allclose(np.linalg.norm(feats["clip_image"], axis=1), 1.0, rtol=1e-4)
+    caps = FeatureStore(str(root / "features")).read_all("captions")
+    expected_ids = {make_caption_id(u, i) for u, cs in zip(manifest.column("uid").to_pylist(),
+                    manifest.column("captions").to_pylist()) for i in range(len(cs))}
+    assert set(caps.column("caption_id").to_pylist()) == expected_ids
+    assert len(caps.column("text_clip")[0]) == 32
+
+    second = run_embed(params, manifest)
+    assert second["images_embedded"] == 0 and second["captions_embedded"] == 0
+    assert second["images_skipped"] == 40
+
+    # new pairs: the world grows by 6 train images; only those are embedded
+    grown = [*ov, "data.synthetic.n_train=30"]
+    assert main(["prepare", "-p", "/nonexistent/params.yaml", *grown]) == 0
+    third = run_embed(load_params("/nonexistent/params.yaml", grown), read_manifest(root / "pairs"))
+    assert third["images_embedded"] == 6
+    uids = _uids(str(root / "features"))
+    assert len(uids) == len(set(uids)) == 46
+
+    # a changed feature spec (another image size) re-embeds everything
+    resized = [*grown, "embed.img_size=42", "backbone.img_size=42"]
+    fourth = run_embed(load_params("/nonexistent/params.yaml", resized), read_manifest(root / "pairs"))
+    assert fourth["images_embedded"] == 46
+    assert load_image_features(str(root / "features"), ["patches"])["patches"].shape[1] == 9
+
+
+def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]]) -> None:
+    root, ov = world
+    manifest = read_manifest(root / "pairs")
+    local = load_params("/nonexistent/params.yaml", [*ov, f"embed.out_dir={root / 'local'}"])
+    ray_p = load_params("/nonexistent/params.yaml", [*ov, f"embed.out_dir={root / 'ray'}", "embed.engine=ray",
+                                                    "embed.actor_num_cpus=0.5", "embed.decode_num_cpus=0.25"])
+    run_embed(local, manifest)
+    summary = run_embed(ray_p, manifest)
+    assert summary["images_embedded"] == 40
+    cols = ["cls", "token_mean", "head_embeddings", "clip_image"]
+    a = load_image_features(str(root / "local"), cols)
+    b = load_image_features(str(root / "ray"), cols)
+    assert list(a["uid"]) == list(b["uid"])
+    for c in cols:
+        np.testing.assert_allclose(a[c], b[c], rtol=1e-4, atol=1e-5)
+    assert run_embed(ray_p, manifest)["images_embedded"] == 0
+
+
+def test_bad_files_end_in_rejects_and_good_ones_in_shards(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    expected = write_bad_corpus(images)
+    for i in range(3):
+        Image.fromarray(np.full((40, 60, 3), 60 * i, np.uint8)).save(images / f"good{i}.png")
+    table = tmp_path / "pairs.csv"
+    with table.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for name in [*expected, "good0.png", "good1.png", "good2.png", "does_not_exist.jpg"]:
+            w.writerow([f"images/{name}", f"caption of {name}"])
+    # prepare's own validation is off so that every bad file reaches the embed stage
+    ov = _prepare(tmp_path, tiny_clip_dir, **{
+        "data.source": "pairs", "data.pairs.path": str(table), "prepare.validate_images": "false",
+        "data.max_pixels": "1000000", "data.min_side": str(CORPUS_MIN_SIDE), "embed.engine": "local"})
+    manifest = read_manifest(tmp_path / "pairs")
+    assert manifest.num_rows == len(expected) + 4
+    summary = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
+    rejects = pq.read_table(tmp_path / "features" / "rejects.parquet").to_pylist()
+    by_uri = dict(zip(manifest.column("uid").to_pylist(), manifest.column("image_uri").to_pylist()))
+    got = {Path(by_uri[r["uid"]]).name: r["reason"] for r in rejects}
+    assert got == {**expected, "does_not_exist.jpg": "missing"}
+    assert all(r["stage"] == "embed" for r in rejects)
+    embedded = _uids(str(tmp_path / "features"))
+    assert sorted(Path(by_uri[u]).name for u in embedded) == ["good0.png", "good1.png", "good2.png"]
+    assert summary["images_rejected"] == len(expected) + 1
+    assert set(embedded) | {r["uid"] for r in rejects} == set(by_uri)  # nothing lost
+    # a second run retries nothing and loses nothing
+    again = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
+    assert again["images_embedded"] == 0 and again["rejects_total"] == len(rejects)
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    ov = _prepare(tmp_path, tiny_clip_dir, **{
+        "data.synthetic.n_train": "160", "embed.engine": "local", "embed.shard_rows": "8",
+        "embed.batch_size": "4", "embed.decode_batch_size": "4"})
+    features = tmp_path / "features" / "images"
+    cmd = [sys.executable, "-m", "dinoalign.cli", "embed", "-p", "/nonexistent/params.yaml", *ov]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if features.is_dir() and len(list(features.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _uids(str(tmp_path / "features"))
+    manifest = read_manifest(tmp_path / "pairs")
+    assert 0 < len(partial) < manifest.num_rows
+    assert not (tmp_path / "features" / "manifest.json").exists()
+
+    summary = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
+    assert summary["images_embedded"] == manifest.num_rows - len(partial)
+    uids = _uids(str(tmp_path / "features"))
+    assert len(uids) == len(set(uids)) and set(uids) == set(manifest.column("uid").to_pylist())
+    caps = _uids(str(tmp_path / "features"), "captions", "caption_id")
+    assert len(caps) == len(set(caps)) == sum(len(c) for c in manifest.column("captions").to_pylist())
+
+
+@pytest.mark.integration
+def test_s3_round_trip_against_real_seaweedfs(world: tuple[Path, list[str]], s3_server) -> None:
+    from dinoalign.infra import ensure_bucket
+    from dinoalign.storage import boto3_client
+
+    root, ov = world
+    ensure_bucket("dinoalign-features")
+    uri = "s3://dinoalign-features/run1/features"
+    params = load_params("/nonexistent/params.yaml", [*ov, f"embed.out_dir={uri}"])
+    manifest = read_manifest(root / "pairs")
+    assert run_embed(params, manifest)["images_embedded"] == 40
+    keys = [o["Key"] for o in boto3_client().list_objects_v2(Bucket="dinoalign-features")["Contents"]]
+    assert "run1/features/manifest.json" in keys and any(k.startswith("run1/features/images/part-") for k in keys)
+    remote = load_image_features(uri, ["cls", "head_embeddings"])
+    local_params = load_params("/nonexistent/params.yaml", ov)
+    run_embed(local_params, manifest)
+    local = load_image_features(str(root / "features"), ["cls", "head_embeddings"])
+    assert list(remote["uid"]) == list(local["uid"])
+    np.testing.assert_allclose(remote["head_embeddings"], local["head_embeddings"], rtol=1e-5, atol=1e-6)
+    assert run_embed(params, manifest)["images_embedded"] == 0

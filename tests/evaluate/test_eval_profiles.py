@@ -1,0 +1,75 @@
+"""The reproduction profiles (params/profiles/*.txt) and docs/reproduce.md stay in step
+with the code: every profile resolves against params.yaml, its recipe configs build, and
+every dataset the commands name is a registered adapter."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dinoalign.config import from_dict, load_params
+from dinoalign.evaluate.datasets import EVAL_DATASETS
+from dinoalign.recipes import RECIPES
+
+PROFILES = sorted((Path(__file__).resolve().parents[2] / "params" / "profiles").glob("*.txt"))
+
+
+def _overrides(path: Path) -> list[str]:
+    return [
+        line.strip()
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def test_there_is_a_profile_per_recipe() -> None:
+    assert {p.stem for p in PROFILES} == {"talk2dino-vitb", "dinotxt-vitl", "projector-vitb"}
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_profile_resolves_and_its_recipe_config_builds(repo_root: Path, profile: Path) -> None:
+    params = load_params(repo_root / "params.yaml", _overrides(profile))
+    assert params.profile == profile.stem
+    assert (
+        params.backbone.pretrained and not params.teacher.enabled
+    )  # real weights, no demo teacher
+    (recipe,) = params.evaluate.recipes
+    training = getattr(params.align, recipe)
+    # the widths come from the features at train time: stand-ins of the real towers' sizes
+    widths = {
+        "talk2dino": {"text_dim": 512, "vision_dim": 768},
+        "dinotxt": {
+            "backbone": params.backbone.name,
+            "vision_dim": 1024,
+            "vision_heads": 16,
+            "num_registers": 4,
+        },
+        "projector": {"vision_dim": 768, "embed_dim": 512},
+    }[recipe]
+    from_dict(RECIPES.get(recipe).config_class, {**training.model, **widths})
+
+
+def test_reproduce_doc_names_every_profile_and_only_registered_datasets(repo_root: Path) -> None:
+    doc = (repo_root / "docs" / "reproduce.md").read_text()
+    for profile in PROFILES:
+        assert f"params/profiles/{profile.name}" in doc and f"load_profile {profile.stem}" in doc
+    named = set(re.findall(r'"[A-Za-z0-9]+ ([a-z0-9_]+) data/', doc)) | set(
+        re.findall(r"evaluate_on ([a-z_0-9]+) ", doc)
+    )
+    assert {
+        "voc20",
+        "voc21",
+        "context59",
+        "context60",
+        "cocostuff164k",
+        "coco_object",
+        "cityscapes",
+        "ade20k",
+        "imagenet_folder",
+        "karpathy",
+    } == named
+    assert all(name in EVAL_DATASETS for name in named)
+    for published in ("87.1", "46.3", "81.4", "20.6", "89.3 / 89.9", "82.9 / 77.6"):
+        assert published in doc

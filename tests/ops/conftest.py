@@ -1,0 +1,79 @@
+"""Fixtures of the operations tests: a real SeaweedFS + mlflow server pair, headless Chromium."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from dinoalign import infra
+from dinoalign.storage import S3Settings, mlflow_server_env
+
+CHROMIUM = "/usr/bin/chromium"
+# ENVIRONMENT.md: the flags under which Debian's chromium renders the MLflow UI headless here
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@dataclasses.dataclass
+class TrackingStack:
+    """SeaweedFS (S3, keys required) + an mlflow server whose artifacts go to ``bucket``."""
+
+    s3: infra.Service
+    mlflow: infra.Service
+    settings: S3Settings
+    bucket: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Client environment: the server proxies artifacts, S3 keys only for checks."""
+        s = self.settings
+        return {"MLFLOW_TRACKING_URI": self.mlflow.url, "AWS_ENDPOINT_URL": s.endpoint_url or "",
+                "AWS_ACCESS_KEY_ID": s.access_key or "", "AWS_SECRET_ACCESS_KEY": s.secret_key or ""}
+
+    def stop(self) -> None:
+        self.mlflow.stop()
+        self.s3.stop()
+
+
+def start_tracking_stack(workdir: Path, bucket: str = "tracking") -> TrackingStack:
+    access, secret = "test-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+    s3 = infra.start_seaweedfs(workdir / "seaweedfs", access, secret)
+    try:
+        settings = S3Settings(s3.url, access, secret, "us-east-1")
+        infra.ensure_bucket(bucket, settings)
+        server = infra.start_mlflow(f"sqlite:///{workdir / 'mlflow.db'}", f"s3://{bucket}/mlflow", workdir,
+                                    env=mlflow_server_env(settings))
+    except BaseException:
+        s3.stop()
+        raise
+    return TrackingStack(s3, server, settings, bucket)
+
+
+@pytest.fixture(scope="module")
+def tracking_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingStack]:
+    stack = start_tracking_stack(tmp_path_factory.mktemp("tracking"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """Debian's headless chromium driven by Playwright (its own browser download fails
+    here); `make test` installs chromium first (`make chromium`)."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found: run `make chromium` (Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -1,0 +1,37 @@
+"""A throw-away checkout of this repository (the working tree as it is, committed into a
+fresh git repo) with a small ``params.yaml``, for running the real ``dvc repro``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dinoalign.config import apply_overrides, load_params
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args], cwd=root,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def copy_checkout(src: Path, dst: Path, overrides: dict[str, Any]) -> Path:
+    """Copy every file git would see in ``src`` (tracked or not ignored) to ``dst``, write
+    ``params.yaml`` = ``src``'s with ``overrides``, and commit it all."""
+    listed = git(src, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, listed):
+        path = src / name
+        if path.is_file():  # listed but deleted in the working tree: skip
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / name)
+    raw = yaml.safe_load((src / "params.yaml").read_text())
+    raw = apply_overrides(raw, [f"{k}={v}" for k, v in overrides.items()])
+    (dst / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_params(dst / "params.yaml")  # the small params are valid params
+    git(dst, "init", "-q", "-b", "main")
+    git(dst, "add", "-A")
+    git(dst, "commit", "-q", "-m", "checkout for the test")
+    return dst

@@ -1,0 +1,206 @@
+"""The whole story on the real stack (`dinoalign infra up`: SeaweedFS, mlflow server, Ray
+head on free 127.0.0.1 ports), in a throw-away checkout with a small demo world:
+
+1. the stack profile (params/stack.txt) through `dvc exp run` of the pipeline of one
+   recipe (prepare, teacher, embed, curate, align, evaluate; training on the Ray head):
+   runs on the MLflow server with artifacts in the bucket, checkpoints in the bucket;
+   `dvc push`, then a fresh clone `dvc pull`s every output with the hashes of dvc.lock;
+   the MLflow UI in headless Chromium shows the runs and the registered models;
+2. `dinoalign retrain` with new caption data: only the new uids are embedded, a new
+   version is `@candidate`, the decision follows the rule (no champion yet: promoted);
+3. a candidate made worse on purpose (learning rate ~0): the champion stays;
+4. the same data again: no new data, nothing changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from ops_checkout import copy_checkout, git
+from ops_mlflow_ui import check_mlflow_ui
+from PIL import Image
+
+from dinoalign.ops.promotion import rule
+from dinoalign.ops.stack import stack_env
+from dinoalign.storage import S3Settings, boto3_client
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = "talk2dino"  # the recipe these runs train, compare and promote (the cheapest to train)
+TARGET = f"evaluate@{RECIPE}"  # dvc repro target: prepare, teacher, embed, curate, align and evaluate of it
+STAGES = ("prepare", "teacher", "embed", "curate", f"align@{RECIPE}", TARGET)
+WORLD = {"n_train": 240, "n_val": 4, "n_test": 60}
+SMALL = {
+    **{f"data.synthetic.{k}": v for k, v in WORLD.items()},
+    "backbone.model_kwargs": "{embed_dim: 96, depth: 2, num_heads: 3}",
+    # a tiny CLIP teacher trained long enough that its text tower carries the demo world
+    "teacher.embed_dim": 64, "teacher.image_size": 32, "teacher.patch_size": 8, "teacher.vision_width": 96,
+    "teacher.vision_layers": 2, "teacher.text_width": 64, "teacher.text_layers": 2, "teacher.text_heads": 2,
+    "teacher.epochs": 40, "teacher.batch_size": 64, "teacher.warmup_steps": 20,
+    # embed in-process (Ray Data's fixed costs dominate 300 images); align uses the Ray head
+    "embed.engine": "local", "embed.batch_size": 64, "embed.decode_batch_size": 64, "embed.shard_rows": 128,
+    "curate.levels": "[8, 2]", "curate.resample_steps": "[1, 1]", "curate.resample_points": "[8, 2]",
+    "curate.target_size": 230, "curate.text_threshold": 1000,
+    "align.cpus_per_worker": 1,
+    f"align.{RECIPE}.epochs": 100, f"align.{RECIPE}.lr": 0.003, f"align.{RECIPE}.batch_size": 64,
+    f"align.{RECIPE}.log_every": 50, f"align.{RECIPE}.checkpoint_every": 1000,
+    "evaluate.zeroshot_templates": "talk2dino", "evaluate.num_examples": 1,
+    # retraining: the candidate and the champion on zero-shot top-1 of the fixed test split
+    "retrain.recipes": f"[{RECIPE}]", "retrain.metrics": f"{{{RECIPE}: zeroshot.top1}}",
+    "retrain.tolerance": 0.05, "retrain.targets": f"[{TARGET}]",
+}
+
+
+def _md5s(path: Path) -> dict[str, str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {p.relative_to(path.parent).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+
+
+def _outs(root: Path) -> list[str]:
+    """Every cached output path dvc.lock records."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return sorted({o["path"] for s in lock["stages"].values() for o in s.get("outs", [])})
+
+
+def _new_captions(folder: Path, start: int, count: int) -> Path:
+    """Unseen train images of the same demo world (indices past n_train) with their
+    captions, as a pairs csv (one caption per row, rows of an image merge)."""
+    from dinoalign.config import load_params
+    from dinoalign.data.synthetic import render
+
+    world = load_params(REPO / "params.yaml", [f"data.synthetic.{k}={v}" for k, v in WORLD.items()]).data.synthetic
+    folder.mkdir(parents=True)
+    rows = []
+    for index in range(start, start + count):
+        sample = render(world, "train", index)
+        Image.fromarray(sample.image).save(folder / f"new-{index}.png")
+        rows += [{"image": f"new-{index}.png", "caption": c} for c in sample.captions]
+    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
+    return folder / "pairs.csv"
+
+
+def _run(cmd: list[str], root: Path, env: dict[str, str], timeout: float = 1800) -> str:
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    return done.stdout
+
+
+def _embed_run(client: Any, experiment: str, pipeline_run: str) -> Any:
+    runs = client.search_runs([experiment], f"tags.`dinoalign.stage` = 'embed' and "
+                                            f"tags.`dinoalign.pipeline_run_id` = '{pipeline_run}'")
+    assert len(runs) == 1, [r.data.tags for r in runs]
+    return runs[0]
+
+
+def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromium: Any) -> None:
+    from mlflow import MlflowClient
+
+    root = copy_checkout(REPO, tmp_path / "repo", SMALL)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", "DINOALIGN_"))}
+    base["PATH"] = f"{Path(sys.executable).parent}:{base['PATH']}"  # `python` of the stages = this venv
+    base.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
+                GIT_COMMITTER_EMAIL="test@localhost")
+    dinoalign = [sys.executable, "-m", "dinoalign.cli"]
+    _run([*dinoalign, "infra", "up", "--ray-cpus", "2"], root, base)
+    try:
+        env = {**base, **stack_env(root)}
+        settings = S3Settings(env["AWS_ENDPOINT_URL"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                              "us-east-1")
+        s3 = boto3_client(settings=settings)
+        bucket = env["DINOALIGN_STACK_BUCKET"]
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+        # ---- 1. the pipeline on the stack, with the stack profile
+        profile = [ln.strip() for ln in (root / "params" / "stack.txt").read_text().splitlines()
+                   if ln.strip() and not ln.startswith("#")]
+        started = time.monotonic()
+        _run([sys.executable, "-m", "dvc", "exp", "run", *[f"-S{p}" for p in profile], TARGET], root, env)
+        print(f"pipeline on the stack: {time.monotonic() - started:.0f} s")
+        assert yaml.safe_load((root / "params.yaml").read_text())["align"]["storage_path"] == "s3://dinoalign/checkpoints"
+
+        def keys(prefix: str) -> list[str]:
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+        assert any("checkpoint" in k for k in keys("checkpoints/"))  # Ray Train wrote to the bucket
+        experiment = client.get_experiment_by_name("dinoalign")
+        runs = client.search_runs([experiment.experiment_id])
+        assert sorted(r.data.tags["mlflow.runName"] for r in runs) == sorted(STAGES)
+        assert all(r.data.tags["dinoalign.profile"] == "stack" for r in runs)
+        assert keys(f"mlflow/{experiment.experiment_id}/")  # run artifacts went through the server
+        model = f"dinoalign-{RECIPE}"
+        assert str(client.get_model_version_by_alias(model, "candidate").version) == "1"
+
+        # dvc push to the bucket, then a fresh clone pulls every output with the same hashes
+        _run([sys.executable, "-m", "dvc", "push"], root, env)
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", "pipeline on the stack")
+        (features,) = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["embed"]["outs"]
+        assert keys(f"dvc/files/md5/{features['md5'][:2]}/{features['md5'][2:]}")  # the features are in the bucket
+        clone = tmp_path / "clone"
+        subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+        _run([*dinoalign, "infra", "dvc-remote", "stack", f"s3://{bucket}/dvc", "--default"], clone, env)
+        _run([sys.executable, "-m", "dvc", "pull"], clone, env)
+        for out in _outs(root):
+            assert _md5s(clone / out) == _md5s(root / out), out
+        assert "up to date" in _run([sys.executable, "-m", "dvc", "status", TARGET], clone, env)
+
+        check_mlflow_ui(chromium, env["MLFLOW_TRACKING_URI"], experiment.experiment_id, STAGES,
+                        {model: "candidate"}, tmp_path / "shots")
+
+        # ---- 2. new caption data lands: retrain
+        _run([sys.executable, "-m", "dvc", "freeze", "teacher"], root, env)  # the stand-in CLIP stays put
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", "freeze the stand-in teacher")
+        first_drop = _new_captions(tmp_path / "drop1", WORLD["n_train"], 24)
+        record = json.loads(_run([*dinoalign, "retrain", "--new", str(first_drop)], root, env))
+        assert record["status"] == "done" and record["appended"] == 24
+        embed = _embed_run(client, experiment.experiment_id, record["batch"])
+        assert embed.data.metrics["images_embedded"] == 24  # only the new uids
+        assert embed.data.metrics["images_skipped"] == sum(WORLD.values())  # the others were embedded before
+        (decision,) = record["decisions"]
+        assert decision["candidate_version"] == "2"
+        assert decision["champion_version"] is None and decision["action"] == "promote"  # nothing to beat yet
+        assert str(client.get_model_version_by_alias(model, "champion").version) == decision["candidate_version"]
+        assert json.loads((root / "retrain" / "decision.json").read_text())["batch"] == record["batch"]
+        assert "in sync" in _run([sys.executable, "-m", "dvc", "status", "-c"], root, env)  # pushed
+        champion = decision["candidate_version"]
+
+        # ---- 3. a candidate made worse on purpose: the champion stays
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["align"][RECIPE].update(lr=1e-9, epochs=1)  # it cannot learn anything
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        second_drop = _new_captions(tmp_path / "drop2", WORLD["n_train"] + 24, 16)
+        record = json.loads(_run([*dinoalign, "retrain", "--new", str(second_drop)], root, env))
+        (decision,) = record["decisions"]
+        assert decision["champion_version"] == champion
+        assert decision["candidate_value"] < decision["champion_value"] - decision["tolerance"], decision
+        assert decision["action"] == "keep"
+        assert (decision["action"], decision["reason"]) == rule(decision["candidate_value"],
+                                                                decision["champion_value"], decision["tolerance"])
+        assert str(client.get_model_version_by_alias(model, "champion").version) == champion
+        assert client.get_model_version(model, decision["candidate_version"]).tags["dinoalign.retrain.decision"] == "keep"
+        history = (root / "retrain" / "history.jsonl").read_text().splitlines()
+        assert [json.loads(h)["decisions"][0]["action"] for h in history] == ["promote", "keep"]
+
+        # ---- 4. the same data again: no new data, quickly, nothing changes
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", "two retrainings")
+        n_runs = len(client.search_runs([experiment.experiment_id]))
+        record = json.loads(_run([*dinoalign, "retrain", "--new", str(second_drop)], root, env))
+        assert record["status"] == "no_new_data"
+        assert len(client.search_runs([experiment.experiment_id])) == n_runs  # no stage ran
+        assert git(root, "status", "--porcelain") == ""
+    finally:
+        _run([*dinoalign, "infra", "down"], root, base)

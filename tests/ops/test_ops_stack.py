@@ -1,0 +1,246 @@
+"""``dinoalign infra up|status|down``: real SeaweedFS, mlflow server and Ray head on free
+127.0.0.1 ports, used for real, then stopped by PID with nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dinoalign import infra
+from dinoalign.ops.stack import (
+    CREDENTIALS_FILE,
+    ENV_FILE,
+    STATE_FILE,
+    StackError,
+    StackOptions,
+    read_env_file,
+    run_dir,
+    stack_credentials,
+    stack_env,
+    up,
+)
+
+
+def _checkout(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def _cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dinoalign.cli", "infra", "--root", str(root), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _env_without_keys() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _listening(pid: int) -> set[str]:
+    """Addresses the process ``pid`` and its descendants listen on (TCP)."""
+    root = psutil.Process(pid)
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            found |= {c.laddr.ip.removeprefix("::ffff:") for c in proc.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:  # a short-lived worker
+            pass
+    return found
+
+
+def test_credentials_generated_private_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    access, secret, path = stack_credentials(tmp_path)
+    assert path == tmp_path / CREDENTIALS_FILE and _mode(path) == 0o600
+    assert len(secret) >= 32 and read_env_file(path) == {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+    assert stack_credentials(tmp_path) == (access, secret, path)  # the bucket's keys survive a restart
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
+    assert stack_credentials(tmp_path) == ("from-env", "secret-from-env", None)
+
+
+def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
+    """A state file whose PID now names another process (same PID, other start time)."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = infra.Service("seaweedfs", other.pid, "http://127.0.0.1:1", "log", {},
+                              started=psutil.Process(other.pid).create_time() - 100)
+        assert not stale.alive()
+        stale.stop()
+        assert other.poll() is None  # still running: not ours to stop
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.integration
+def test_failed_up_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _checkout(tmp_path)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    before = {p.pid for p in psutil.process_iter()}
+    with pytest.raises(ValueError, match="3 to 63 characters"):  # fails after SeaweedFS is up
+        up(root, StackOptions(bucket="ab", ray=False))
+    time.sleep(0.5)
+    new = [p for p in psutil.process_iter(["name", "cmdline"]) if p.pid not in before
+           and "weed" in " ".join(p.info["cmdline"] or [])]
+    assert new == [] and not (run_dir(root) / STATE_FILE).exists()
+
+
+@pytest.mark.integration
+def test_infra_up_status_use_down(tmp_path: Path) -> None:
+    root = _checkout(tmp_path)
+    env = _env_without_keys()
+    started = _cli(root, "up", "--ray-cpus", "1", env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    run = run_dir(root)
+    state = json.loads((run / STATE_FILE).read_text())
+    services = {s["name"]: infra.Service(**s) for s in state["services"]}
+    try:
+        assert set(services) == {"seaweedfs", "mlflow", "ray"}
+        # every listening socket of every process of the stack is on loopback
+        assert set().union(*(_listening(s.pid) for s in services.values())) == {"127.0.0.1"}
+
+        # keys: generated, private, only in the 600 files and .dvc/config.local
+        creds = read_env_file(run / CREDENTIALS_FILE)
+        secret = creds["AWS_SECRET_ACCESS_KEY"]
+        assert _mode(run / CREDENTIALS_FILE) == _mode(run / ENV_FILE) == 0o600
+        assert secret not in (run / STATE_FILE).read_text() and secret not in (run / ENV_FILE).read_text()
+        assert secret not in (root / ".dvc" / "config").read_text()
+        assert secret in (root / ".dvc" / "config.local").read_text()
+
+        shown = _cli(root, "status", env=env)
+        assert shown.returncode == 0 and shown.stdout.count("healthy") == 3, shown.stdout
+        again = _cli(root, "up", env=env)
+        assert again.returncode == 1 and "already up" in again.stderr
+
+        # the env file is all a shell needs: Ray (token auth), MLflow (artifacts in the bucket), S3, DVC
+        stack = stack_env(root)
+        assert stack["MLFLOW_TRACKING_URI"] == services["mlflow"].url
+        assert stack["RAY_ADDRESS"] == services["ray"].url and stack["AWS_ACCESS_KEY_ID"] == creds["AWS_ACCESS_KEY_ID"]
+        client = subprocess.run([sys.executable, "-c", _USE_STACK], env={**env, **stack}, capture_output=True,
+                                text=True, timeout=300)
+        assert client.returncode == 0, client.stderr[-3000:]
+        report = json.loads(client.stdout.strip().splitlines()[-1])
+        assert report["ray"] == 42 and report["cpus"] == 1.0
+        assert report["artifact_keys"] == [f"mlflow/{report['experiment']}/{report['run']}/artifacts/notes/hello.txt"]
+        assert report["anonymous_status"] == 403 and report["wrong_key_error"] in ("InvalidAccessKeyId", "AccessDenied")
+        (root / "data.txt").write_text("tracked\n")
+        subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.txt"], cwd=root, check=True, env={**env, **stack})
+        pushed = subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=root, env={**env, **stack},
+                                capture_output=True, text=True, timeout=300)
+        assert pushed.returncode == 0 and "1 file pushed" in pushed.stdout, pushed.stdout + pushed.stderr
+    finally:
+        tree = [p for s in services.values() if s.alive()
+                for p in [psutil.Process(s.pid), *psutil.Process(s.pid).children(True)]]
+        stopped = _cli(root, "down", env=env)
+    assert stopped.returncode == 0 and "stopped ray, mlflow, seaweedfs" in stopped.stdout
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == [], [p.pid for p in alive]
+    assert not (run / STATE_FILE).exists() and not (run / ENV_FILE).exists()
+    assert not Path(state["ray_temp_dir"]).exists()
+    assert "remote = stack" not in (root / ".dvc" / "config.local").read_text()  # `dvc push` -> committed default
+    assert _cli(root, "status", env=env).returncode == 3
+    with pytest.raises(StackError, match="not up"):
+        stack_env(root)
+
+
+_USE_STACK = r"""
+import json, os, urllib.error, urllib.request
+import boto3, mlflow, ray
+from botocore.exceptions import ClientError
+from dinoalign.storage import boto3_client
+
+ray.init()
+out = {"ray": ray.get(ray.remote(lambda: 41 + 1).remote()), "cpus": ray.cluster_resources()["CPU"]}
+mlflow.set_experiment("smoke")
+with mlflow.start_run() as run:
+    mlflow.log_text("hello", "notes/hello.txt")
+out.update(experiment=run.info.experiment_id, run=run.info.run_id)
+listing = boto3_client().list_objects_v2(Bucket=os.environ["DINOALIGN_STACK_BUCKET"], Prefix="mlflow/")
+out["artifact_keys"] = [o["Key"] for o in listing.get("Contents", [])]
+try:
+    urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/" + os.environ["DINOALIGN_STACK_BUCKET"] + "/")
+    out["anonymous_status"] = 200
+except urllib.error.HTTPError as e:
+    out["anonymous_status"] = e.code
+wrong = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id="nobody",
+                     aws_secret_access_key="wrong-secret-key", region_name="us-east-1")
+try:
+    wrong.list_objects_v2(Bucket=os.environ["DINOALIGN_STACK_BUCKET"])
+    out["wrong_key_error"] = None
+except ClientError as e:
+    out["wrong_key_error"] = e.response["Error"]["Code"]
+print(json.dumps(out))
+"""
+
+
+def stack_profile(repo_root: Path) -> list[str]:
+    """The ``key=value`` lines of params/stack.txt (the profile docs/operations.md applies)."""
+    lines = (repo_root / "params" / "stack.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_stack_profile_resolves(repo_root: Path) -> None:
+    from dinoalign.config import load_params
+
+    params = load_params(repo_root / "params.yaml", stack_profile(repo_root))
+    assert params.profile == "stack" and params.tracking.uri is None  # MLflow from MLFLOW_TRACKING_URI
+    assert params.align.storage_path == "s3://dinoalign/checkpoints"
+
+
+@pytest.mark.integration
+def test_postgresql_backend(tmp_path: Path) -> None:
+    """A private PostgreSQL from Debian's binaries for the MLflow backend store; mlflow
+    on it when psycopg is installed, else a clear error before anything starts."""
+    import importlib.util
+
+    if not Path("/usr/lib/postgresql/15/bin/postgres").exists():
+        pytest.skip("Debian's postgresql-15 is not installed")
+    # PostgreSQL runs as the postgres user when we are root: it must reach its folder,
+    # which pytest's private (0700) tmp dirs do not allow
+    base = Path(tempfile.mkdtemp(prefix="dinoalign-pg-"))
+    base.chmod(0o755)
+    pg, uri = infra.start_postgres(base / "postgres")
+    try:
+        tree = [psutil.Process(pg.pid), *psutil.Process(pg.pid).children(recursive=True)]
+        assert _listening(pg.pid) == {"127.0.0.1"}
+        answer = subprocess.run(["/usr/lib/postgresql/15/bin/psql", uri, "-tAc", "select current_database()"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        assert answer == "mlflow"
+        if importlib.util.find_spec("psycopg") is None:
+            with pytest.raises(RuntimeError, match=r"psycopg\[binary\]"):
+                infra.start_mlflow(uri, str(tmp_path / "artifacts"), tmp_path)
+        else:
+            server = infra.start_mlflow(uri, str(tmp_path / "artifacts"), tmp_path)
+            try:
+                from mlflow import MlflowClient
+
+                client = MlflowClient(server.url)
+                run = client.create_run(client.create_experiment("on-postgres"))
+                client.log_metric(run.info.run_id, "x", 1.0)
+                assert client.get_run(run.info.run_id).data.metrics == {"x": 1.0}
+            finally:
+                server.stop()
+    finally:
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)

@@ -1,0 +1,126 @@
+"""Helpers shared by the test modules (importable as ``pipeline_testing``: a conftest is
+not importable by name once several conftest.py files exist)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO.parent / "shared" / "assets"
+
+
+TINY_BACKBONE = "{embed_dim: 48, depth: 2, num_heads: 3}"
+
+
+def tiny_overrides(root: Path, clip_dir: Path, **extra: str) -> list[str]:
+    """Dotted overrides that shrink every stage to a smoke run under ``root``."""
+    clip = f"local-dir:{clip_dir}"
+    base = {
+        "tracking.uri": f"sqlite:///{root / 'mlruns.db'}",
+        "data.synthetic.n_train": "24",
+        "data.synthetic.n_val": "4",
+        "data.synthetic.n_test": "12",
+        "data.synthetic.image_size": "112",
+        "prepare.out_dir": str(root / "pairs"),
+        "backbone.model_kwargs": TINY_BACKBONE,
+        "backbone.img_size": "56",
+        "clip.name": clip,
+        "embed.pairs_dir": str(root / "pairs"),
+        "embed.out_dir": str(root / "features"),
+        "embed.img_size": "56",
+        "embed.batch_size": "8",
+        "embed.decode_batch_size": "8",
+        "embed.shard_rows": "10",
+        "embed.loader_workers": "0",
+        "embed.keep_patches": "true",
+        "embed.text_encoders": f"[{{key: clip, kind: open_clip, name: '{clip}'}}]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoFeatures:
+    """A small demo world run through the real prepare, teacher and embed stages.
+
+    ``overrides`` put every stage's inputs and outputs under ``root`` (absolute paths)
+    and shrink the models; pass them, plus a stage's own, to ``dinoalign.cli.main([stage,
+    "-p", str(features.params_file), *features.overrides, ...])`` or to :meth:`params`.
+    ``params_file`` does not exist (dataclass defaults + overrides) and lies in a folder
+    beside the data, so the manifest keeps absolute image paths and nothing resolves
+    against the repo. MLflow runs go to ``root/mlruns.db`` with artifacts under ``root``.
+    """
+
+    root: Path
+    overrides: tuple[str, ...]
+    params_file: Path
+
+    @property
+    def pairs_dir(self) -> Path:
+        return self.root / "pairs"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def clip_dir(self) -> Path:
+        """The trained tiny CLIP teacher (``local-dir:`` open_clip checkpoint)."""
+        return self.root / "teacher" / "model"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlruns.db'}"
+
+    @property
+    def world(self) -> dict:
+        """The demo world's ``world.json`` (classes, held-out compositions and uids)."""
+        from dinoalign.data.synthetic import load_world
+
+        return load_world(self.pairs_dir / "synthetic")
+
+    def params(self, *extra: str):
+        """The resolved ``Params`` of these overrides plus ``extra``."""
+        from dinoalign.config import load_params
+
+        return load_params(self.params_file, [*self.overrides, *extra])
+
+
+# The demo world of the tests: big enough that every recipe learns it well above chance,
+# small enough for about a minute on 2 cores (the demo profile is 3000/300/600 at 112 px).
+DEMO_WORLD = {"n_train": 480, "n_val": 16, "n_test": 180}
+DEMO_BACKBONE = "{embed_dim: 96, depth: 2, num_heads: 3}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoModels:
+    """Seeded, untrained models of the three recipes sized for ``demo_features``, saved
+    under ``root/models`` as the align stage saves them, plus overrides that send the
+    evaluate and report stages' outputs and MLflow runs under ``root``. For the
+    mechanics and the exactness of evaluation, not for learning."""
+
+    features: DemoFeatures
+    root: Path
+    overrides: tuple[str, ...]
+
+    RECIPES = ("talk2dino", "dinotxt", "projector")
+
+    def model_dir(self, recipe: str) -> Path:
+        return self.root / "models" / recipe
+
+    def params(self, *extra: str):
+        from dinoalign.config import load_params
+
+        return load_params(self.features.params_file, [*self.overrides, *extra])
+
+    def main(self, command: str, *args: str) -> int:
+        """``dinoalign <command> -p … <overrides> *args`` (options or more overrides), with
+        MLflow artifacts under root."""
+        from dinoalign.cli import main
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DINOALIGN_ROOT", str(self.root))
+            return main([command, "-p", str(self.features.params_file), *self.overrides, *args])

@@ -1,0 +1,159 @@
+"""The report stage: one self-contained page, checked in headless Chromium (Debian's
+/usr/bin/chromium, driven by Playwright): no console errors, no network, every picture
+decodes, and the numbers on screen are those of metrics/<recipe>.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_testing import DemoModels
+from PIL import Image
+
+from dinoalign.report import line_chart, pct, write_report
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def report(evaluated_demo: DemoModels) -> Path:
+    assert evaluated_demo.main("report") == 0
+    return evaluated_demo.root / "report" / "index.html"
+
+
+def _cell_texts(page, heading: str) -> dict[str, dict[str, str]]:
+    """{metric row label: {recipe: cell text}} of the results table after ``heading``."""
+    rows = page.evaluate(
+        """(heading) => {
+          const h = Array.from(document.querySelectorAll('h3')).find(e => e.textContent.startsWith(heading));
+          const table = h.nextElementSibling;
+          const names = Array.from(table.querySelectorAll('thead th')).map(th => th.textContent);
+          return Array.from(table.querySelectorAll('tbody tr')).map(tr =>
+            [names, Array.from(tr.children).map(td => td.textContent)]);
+        }""",
+        heading,
+    )
+    return {cells[0]: dict(zip(names[1:], cells[1:])) for names, cells in rows}
+
+
+def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
+    evaluated_demo: DemoModels, report: Path, tmp_path: Path
+) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(
+            "Debian's chromium is not installed at /usr/bin/chromium (`make chromium` installs it)"
+        )
+    from playwright.sync_api import sync_playwright
+
+    html = report.read_text()
+    assert not re.search(r"""(src|href)=["']https?://""", html.split("<h2>MLflow runs</h2>")[0]), (
+        "only run links may point out"
+    )
+    assert "<script" not in html
+    problems: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on(
+                "console",
+                lambda m: (
+                    problems.append(f"console {m.type}: {m.text}")
+                    if m.type in ("error", "warning")
+                    else None
+                ),
+            )
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(report.as_uri(), wait_until="load")
+            widths = page.evaluate(
+                "Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
+            )
+            seen = _cell_texts(page, "Seen compositions")
+            heldout = _cell_texts(page, "Held-out compositions")
+            curves = page.evaluate("document.querySelectorAll('svg polyline').length")
+            links = page.evaluate("Array.from(document.querySelectorAll('a')).map(a => a.href)")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert requests == [report.as_uri()]  # pictures are data: URIs, nothing else is fetched
+    # 2 examples × 2 subsets + 2 confusion pictures, for each of the two dense recipes
+    assert len(widths) == 2 * (4 + 2) and min(widths) > 0
+    assert curves >= 1  # the teacher's training curve (the untrained models have none)
+    for recipe in DemoModels.RECIPES:
+        metrics = json.loads((evaluated_demo.root / "metrics" / f"{recipe}.json").read_text())
+        for rows, block in ((seen, metrics), (heldout, metrics["heldout"])):
+            zeroshot = block["zeroshot"]
+            assert (
+                rows["zero-shot top-1"][recipe]
+                == f"{pct(zeroshot['top1'])} chance {pct(zeroshot['chance_top1'])}"
+            )
+            r1 = block["retrieval"]["t2i"]
+            assert (
+                rows["text→image R@5"][recipe] == f"{pct(r1['r5'])} chance {pct(r1['chance_r5'])}"
+            )
+            seg = block["segmentation"]
+            expected = (
+                f"{pct(seg['miou'])} chance {pct(seg['chance_miou'])}"
+                if "miou" in seg
+                else "— projector has no dense head"
+            )
+            assert rows["segmentation mIoU"][recipe] == expected
+        run_id = metrics["info"]["mlflow"]["run_id"]
+        assert any(
+            link.endswith(f"/runs/{run_id}") and link.startswith("http://127.0.0.1:5000/#/")
+            for link in links
+        )
+    with Image.open(tmp_path / "report.png") as shot:
+        pixels = np.asarray(shot.convert("L"))
+    assert (
+        shot.size[0] == 1280 and shot.size[1] > 2000 and pixels.std() > 20
+    )  # a long, non-blank page
+
+
+def test_report_says_what_is_missing(evaluated_demo: DemoModels, tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    shutil.copy(evaluated_demo.root / "metrics" / "talk2dino.json", metrics)
+    params = evaluated_demo.params(
+        f"evaluate.metrics_dir={metrics}",
+        f"evaluate.report_dir={tmp_path / 'report'}",
+        f"align.curves_dir={tmp_path / 'no-curves'}",
+        f"curate.out_dir={tmp_path / 'no-curate'}",
+    )
+    html = write_report(params, evaluated_demo.features.root).read_text()
+    assert "no metrics for dinotxt, projector" in html
+    assert html.count("no curve.csv yet") == 3
+    assert "curation (curate)</h3><small>not produced yet" in html
+    assert "RANDOM INIT (demo)" in html and "random-init" in html
+
+
+def test_line_chart_places_points_inside_the_plot_area() -> None:
+    svg = line_chart(
+        {"a": [(0.0, 2.0), (10.0, 1.0), (20.0, 0.5)], "b": [(0.0, 1.5), (20.0, 1.0)]},
+        "step",
+        "loss",
+    )
+    lines = re.findall(r'<polyline[^>]*points="([^"]+)"', svg)
+    assert len(lines) == 2
+    first = [tuple(map(float, p.split(","))) for p in lines[0].split()]
+    # x: 0 and 20 are the left (52) and right (360 - 10) edges; y: 2.0 top (10), 0.5 bottom (210 - 34)
+    assert first[0] == (52.0, 10.0) and first[-1] == (350.0, 176.0)
+    assert first[1] == pytest.approx((201.0, 10 + (2.0 - 1.0) / 1.5 * 166), abs=0.05)
+    assert "no loss values" in line_chart({"a": []}, "step", "loss")
