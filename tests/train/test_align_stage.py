@@ -70,10 +70,10 @@ def zero_shot_test_accuracy(model: Recipe, recipe: str, features: DemoFeatures) 
             "chance": 1.0 / len(classes), "images": len(test)}
 
 
-def _overrides(features: DemoFeatures, recipe: str, tmp_path: Path, *extra: str) -> list[str]:
-    return [*features.overrides, f"align.recipe={recipe}", *FAST[recipe],
-            f"align.out_dir={tmp_path / 'models'}", f"align.curves_dir={tmp_path / 'align'}",
-            f"align.storage_path={tmp_path / 'checkpoints'}", *extra]
+def _align_overrides(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
+    """Overrides (on top of the demo features') that train ``recipe`` fast into tmp_path."""
+    return [f"align.recipe={recipe}", *FAST[recipe], f"align.out_dir={tmp_path / 'models'}",
+            f"align.curves_dir={tmp_path / 'align'}", f"align.storage_path={tmp_path / 'checkpoints'}", *extra]
 
 
 def _curve(path: Path) -> list[dict[str, float]]:
@@ -85,7 +85,7 @@ def test_talk2dino_stage_trains_logs_registers_and_beats_chance(demo_features: D
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    argv = _overrides(demo_features, "talk2dino", tmp_path)
+    argv = [*demo_features.overrides, *_align_overrides("talk2dino", tmp_path)]
     assert main(["align", "-p", str(demo_features.params_file), *argv]) == 0
 
     model_dir = tmp_path / "models" / "talk2dino"
@@ -111,7 +111,8 @@ def test_talk2dino_stage_trains_logs_registers_and_beats_chance(demo_features: D
 
     version = client.get_model_version_by_alias(registered_model_name("talk2dino"), "candidate")
     assert version.run_id == run.info.run_id and version.version == summary["model_version"]
-    downloaded = download_artifacts("models:/dinoalign-talk2dino@candidate", dst_path=str(tmp_path / "dl"))
+    downloaded = download_artifacts("models:/dinoalign-talk2dino@candidate", dst_path=str(tmp_path / "dl"),
+                                    tracking_uri=demo_features.tracking_uri)
     registered, exported = load_recipe(downloaded), load_recipe(str(model_dir))
     for (name, a), b in zip(registered.state_dict().items(), exported.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -122,8 +123,9 @@ def test_talk2dino_stage_trains_logs_registers_and_beats_chance(demo_features: D
 
 
 def test_dinotxt_two_worker_ddp_beats_chance(demo_features: DemoFeatures, tmp_path: Path) -> None:
-    argv = _overrides(demo_features, "dinotxt", tmp_path, "align.num_workers=2", "align.cpus_per_worker=1")
-    summary = run_align(demo_features.params(*argv[len(demo_features.overrides):]), demo_features.root)
+    params = demo_features.params(*_align_overrides("dinotxt", tmp_path, "align.num_workers=2",
+                                                     "align.cpus_per_worker=1"))
+    summary = run_align(params, demo_features.root)
     assert summary["workers"] == 2
     curve = _curve(tmp_path / "align" / "dinotxt" / "curve.csv")
     assert curve[-1]["loss"] < 0.7 * curve[0]["loss"]
@@ -170,9 +172,9 @@ def test_projector_resumes_from_s3_checkpoints_after_a_stop_and_a_worker_crash(
     from dinoalign.train.loop import Trainer, TrainJob
 
     boto3_client().create_bucket(Bucket="align-checkpoints")
-    argv = _overrides(demo_features, "projector", tmp_path, "align.storage_path=s3://align-checkpoints/runs",
-                      "align.max_failures=1", "align.cpus_per_worker=1")
-    params = demo_features.params(*argv[len(demo_features.overrides):])
+    params = demo_features.params(*_align_overrides("projector", tmp_path, "align.max_failures=1",
+                                                     "align.storage_path=s3://align-checkpoints/runs",
+                                                     "align.cpus_per_worker=1"))
     stop, crash = _stop_and_crash_callbacks()
     with pytest.raises(Exception, match="stopped after the first checkpoint"):
         run_align(params, demo_features.root, callbacks=[stop])
@@ -192,11 +194,16 @@ def test_projector_resumes_from_s3_checkpoints_after_a_stop_and_a_worker_crash(
     )
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # one MLflow run, continued
 
-    # The loss curve equals an uninterrupted run of the same job in one process.
-    torch.set_num_threads(1)
+    # The loss curve equals an uninterrupted run of the same job in one process, with the
+    # worker's single torch thread.
     job = TrainJob(plan.recipe, plan.model_config, plan.training, params.seed, plan.data)
-    reference = Trainer(job, plan.data)
-    reference.run(on_log=lambda row: None, on_checkpoint=lambda trainer: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = Trainer(job, plan.data)
+        reference.run(on_log=lambda row: None, on_checkpoint=lambda trainer: None)
+    finally:
+        torch.set_num_threads(threads)
     resumed = _curve(tmp_path / "align" / "projector" / "curve.csv")
     assert [r["step"] for r in resumed] == [r["step"] for r in reference.curve]
     for got, want in zip(resumed, reference.curve, strict=True):

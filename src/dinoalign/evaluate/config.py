@@ -39,6 +39,9 @@ class EvaluateConfig:
     - ``segmentation``: resize, sliding window, PAMR and the default background
       threshold; ``bg_thresholds`` overrides the threshold per recipe (their scores live
       on different scales: talk2dino a sigmoid of a cosine, dinotxt a cosine).
+      ``bg_threshold_split`` (demo only): instead, pick each model's threshold with the
+      best mIoU on up to ``bg_threshold_images`` images of that split (e.g. ``val``),
+      never on the split evaluated; the metrics record the choice.
     - ``background_cleaning`` / ``cleaning_lambda``: talk2dino's cleaning (λ) on
       datasets with a background class.
     - ``max_images``: evaluate only the first N images of each set (smoke runs).
@@ -66,6 +69,8 @@ class EvaluateConfig:
     max_images: int | None = None
     segmentation: SegmentationConfig = dataclasses.field(default_factory=SegmentationConfig)
     bg_thresholds: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    bg_threshold_split: str | None = None
+    bg_threshold_images: int = 100
     background_cleaning: bool = True
     cleaning_lambda: float = 0.2
     save_predictions: bool = False
@@ -102,6 +107,15 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.max_images must be >= 1 or null, got {self.max_images}")
         if self.device not in DEVICES:
             raise ValueError(f"evaluate.device must be one of {DEVICES}, got {self.device!r}")
+        if self.bg_threshold_split is not None and self.bg_threshold_split == self.split:
+            raise ValueError(
+                f"evaluate.bg_threshold_split is the evaluated split {self.split!r}: the "
+                "threshold must be chosen on other images (e.g. val)"
+            )
+        if self.bg_threshold_images < 1:
+            raise ValueError(
+                f"evaluate.bg_threshold_images must be >= 1, got {self.bg_threshold_images}"
+            )
         if self.cleaning_lambda < 0:
             raise ValueError(f"evaluate.cleaning_lambda must be >= 0, got {self.cleaning_lambda}")
 

@@ -11,7 +11,8 @@
 5. argmax; then accumulate a confusion matrix over the whole dataset.
 
 ``logits_fn`` sees the raw RGB crop (float, 0–255, B×3×h×w) and does its own
-normalisation; PAMR sees the same crop.
+normalisation; PAMR sees the same crop. :func:`calibrate_bg_threshold` picks the
+threshold of step 4 on a held-apart split when a model's score scale is not known.
 """
 
 from __future__ import annotations
@@ -144,6 +145,14 @@ def segment(
     """Label maps B×H×W (int64) for ``image`` B×3×H×W (RGB 0–255). With ``bg_threshold``
     the ``num_classes`` scores are foreground classes 1..N and label 0 wins wherever no
     score exceeds the threshold."""
+    return labels_from_scores(segment_scores(image, logits_fn, num_classes, cfg), bg_threshold)
+
+
+def segment_scores(
+    image: Tensor, logits_fn: LogitsFn, num_classes: int, cfg: SegmentationConfig
+) -> Tensor:
+    """Class scores B×N×H×W at the size of ``image`` B×3×H×W (RGB 0–255): steps 1–3 of
+    the module docstring (resize, sliding windows with optional PAMR, resize back)."""
     if image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"image must be B×3×H×W, got {tuple(image.shape)}")
     height, width = image.shape[-2:]
@@ -152,13 +161,63 @@ def segment(
     scores = sliding_window_logits(
         resized, logits_fn, num_classes, cfg.crop, cfg.stride, cfg.align_corners, refine
     )
-    scores = F.interpolate(
+    return F.interpolate(
         scores, size=(height, width), mode="bilinear", align_corners=cfg.align_corners
     )
+
+
+def labels_from_scores(scores: Tensor, bg_threshold: float | None = None) -> Tensor:
+    """Steps 4–5: scores B×N×H×W -> labels B×H×W (int64). With ``bg_threshold`` a constant
+    channel at that value is prepended (label 0, the background; it wins ties) and the
+    classes become 1..N."""
     if bg_threshold is not None:
-        background = scores.new_full((scores.shape[0], 1, height, width), bg_threshold)
+        background = scores.new_full((scores.shape[0], 1, *scores.shape[2:]), bg_threshold)
         scores = torch.cat([background, scores], dim=1)
     return scores.argmax(1)
+
+
+def calibrate_bg_threshold(
+    dataset: SegmentationDataset,
+    logits_fn: LogitsFn,
+    cfg: SegmentationConfig,
+    candidates: int = 41,
+    max_images: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[float, dict[float, float]]:
+    """The background threshold with the best dataset mIoU on ``dataset`` (a dataset with
+    a background class, e.g. a validation split), among ``candidates`` quantiles (1 %–99 %)
+    of the best foreground score per pixel; returns (threshold, {candidate: mIoU}).
+
+    A pixel is background exactly when the threshold is at least its best class score
+    (the background channel wins ties), so one pass keeps each pixel's best score and
+    class and every candidate is scored from them without running the model again."""
+    if not dataset.has_background:
+        raise ValueError("the background threshold needs a dataset with a background class")
+    num_scored = len(scored_class_names(dataset, dataclasses.replace(cfg, bg_threshold=0.0)))
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if count < 1:
+        raise ValueError("no image to calibrate the background threshold on")
+    best_scores, best_labels, targets = [], [], []
+    for index in range(count):
+        image, label, _name = dataset[index]
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            top = segment_scores(pixels.float(), logits_fn, num_scored, cfg)[0].max(0)
+        best_scores.append(top.values.cpu().reshape(-1))
+        best_labels.append(top.indices.cpu().reshape(-1) + 1)
+        targets.append(torch.from_numpy(label).reshape(-1))
+    score, label, target = torch.cat(best_scores), torch.cat(best_labels), torch.cat(targets)
+    grid = torch.quantile(
+        score[torch.randperm(score.numel(), generator=torch.Generator().manual_seed(0))[:100_000]],
+        torch.linspace(0.01, 0.99, candidates),
+    ).tolist()
+    results: dict[float, float] = {}
+    for threshold in grid:
+        confusion = ConfusionMatrix(len(dataset.class_names), IGNORE_INDEX)
+        confusion.update(torch.where(score > threshold, label, 0), target)
+        results[threshold] = confusion.miou()
+    best = max(results, key=lambda t: (results[t], -t))
+    return best, results
 
 
 def scored_class_names(dataset: SegmentationDataset, cfg: SegmentationConfig) -> list[str]:

@@ -51,6 +51,8 @@ from dinoalign.evaluate.retrieval import (
     retrieval_metrics_from_similarity,
 )
 from dinoalign.evaluate.segmentation import (
+    SegmentationConfig,
+    calibrate_bg_threshold,
     evaluate_segmentation,
     make_predictor,
     scored_class_names,
@@ -186,6 +188,7 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
     features_uri = under_root(params.embed.out_dir, root)
     use_store = model.store_has_columns(features_uri)
     zeroshot_classes = model.class_embeddings(class_names, cfg.zeroshot_templates)
+    head = _demo_dense_head(model, params, root) if model.recipe.has_dense_head else None
     evaluation = Evaluation(metrics={})
     blocks: dict[str, dict[str, Any]] = {}
     for subset, images in subsets.items():
@@ -214,9 +217,9 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
         if model.name == "projector":
             reference = _clip_image_features(model, images, features_uri, params, use_store)
         block["retrieval"] = retrieval_block(model, batch, images.captions, cfg.ks, reference)
-        if model.recipe.has_dense_head:
+        if head is not None:
             dataset = DemoSegmentation(images, params.data.max_pixels, params.data.min_side)
-            seg, confusion, examples = segmentation_block(model, dataset, cfg, root, subset)
+            seg, confusion, examples = segmentation_block(model, dataset, head, cfg, root, subset)
             block["segmentation"] = seg
             evaluation.per_class_iou[subset] = seg["per_class"]
             evaluation.confusion[subset] = confusion
@@ -237,6 +240,20 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
     return evaluation
 
 
+def _demo_dense_head(model: AlignedModel, params: Params, root: Path) -> DenseHead:
+    """The dense head on the demo's labels; with ``bg_threshold_split`` its background
+    threshold is the one with the best mIoU on that split's images."""
+    cfg = params.evaluate
+    split = cfg.bg_threshold_split
+    pairs_dir, source = root / params.embed.pairs_dir, params.data.synthetic.source
+    reference, _ = load_demo(pairs_dir, source, split or cfg.split, root)
+    dataset = DemoSegmentation(reference["seen"], params.data.max_pixels, params.data.min_side)
+    head = DenseHead.build(model, dataset, cfg)
+    if split is None or head.cfg.bg_threshold is None:
+        return head
+    return head.calibrated(dataset, cfg.bg_threshold_images, split, model.device)
+
+
 def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evaluation:
     from dinoalign.evaluate.datasets import EVAL_DATASETS
 
@@ -251,7 +268,8 @@ def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evalua
     }
     evaluation = Evaluation(metrics=metrics)
     if dataset.task == "segmentation":
-        seg, confusion, examples = segmentation_block(model, dataset, cfg, root, "all")
+        head = DenseHead.build(model, dataset, cfg)
+        seg, confusion, examples = segmentation_block(model, dataset, head, cfg, root, "all")
         metrics["segmentation"] = seg
         evaluation.per_class_iou["all"] = seg["per_class"]
         evaluation.confusion["all"] = confusion
@@ -335,18 +353,53 @@ def format_retrieval(raw: Mapping[str, float], ks: Sequence[int]) -> dict[str, A
     return block
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseHead:
+    """What segmentation needs of a model on one label set: its ``logits_fn`` over the
+    scored class names, the settings, and whether background cleaning is on."""
+
+    logits_fn: Any
+    cfg: SegmentationConfig
+    background_cleaning: bool
+    calibration: dict[str, Any] | None = None
+
+    @classmethod
+    def build(cls, model: AlignedModel, dataset: Any, cfg: EvaluateConfig) -> DenseHead:
+        """Class embeddings of ``dataset``'s scored class names (``dense_templates``) and
+        ``model``'s dense scores; talk2dino cleans the background on datasets with one."""
+        seg_cfg = cfg.segmentation_for(model.name)
+        names = scored_class_names(dataset, seg_cfg)
+        clean = cfg.background_cleaning and dataset.has_background and model.name == "talk2dino"
+        classes = model.class_embeddings(names, cfg.dense_templates)
+        return cls(model.dense_logits_fn(classes, clean, cfg.cleaning_lambda), seg_cfg, clean)
+
+    def calibrated(self, dataset: Any, max_images: int, split: str, device: Any) -> DenseHead:
+        """This head with the background threshold that maximises mIoU on ``dataset``
+        (another split than the one evaluated)."""
+        threshold, grid = calibrate_bg_threshold(
+            dataset, self.logits_fn, self.cfg, max_images=max_images, device=device
+        )
+        calibration = {
+            "split": split,
+            "images": min(max_images, len(dataset)),
+            "miou": grid[threshold],
+            "candidates": len(grid),
+        }
+        cfg = dataclasses.replace(self.cfg, bg_threshold=threshold)
+        return dataclasses.replace(self, cfg=cfg, calibration=calibration)
+
+
 def segmentation_block(
-    model: AlignedModel, dataset: Any, cfg: EvaluateConfig, root: Path, subset: str
+    model: AlignedModel,
+    dataset: Any,
+    head: DenseHead,
+    cfg: EvaluateConfig,
+    root: Path,
+    subset: str,
 ) -> tuple[dict[str, Any], list[list[int]], dict[str, Image.Image]]:
     """(metrics, pixel confusion matrix, example overlays) of ``model`` on a segmentation
     dataset (items: image, label, name; ``class_names``; ``has_background``)."""
-    seg_cfg = cfg.segmentation_for(model.name)
-    names = scored_class_names(dataset, seg_cfg)
-    clean = cfg.background_cleaning and dataset.has_background and model.name == "talk2dino"
-    classes = model.class_embeddings(names, cfg.dense_templates)
-    predictor = make_predictor(
-        model.dense_logits_fn(classes, clean, cfg.cleaning_lambda), dataset, seg_cfg, model.device
-    )
+    predictor = make_predictor(head.logits_fn, dataset, head.cfg, model.device)
     save_dir = (
         str(root / cfg.plots_dir / model.name / "predictions" / subset)
         if cfg.save_predictions
@@ -360,9 +413,10 @@ def segmentation_block(
         "mean_accuracy": raw["mean_accuracy"],
         "num_images": raw["num_images"],
         "per_class": raw["per_class_iou"],
-        "bg_threshold": seg_cfg.bg_threshold if dataset.has_background else None,
-        "background_cleaning": clean,
-        "pamr": seg_cfg.pamr,
+        "bg_threshold": head.cfg.bg_threshold if dataset.has_background else None,
+        "bg_threshold_calibration": head.calibration if dataset.has_background else None,
+        "background_cleaning": head.background_cleaning,
+        "pamr": head.cfg.pamr,
     }
     examples = {}
     palette = label_palette(len(dataset.class_names), background=dataset.has_background)
