@@ -11,7 +11,8 @@ files the other stages wrote:
 - curation statistics (``<curate.out_dir>/stats.json``), data and reject counts (the
   pairs ``summary.json`` and the features ``manifest.json``);
 - versions: git commit, the DVC hashes of ``dvc.lock``, model weights, frozen towers;
-- links to the MLflow runs (the latest run of every stage in the experiment).
+- links to the MLflow runs: the align and evaluate runs behind the numbers shown, and
+  the latest run of each upstream stage.
 
 Missing inputs (a stage not run yet) are shown as missing, never invented.
 """
@@ -89,8 +90,15 @@ def dvc_lock_outputs(root: Path) -> list[tuple[str, str, str]]:
     ]
 
 
-def mlflow_runs(params: Params) -> tuple[list[dict[str, Any]], str | None]:
-    """(the latest run of every run name in the experiment, None) or ([], why not)."""
+UPSTREAM_STAGES = ("prepare", "teacher", "embed", "curate")
+
+
+def mlflow_runs(
+    params: Params, shown: Mapping[str, str]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """(runs, None) or ([], why not): the runs of ``shown`` (label -> run id: the align
+    and evaluate runs whose outputs the page shows) and the latest run of each upstream
+    stage in the experiment."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -101,28 +109,40 @@ def mlflow_runs(params: Params) -> tuple[list[dict[str, Any]], str | None]:
         experiment = client.get_experiment_by_name(params.tracking.experiment)
         if experiment is None:
             return [], f"no MLflow experiment {params.tracking.experiment!r} yet"
-        runs = client.search_runs(
-            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=500
-        )
+        runs = []
+        for stage in UPSTREAM_STAGES:
+            found = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`dinoalign.stage` = '{stage}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            runs += [(f"{stage} (latest)", run) for run in found]
+        for label, run_id in shown.items():
+            try:
+                runs.append((label, client.get_run(run_id)))
+            except MlflowException:
+                runs.append((label, None))
     except (MlflowException, OSError) as e:
         return [], f"MLflow unreachable: {e}"
-    latest: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        name = run.data.tags.get("mlflow.runName", run.info.run_id)
-        latest.setdefault(
-            name,
-            {
-                "name": name,
-                "run_id": run.info.run_id,
-                "experiment_id": run.info.experiment_id,
-                "status": run.info.status,
-                "start": datetime.datetime.fromtimestamp(
-                    run.info.start_time / 1000, datetime.timezone.utc
-                ),
-                "stage": run.data.tags.get("dinoalign.stage", ""),
-            },
-        )
-    return sorted(latest.values(), key=lambda r: r["start"]), None
+    return [_run_row(label, run, shown.get(label)) for label, run in runs], None
+
+
+def _run_row(label: str, run: Any, run_id: str | None) -> dict[str, Any]:
+    if run is None:
+        return {
+            "name": label,
+            "run_id": run_id,
+            "experiment_id": None,
+            "status": "not in this store",
+        }
+    return {
+        "name": label,
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "status": run.info.status,
+        "start": datetime.datetime.fromtimestamp(run.info.start_time / 1000, datetime.timezone.utc),
+    }
 
 
 def run_link(params: Params, experiment_id: str, run_id: str) -> str:
@@ -533,27 +553,41 @@ def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[
     return "".join(out)
 
 
-def _section_mlflow(params: Params) -> str:
-    runs, problem = mlflow_runs(params)
+def _section_mlflow(params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    from dinoalign.tracking import tracking_uri
+
+    shown: dict[str, str] = {}
+    for recipe in params.evaluate.recipes:
+        align = read_json(root / params.align.curves_dir / recipe / "metrics.json") or {}
+        if align.get("mlflow_run_id"):
+            shown[f"align@{recipe}"] = align["mlflow_run_id"]
+        evaluated = _get(metrics.get(recipe, {}), ("info", "mlflow", "run_id"))
+        if evaluated:
+            shown[f"evaluate@{recipe}"] = evaluated
+    runs, problem = mlflow_runs(params, shown)
     out = ["<h2>MLflow runs</h2>"]
     if problem:
         return "".join(out) + f"<p><small>{esc(problem)}</small></p>"
-    from dinoalign.tracking import tracking_uri
-
     if not tracking_uri(params).startswith("http"):
         out.append(
             "<p><small>embedded store: start the UI with <code>make mlflow-ui</code> for these "
             f"links ({esc(params.evaluate.mlflow_ui)})</small></p>"
         )
-    rows = [
-        [
-            f"<td>{esc(r['name'])}</td>",
-            f"<td>{esc(r['status'])}</td>",
-            f"<td>{r['start']:%Y-%m-%d %H:%M:%S} UTC</td>",
-            f'<td><a href="{esc(run_link(params, r["experiment_id"], r["run_id"]))}">{esc(r["run_id"][:12])}</a></td>',
-        ]
-        for r in runs
-    ]
+    rows = []
+    for r in runs:
+        link = esc(r["run_id"])
+        if r["experiment_id"] is not None:
+            href = esc(run_link(params, r["experiment_id"], r["run_id"]))
+            link = f'<a href="{href}">{esc(r["run_id"][:12])}</a>'
+        started = f"{r['start']:%Y-%m-%d %H:%M:%S} UTC" if "start" in r else MISSING
+        rows.append(
+            [
+                f"<td>{esc(r['name'])}</td>",
+                f"<td>{esc(r['status'])}</td>",
+                f"<td>{started}</td>",
+                f"<td>{link}</td>",
+            ]
+        )
     out.append(table(["run", "status", "started", "run id"], rows, raw=True))
     return "".join(out)
 
@@ -591,7 +625,7 @@ def render_report(params: Params, root: Path) -> str:
             _section_segmentation(params, root, metrics),
             _section_data(params, root),
             _section_versions(params, root, metrics),
-            _section_mlflow(params),
+            _section_mlflow(params, root, metrics),
         ]
     )
     return (

@@ -33,6 +33,7 @@ import numpy as np
 from dinoalign.config import ConfigError, Params, load_params
 from dinoalign.data.images import ImageRejected, load_image
 from dinoalign.errors import InferenceError
+from dinoalign.storage import under_root
 
 if TYPE_CHECKING:
     from dinoalign.evaluate.model import AlignedModel
@@ -70,7 +71,8 @@ def add_inference_commands(
         "--bg-threshold",
         type=float,
         default=None,
-        help="background (label 0) where no class scores above this (default: evaluate params)",
+        help="background (label 0) where no class scores above this (default: the threshold "
+        "the evaluate stage used for this model, else evaluate params)",
     )
     seg.add_argument(
         "--no-background", action="store_true", help="no background label: classes are 0..N-1"
@@ -247,11 +249,11 @@ def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dic
         check_known_classes(model, classes, params, root)
     image = _read_image(args.image, params)
     cfg = params.evaluate.segmentation_for(model.name)
-    threshold = (
-        None
-        if args.no_background
-        else (args.bg_threshold if args.bg_threshold is not None else cfg.bg_threshold)
-    )
+    threshold, threshold_from = None, "--no-background"
+    if not args.no_background:
+        threshold, threshold_from = args.bg_threshold, "--bg-threshold"
+        if threshold is None:
+            threshold, threshold_from = evaluated_bg_threshold(model, params, root)
     cfg = dataclasses.replace(cfg, pamr=cfg.pamr or args.pamr)
     clean = (
         threshold is not None and params.evaluate.background_cleaning and model.name == "talk2dino"
@@ -284,6 +286,7 @@ def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dic
         "labels": dict(enumerate(names)),
         "pixel_fraction": {n: float((labels == i).mean()) for i, n in enumerate(names)},
         "bg_threshold": threshold,
+        "bg_threshold_from": threshold_from,
         "pamr": cfg.pamr,
         "mask": str(args.out),
     }
@@ -295,6 +298,22 @@ def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dic
         with_legend(picture, names, palette, present).save(args.overlay, format="PNG")
         result["overlay"] = str(args.overlay)
     return result
+
+
+def evaluated_bg_threshold(
+    model: AlignedModel, params: Params, root: Path
+) -> tuple[float | None, str]:
+    """(background threshold, where it comes from): the one the evaluate stage used for
+    these very weights (``metrics/<recipe>.json``, chosen on the val split in the demo),
+    else the params' ``evaluate.segmentation.bg_threshold`` / ``bg_thresholds``."""
+    path = Path(under_root(params.evaluate.metrics_dir, root)) / f"{model.name}.json"
+    if path.is_file() and model.info is not None:
+        metrics = json.loads(path.read_text())
+        evaluated = (metrics.get("info", {}).get("model") or {}).get("weights_sha256")
+        threshold = metrics.get("segmentation", {}).get("bg_threshold")
+        if evaluated == model.info.weights_sha256 and threshold is not None:
+            return float(threshold), f"{path} (the evaluate stage's, for these weights)"
+    return params.evaluate.segmentation_for(model.name).bg_threshold, "params"
 
 
 def classify_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
@@ -337,7 +356,6 @@ def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[
 
     from dinoalign.data.prepare import read_manifest
     from dinoalign.embed.store import FeatureStore
-    from dinoalign.storage import under_root
 
     model = _load(args, params, root)
     features = under_root(params.embed.out_dir, root)

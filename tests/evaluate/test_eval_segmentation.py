@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinoalign.evaluate.datasets import EVAL_DATASETS
+from dinoalign.evaluate.metrics import ConfusionMatrix
 from dinoalign.evaluate.segmentation import (
     SegmentationConfig,
+    calibrate_bg_threshold,
     evaluate_segmentation,
     make_predictor,
     scored_class_names,
@@ -202,3 +204,37 @@ def test_evaluate_segmentation_on_a_folder_dataset_and_saves_predictions(tmp_pat
     assert result["num_images"] == 2
     only_first = evaluate_segmentation(dataset, predictor, max_images=1)
     assert only_first["num_images"] == 1
+
+
+def test_calibrated_background_threshold_is_the_best_full_segmentation_on_the_grid(tmp_path):
+    rng = np.random.default_rng(4)
+    images, labels = [], []
+    for height, width in [(12, 16), (10, 9), (14, 14)]:
+        label = rng.integers(0, 3, size=(height, width))
+        image = np.zeros((height, width, 3), dtype=np.uint8)
+        # class evidence of varying strength: the best threshold is somewhere inside
+        image[..., 0] = np.where(label == 1, 150, 60) + rng.integers(0, 90, (height, width))
+        image[..., 1] = np.where(label == 2, 150, 60) + rng.integers(0, 90, (height, width))
+        images.append(image)
+        labels.append(label)
+    _write_folder_dataset(tmp_path / "ds", labels, images)
+    dataset = EVAL_DATASETS.build(
+        "folder", str(tmp_path / "ds"), image_suffix=".png", has_background=True
+    )
+    cfg = SegmentationConfig(short_side=8, max_long_side=64, crop=8, stride=4, bg_threshold=0.5)
+    best, grid = calibrate_bg_threshold(dataset, _red_green_scores, cfg, candidates=9)
+    assert len(grid) == 9 and best in grid
+    for threshold, miou in grid.items():  # the shortcut equals running segment() per threshold
+        confusion = ConfusionMatrix(3)
+        for image, label, _name in dataset:
+            pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+            confusion.update(segment(pixels, _red_green_scores, 2, cfg, threshold)[0], label)
+        assert miou == pytest.approx(confusion.miou())
+    assert grid[best] == max(grid.values()) and len(set(grid.values())) > 1
+    with pytest.raises(ValueError, match="background class"):
+        calibrate_bg_threshold(
+            EVAL_DATASETS.build("folder", str(tmp_path / "ds"), image_suffix=".png"),
+            _red_green_scores,
+            cfg,
+        )
+

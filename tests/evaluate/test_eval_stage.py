@@ -4,6 +4,7 @@ computation, the plots and MLflow records, the registered-dataset path, and erro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -396,6 +397,46 @@ def test_registered_datasets_are_evaluated_by_their_task(
         assert (
             retrieval["t2i"]["chance_r1"] == pytest.approx(1 / 3) and retrieval["t2i"]["r5"] == 1.0
         )
+
+
+def test_background_threshold_chosen_on_val_is_recorded_and_used(
+    demo_models: DemoModels, tmp_path: Path
+) -> None:
+    from dinoalign.evaluate.demo import DemoSegmentation, load_demo
+    from dinoalign.evaluate.metrics import ConfusionMatrix
+    from dinoalign.evaluate.segmentation import make_predictor
+
+    out = tmp_path / "out"
+    overrides = (
+        "evaluate.recipes=[talk2dino]",
+        "evaluate.bg_threshold_split=val",
+        "evaluate.bg_threshold_images=8",
+        f"evaluate.metrics_dir={out}",
+        f"evaluate.plots_dir={out / 'plots'}",
+        "evaluate.max_images=6",
+    )
+    assert demo_models.main("evaluate", *overrides) == 0
+    metrics = json.loads((out / "talk2dino.json").read_text())
+    seg, heldout = metrics["segmentation"], metrics["heldout"]["segmentation"]
+    calibration = seg["bg_threshold_calibration"]
+    assert calibration["split"] == "val" and calibration["images"] == 8
+    assert heldout["bg_threshold"] == seg["bg_threshold"] != 0.5  # not the params' value
+    # the recorded val mIoU is that of the recorded threshold on the first 8 val images
+    params = demo_models.params(*overrides)
+    root = demo_models.features.root
+    model = AlignedModel.load(str(demo_models.model_dir("talk2dino")), params, root, "cpu")
+    val, _ = load_demo(demo_models.features.pairs_dir, "synthetic", "val", root)
+    dataset = DemoSegmentation(val["seen"].head(8), params.data.max_pixels, params.data.min_side)
+    names = list(dataset.class_names[1:])
+    classes = model.class_embeddings(names, params.evaluate.dense_templates)
+    cfg = dataclasses.replace(params.evaluate.segmentation, bg_threshold=seg["bg_threshold"])
+    predict = make_predictor(model.dense_logits_fn(classes, True), dataset, cfg)
+    confusion = ConfusionMatrix(len(dataset.class_names))
+    for image, label, _uid in dataset:
+        confusion.update(predict(image), torch.from_numpy(label))
+    assert calibration["miou"] == pytest.approx(confusion.miou())
+    with pytest.raises(ConfigError, match="must be chosen on other images"):
+        demo_models.params("evaluate.bg_threshold_split=test")
 
 
 def test_clear_errors_for_missing_or_mismatched_models_and_bad_settings(

@@ -71,10 +71,11 @@ def test_segment_gives_the_evaluate_stages_label_map(
         result["labels"]["0"] == "background" and result["labels"][str(len(classes))] == classes[-1]
     )
     assert sum(result["pixel_fraction"].values()) == pytest.approx(1.0)
-    with Image.open(tmp_path / "overlay.png") as overlay:
-        assert (
-            overlay.width >= labels.shape[1] and overlay.height > labels.shape[0]
-        )  # image + legend
+    # the threshold the evaluate stage used for these weights, read from its metrics
+    metrics = evaluated_demo.root / "metrics" / f"{recipe}.json"
+    assert result["bg_threshold_from"].startswith(str(metrics))
+    with Image.open(tmp_path / "overlay.png") as overlay:  # the image above its legend
+        assert overlay.width >= labels.shape[1] and overlay.height > labels.shape[0]
 
 
 def test_classify_ranks_like_the_evaluate_stage(evaluated_demo: DemoModels, capsys) -> None:

@@ -3,13 +3,15 @@
 
 ``metrics/<recipe>.json`` (chance next to every number; NaN is written as null)::
 
-    zeroshot      top1, top5, mean_per_class_recall, chance_top1, chance_top5, num_images, num_classes
+    zeroshot      top1, top5, mean_per_class_recall, chance_top1, chance_top5,
+                  num_images, num_classes
     retrieval     i2t.{r1,r5,r10,chance_r1,...}, t2i.{...}, chance_r1 (= 1/#images in both
                   directions), num_images, num_texts; projector: clip.{i2t,t2i} (the teacher
                   CLIP's own scores) and percent_of_clip.{i2t,t2i}.{r1,...}
     segmentation  miou, chance_miou, per_class {name: IoU or null}, pixel_accuracy,
-                  mean_accuracy, num_images, bg_threshold, background_cleaning, pamr
-                  (the projector, without a dense head: {"skipped": reason})
+                  mean_accuracy, num_images, bg_threshold (+ bg_threshold_calibration when
+                  chosen on another split), background_cleaning, pamr (the projector,
+                  without a dense head: {"skipped": reason})
     heldout       the same blocks for the demo world's test images with a held-out
                   composition (the top level holds the images with seen compositions only)
     info          recipe, dataset, model (reference, weights sha256, config), frozen
@@ -231,7 +233,7 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
     evaluation.metrics["info"] = {
         "split": cfg.split,
         "subsets": {s: len(v.head(cfg.max_images)) for s, v in subsets.items()},
-        "top_level": "test images whose objects are all seen compositions; 'heldout': those with a held-out one",
+        "top_level": "images whose objects are all seen compositions (heldout: the others)",
         "heldout_compositions": world["heldout_compositions"],
         "image_features": features_uri
         if use_store
