@@ -218,9 +218,10 @@ def line_chart(
         parts.append(
             f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{value:.3g}</text>'
         )
-    for value, x in ((x0, sx(x0)), (x1, sx(x1))):
+    for value, x, anchor in ((x0, sx(x0), "start"), (x1, sx(x1), "end")):
         parts.append(
-            f'<text x="{x:.1f}" y="{height - bottom + 13}" font-size="10" text-anchor="middle">{value:.4g}</text>'
+            f'<text x="{x:.1f}" y="{height - bottom + 13}" font-size="10" '
+            f'text-anchor="{anchor}">{value:.4g}</text>'
         )
     parts.append(
         f'<text x="{left + inner_width / 2:.0f}" y="{height - 4}" font-size="11" '
@@ -389,11 +390,13 @@ def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
             if curve
             else "<p><small>no curve.csv yet</small></p>"
         )
-        note = "<small>no align metrics.json</small>"
+        note = "<p><small>no align metrics.json</small></p>"
         if summary:
+            final = summary.get("final_loss")
+            final = f"{final:.4g}" if isinstance(final, (int, float)) else "?"
             note = (
-                f"<small>{esc(summary.get('steps', '?'))} steps, {esc(summary.get('train_uids', '?'))} "
-                f"train images, final loss {esc(summary.get('final_loss', '?'))}</small>"
+                f"<p><small>{esc(summary.get('steps', '?'))} steps, "
+                f"{esc(summary.get('train_uids', '?'))} train images, final loss {final}</small></p>"
             )
         out.append(f'<div class="card"><h3>{esc(recipe)}</h3>{body}{note}</div>')
     teacher = read_curve(root / params.teacher.out_dir / "curve.csv")
@@ -414,9 +417,15 @@ def _section_segmentation(
     for recipe in dense:
         plots = root / params.evaluate.plots_dir / recipe
         seg = dense[recipe]["segmentation"]
+        threshold = seg.get("bg_threshold")
+        threshold = "none" if threshold is None else f"{threshold:.3g}"
+        calibration = seg.get("bg_threshold_calibration")
+        if calibration:
+            threshold += f" (best on {calibration['images']} {calibration['split']} images)"
         settings = (
-            f"background threshold {seg.get('bg_threshold')}, background cleaning "
-            f"{'on' if seg.get('background_cleaning') else 'off'}, PAMR {'on' if seg.get('pamr') else 'off'}"
+            f"background threshold {threshold}, background cleaning "
+            f"{'on' if seg.get('background_cleaning') else 'off'}, "
+            f"PAMR {'on' if seg.get('pamr') else 'off'}"
         )
         pictures = "".join(
             f"<figure>{png_img(p.read_bytes(), f'{recipe} {p.stem}')}<figcaption>{esc(p.stem)}</figcaption></figure>"
