@@ -8,6 +8,10 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
+# Ray >= 2.47 re-runs `uv run` in every worker when the driver was started by `uv run`,
+# which builds a fresh venv per worker from a copy of the repo: workers time out on a
+# clean machine. Workers use the driver's interpreter instead.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYTHONUNBUFFERED := 1
 
