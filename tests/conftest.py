@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline_testing import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
     DEMO_BACKBONE,
     DEMO_WORLD,
     REPO,
@@ -166,3 +170,21 @@ def evaluated_demo(demo_models: DemoModels) -> DemoModels:
     """``demo_models`` after ``dinoalign evaluate`` (all three recipes)."""
     assert demo_models.main("evaluate") == 0
     return demo_models
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """Debian's headless chromium driven by Playwright (Playwright's own browser download
+    fails here); `make test` installs chromium first (`make chromium`). One Playwright
+    instance for the whole session: its sync API refuses to start a second one while the
+    first one's event loop runs."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: run `make chromium` (Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -10,6 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
+CHROMIUM = Path("/usr/bin/chromium")
+# ENVIRONMENT.md: the flags under which Debian's chromium renders pages headless here
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 TINY_BACKBONE = "{embed_dim: 48, depth: 2, num_heads: 3}"

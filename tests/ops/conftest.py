@@ -1,22 +1,18 @@
-"""Fixtures of the operations tests: a real SeaweedFS + mlflow server pair, headless Chromium."""
+"""Fixtures of the operations tests: a real SeaweedFS + mlflow server pair (headless
+Chromium: the session-wide ``chromium`` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
 from dinoalign import infra
 from dinoalign.storage import S3Settings, mlflow_server_env
 
-CHROMIUM = "/usr/bin/chromium"
-# ENVIRONMENT.md: the flags under which Debian's chromium renders the MLflow UI headless here
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @dataclasses.dataclass
@@ -61,19 +57,3 @@ def tracking_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trackin
         yield stack
     finally:
         stack.stop()
-
-
-@pytest.fixture(scope="session")
-def chromium() -> Iterator[Any]:
-    """Debian's headless chromium driven by Playwright (its own browser download fails
-    here); `make test` installs chromium first (`make chromium`)."""
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not found: run `make chromium` (Debian's chromium package)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,18 +16,6 @@ from pipeline_testing import DemoModels
 from PIL import Image
 
 from dinoalign.report import line_chart, pct, write_report
-
-CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 @pytest.fixture(scope="module")
 def report(evaluated_demo: DemoModels) -> Path:
@@ -50,14 +39,8 @@ def _cell_texts(page, heading: str) -> dict[str, dict[str, str]]:
 
 
 def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
-    evaluated_demo: DemoModels, report: Path, tmp_path: Path
+    evaluated_demo: DemoModels, report: Path, chromium: Any, tmp_path: Path
 ) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(
-            "Debian's chromium is not installed at /usr/bin/chromium (`make chromium` installs it)"
-        )
-    from playwright.sync_api import sync_playwright
-
     html = report.read_text()
     assert not re.search(r"""(src|href)=["']https?://""", html.split("<h2>MLflow runs</h2>")[0]), (
         "only run links may point out"
@@ -65,32 +48,30 @@ def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
     assert "<script" not in html
     problems: list[str] = []
     requests: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on(
-                "console",
-                lambda m: (
-                    problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None
-                ),
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(report.as_uri(), wait_until="load")
-            widths = page.evaluate(
-                "Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
-            )
-            seen = _cell_texts(page, "Seen compositions")
-            heldout = _cell_texts(page, "Held-out compositions")
-            curves = page.evaluate("document.querySelectorAll('svg polyline').length")
-            links = page.evaluate("Array.from(document.querySelectorAll('a')).map(a => a.href)")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        finally:
-            browser.close()
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.on(
+            "console",
+            lambda m: (
+                problems.append(f"console {m.type}: {m.text}")
+                if m.type in ("error", "warning")
+                else None
+            ),
+        )
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(report.as_uri(), wait_until="load")
+        widths = page.evaluate(
+            "Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
+        )
+        seen = _cell_texts(page, "Seen compositions")
+        heldout = _cell_texts(page, "Held-out compositions")
+        curves = page.evaluate("document.querySelectorAll('svg polyline').length")
+        links = page.evaluate("Array.from(document.querySelectorAll('a')).map(a => a.href)")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    finally:
+        page.close()
     assert problems == []
     assert requests == [report.as_uri()]  # pictures are data: URIs, nothing else is fetched
     # 2 examples × 2 subsets + 2 confusion pictures, for each of the two dense recipes

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dinoalign.config import BackboneConfig, ClipConfig, EmbedConfig, Params, TextEncoderConfig
+from dinoalign.config import BackboneConfig, Params
 from dinoalign.data.images import ImageRejected, load_image, resize_crop
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import image_features
