@@ -148,6 +148,9 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({"n": args.n, "engine": args.engine, "model": args.model,
                                   "batch_size": args.batch_size, "images_per_s": summary["images_per_s"],
                                   "seconds_images": summary["seconds_images"], "wall_s": wall,
+                                  # time inside the model holder's calls (normalise + forward +
+                                  # features): the part of seconds_images that is the model itself
+                                  "seconds_model": summary["seconds_model"],
                                   "peak_rss_mb": rss.peak / 2**20}))
 
 

@@ -5,6 +5,7 @@ the Makefile and tests do)."""
 from __future__ import annotations
 
 import os
+import threading
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -24,3 +25,30 @@ def init_ray(num_cpus: int | None = None) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+class TorchThreads:
+    """Give torch ``n`` intra-op threads in whichever thread calls it.
+
+    OpenMP's thread count is a per-thread setting: ``torch.set_num_threads`` in a
+    constructor does not reach a method that a Ray actor runs in its executor thread
+    (Ray Data calls ``map_batches`` UDFs from a ``ThreadPoolExecutor``), where OpenMP then
+    starts from ``OMP_NUM_THREADS``, which Ray sets to the actor's whole CPUs (1 for a
+    1-CPU actor). Call the instance at the top of every call; it sets the count once per
+    thread."""
+
+    def __init__(self, n: int) -> None:
+        import torch
+
+        self.n = max(1, int(n))
+        self._done: set[int] = set()
+        torch.set_num_threads(self.n)
+        self._done.add(threading.get_ident())
+
+    def __call__(self) -> None:
+        ident = threading.get_ident()
+        if ident not in self._done:
+            import torch
+
+            torch.set_num_threads(self.n)
+            self._done.add(ident)

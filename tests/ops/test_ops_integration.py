@@ -28,6 +28,7 @@ import pytest
 import yaml
 from ops_checkout import copy_checkout, git
 from ops_mlflow_ui import check_mlflow_ui
+from pipeline_testing import DEMO_BACKBONE, DEMO_WORLD
 from PIL import Image
 
 from dinoalign.ops.promotion import rule
@@ -40,10 +41,10 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = "talk2dino"  # the recipe these runs train, compare and promote (the cheapest to train)
 TARGET = f"evaluate@{RECIPE}"  # dvc repro target: prepare, teacher, embed, curate, align and evaluate of it
 STAGES = ("prepare", "teacher", "embed", "curate", f"align@{RECIPE}", TARGET)
-WORLD = {"n_train": 240, "n_val": 4, "n_test": 60}
+WORLD = DEMO_WORLD  # the test split must be large enough for the promotion metric to tell models apart
 SMALL = {
     **{f"data.synthetic.{k}": v for k, v in WORLD.items()},
-    "backbone.model_kwargs": "{embed_dim: 96, depth: 2, num_heads: 3}",
+    "backbone.model_kwargs": DEMO_BACKBONE,
     # a tiny CLIP teacher trained long enough that its text tower carries the demo world
     "teacher.embed_dim": 64, "teacher.image_size": 32, "teacher.patch_size": 8, "teacher.vision_width": 96,
     "teacher.vision_layers": 2, "teacher.text_width": 64, "teacher.text_layers": 2, "teacher.text_heads": 2,
@@ -51,14 +52,17 @@ SMALL = {
     # embed in-process (Ray Data's fixed costs dominate 300 images); align uses the Ray head
     "embed.engine": "local", "embed.batch_size": 64, "embed.decode_batch_size": 64, "embed.shard_rows": 128,
     "curate.levels": "[8, 2]", "curate.resample_steps": "[1, 1]", "curate.resample_points": "[8, 2]",
-    "curate.target_size": 230, "curate.text_threshold": 1000,
+    "curate.target_size": 460, "curate.text_threshold": 1000,
     "align.cpus_per_worker": 1,
-    f"align.{RECIPE}.epochs": 100, f"align.{RECIPE}.lr": 0.003, f"align.{RECIPE}.batch_size": 64,
+    f"align.{RECIPE}.epochs": 40, f"align.{RECIPE}.lr": 0.003, f"align.{RECIPE}.batch_size": 64,
     f"align.{RECIPE}.log_every": 50, f"align.{RECIPE}.checkpoint_every": 1000,
     "evaluate.zeroshot_templates": "talk2dino", "evaluate.num_examples": 1,
-    # retraining: the candidate and the champion on zero-shot top-1 of the fixed test split
-    "retrain.recipes": f"[{RECIPE}]", "retrain.metrics": f"{{{RECIPE}: zeroshot.top1}}",
-    "retrain.tolerance": 0.05, "retrain.targets": f"[{TARGET}]",
+    # retraining: the candidate and the champion on text->image R@5 of the fixed test split
+    # (270 caption queries over 90 images; measured on this world: trained 0.148, untrained
+    # 0.067, chance 0.056). Zero-shot top-1 over the split's ~50 single-object images is too
+    # noisy to tell a trained model from an untrained one (0.02-0.10 vs 0.04).
+    "retrain.recipes": f"[{RECIPE}]", "retrain.metrics": f"{{{RECIPE}: retrieval.t2i.r5}}",
+    "retrain.tolerance": 0.02, "retrain.targets": f"[{TARGET}]",
 }
 
 
@@ -103,11 +107,7 @@ def _embed_run(client: Any, experiment: str, pipeline_run: str) -> Any:
     return runs[0]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known open defect (issue #7): after the pull of the stack run now checks every output, "
-    "a later step fails with a JSONDecodeError not yet diagnosed; the run still executes in full",
-)
+@pytest.mark.timeout(1800)  # about 12 min on 2 idle cores: the pipeline and two retrainings
 def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromium: Any) -> None:
     from mlflow import MlflowClient
 

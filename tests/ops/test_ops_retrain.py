@@ -244,3 +244,26 @@ def test_failed_run_leaves_the_champion_untouched_and_resumes(tmp_path: Path) ->
     manifest = read_manifest(root / "artifacts" / "pairs")
     assert sum(s == incoming.SOURCE for s in manifest.column("source").to_pylist()) == 3
     assert len(record["eval_set"]) == 16
+
+
+def test_cli_stdout_is_only_the_json_record(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dinoalign retrain` prints one JSON record on stdout (cron jobs parse it) even when a
+    library writes to stdout meanwhile, as MLflow does ("View run ... at: URL") when it
+    talks to a tracking server; that text goes to stderr."""
+    import dinoalign.ops.retrain as retrain_module
+    from dinoalign.cli import main
+
+    (tmp_path / "params.yaml").write_text(f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n")
+
+    def chatty_retrain(params: Any, root: Path, new: str) -> dict[str, Any]:
+        sys.stdout.write("🏃 View run retrain at: http://127.0.0.1:5000/#/experiments/1/runs/abc\n")
+        print("more chatter")
+        return {"status": "done", "batch": "b1", "source": new}
+
+    monkeypatch.setattr(retrain_module, "retrain", chatty_retrain)
+    monkeypatch.setenv("DINOALIGN_ROOT", str(tmp_path))
+    assert main(["retrain", "--new", "drop.csv", "-p", str(tmp_path / "params.yaml")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"status": "done", "batch": "b1", "source": "drop.csv"}
+    assert "View run retrain" in err and "more chatter" in err

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dinoalign.compute import TorchThreads
 from dinoalign.config import BackboneConfig, Params
 from dinoalign.data.images import ImageRejected, load_image, resize_crop
 from dinoalign.data.schema import make_caption_id
@@ -85,7 +86,7 @@ class ImageEmbedder:
 
     def __init__(self, params: Params) -> None:
         cfg = params.embed
-        torch.set_num_threads(max(1, cfg.torch_threads))
+        self.threads = TorchThreads(cfg.torch_threads)
         self.device = _device(cfg.actor_num_gpus)
         self.backbone = build_backbone_from(params.backbone, params.seed).to(self.device)
         self.keep_patches = cfg.keep_patches
@@ -98,6 +99,7 @@ class ImageEmbedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads()  # this call's thread (Ray actors run calls in an executor thread)
         t0 = time.perf_counter()
         ok = batch["reject_reason"] == ""
         n = len(batch["uid"])
@@ -128,7 +130,7 @@ class TextEmbedder:
     def __init__(self, params: Params) -> None:
         from dinoalign.backbones.text import build_text_encoder
 
-        torch.set_num_threads(max(1, params.embed.torch_threads))
+        self.threads = TorchThreads(params.embed.torch_threads)
         self.encoders = {
             t.key: build_text_encoder(t.kind, t.name, pretrained=t.pretrained, model_kwargs=t.model_kwargs)
             for t in params.embed.text_encoders
@@ -137,6 +139,7 @@ class TextEmbedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads()
         texts = [str(t) for t in batch["caption"]]
         out = dict(batch)
         for key, enc in self.encoders.items():

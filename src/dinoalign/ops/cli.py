@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -129,7 +130,11 @@ def _retrain(args: argparse.Namespace) -> int:
     root = Path(args.params).resolve().parent
     os.environ.setdefault("DINOALIGN_ROOT", str(root))  # the embedded MLflow store of this checkout
     try:
-        result = retrain(params, root, args.new)
+        # stdout carries exactly one JSON record (cron jobs and tests parse it): whatever the
+        # libraries print meanwhile (MLflow writes "View run ... at: URL" to sys.stdout when
+        # it talks to a tracking server) goes to stderr with the progress messages
+        with contextlib.redirect_stdout(sys.stderr):
+            result = retrain(params, root, args.new)
     except RetrainError as e:
         print(f"dinoalign retrain: {e}", file=sys.stderr)
         return e.exit_code
