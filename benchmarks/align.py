@@ -54,6 +54,7 @@ BATCH = 128
 WINDOW = 10  # steps per log row
 RENDERED_IMAGES = 512
 DEMO = {"dim": 192, "heads": 6, "registers": 4, "patches": 64, "text": 128, "img_size": 112}
+SMALL_HEADS = ("talk2dino-demo", "projector-demo", "talk2dino-paper")  # per-step ops of a few ms
 CASES = ("talk2dino-demo", "dinotxt-tokens-demo", "dinotxt-images-demo", "projector-demo", "talk2dino-paper")
 
 
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60, help="timed steps after one warm-up window")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one-thread", nargs="*", choices=CASES, default=list(SMALL_HEADS),
+                        help="cases whose Ray run is repeated with align.torch_threads=1")
     parser.add_argument("--out", default=None, help="results JSON (default: docs/benchmarks/align-<machine>.json)")
     return parser.parse_args(argv)
 
@@ -151,9 +154,10 @@ def run_plain(job: TrainJob, threads: int) -> dict[str, float]:
     return {"samples_per_s": _throughput(trainer.curve), "wall_s": time.perf_counter() - start}
 
 
-def run_ray(job: TrainJob, threads: int, workdir: Path, name: str) -> dict[str, float]:
+def run_ray(job: TrainJob, threads: int, workdir: Path, name: str, torch_threads: int | None = None) -> dict[str, float]:
     align = load_params("/nonexistent-dinoalign/params.yaml",
-                        [f"align.cpus_per_worker={threads}", "align.max_failures=0"]).align
+                        [f"align.cpus_per_worker={threads}", "align.max_failures=0",
+                         f"align.torch_threads={torch_threads or 'null'}"]).align
     start = time.perf_counter()
     result = fit(job, align, run_name=name, storage_path=str(workdir / "ray"))
     wall = time.perf_counter() - start
@@ -185,6 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ray_run = run_ray(job, args.threads, Path(tmp), name=f"bench-{case}")
             row = {"plain": plain, "ray_train": ray_run,
                    "ray_over_plain": ray_run["samples_per_s"] / plain["samples_per_s"]}
+            if args.threads > 1 and case in args.one_thread:  # the same Ray worker with 1 torch thread
+                one = run_ray(job, args.threads, Path(tmp), name=f"bench-{case}-1t", torch_threads=1)
+                row.update(ray_train_1_thread=one, ray_1_thread_over_plain=one["samples_per_s"] / plain["samples_per_s"])
+                print(f"{'':22s} Ray Train, 1 torch thread: {one['samples_per_s']:9.0f} samples/s "
+                      f"({row['ray_1_thread_over_plain']:.2f}x)", flush=True)
             if case == "talk2dino-paper":
                 row["paper_epoch_s"] = {k: PAPER_CAPTIONS / v["samples_per_s"] for k, v in
                                         (("plain", plain), ("ray_train", ray_run))}
@@ -192,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{case:22s} plain {plain['samples_per_s']:9.0f} samples/s | Ray Train "
                   f"{ray_run['samples_per_s']:9.0f} samples/s ({row['ray_over_plain']:.2f}x), "
                   f"wall {ray_run['wall_s']:.1f} s vs {plain['wall_s']:.1f} s", flush=True)
+            if "paper_epoch_s" in row and "ray_train_1_thread" in row:
+                row["paper_epoch_s"]["ray_train_1_thread"] = PAPER_CAPTIONS / row["ray_train_1_thread"]["samples_per_s"]
             if "paper_epoch_s" in row:
                 epoch = row["paper_epoch_s"]
                 print(f"{'':22s} paper epoch (414,113 captions, batch 128): {epoch['plain'] / 60:.1f} min plain, "

@@ -61,6 +61,7 @@ def test_defaults_follow_the_papers() -> None:
         ("align.talk2dino.schedule=linear", "schedule must be one of"),
         ("align.recipe=clip", "align.recipe must be one of"),
         ("align.max_failures=-2", "max_failures"),
+        ("align.torch_threads=0", "torch_threads must be >= 1"),
     ],
 )
 def test_bad_align_params_are_rejected(override: str, message: str) -> None:

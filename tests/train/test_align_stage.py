@@ -210,7 +210,7 @@ def test_projector_resumes_from_s3_checkpoints_after_a_stop_and_a_worker_crash(
     boto3_client().create_bucket(Bucket="align-checkpoints")
     params = demo_features.params(*_align_overrides("projector", tmp_path, "align.max_failures=1",
                                                      "align.storage_path=s3://align-checkpoints/runs",
-                                                     "align.cpus_per_worker=1"))
+                                                     "align.cpus_per_worker=2", "align.torch_threads=1"))
     stop, crash = _stop_and_crash_callbacks()
     with pytest.raises(Exception, match="stopped after the first checkpoint"):
         run_align(params, demo_features.root, callbacks=[stop])
@@ -220,7 +220,7 @@ def test_projector_resumes_from_s3_checkpoints_after_a_stop_and_a_worker_crash(
 
     summary = run_align(params, demo_features.root, callbacks=[crash])
     checkpoint_every = params.align.projector.checkpoint_every
-    assert summary["resumed"]
+    assert summary["resumed"] and summary["torch_threads"] == 1  # align.torch_threads, not cpus_per_worker
     # the crash restarted the worker group from a checkpoint after the first one
     assert summary["resumed_from_step"] >= 2 * checkpoint_every
     client = MlflowClient(demo_features.tracking_uri)

@@ -159,7 +159,11 @@ class AlignConfig:
       A run named ``run_name`` (default: recipe + a hash of everything that decides the
       training) resumes from its latest checkpoint there; ``keep_checkpoints`` are kept.
     - ``num_workers`` DDP workers (gloo on CPU, nccl on GPU with ``use_gpu``), each with
-      ``cpus_per_worker`` Ray CPUs (fractions allowed) and as many torch threads (min 1).
+      ``cpus_per_worker`` Ray CPUs (fractions allowed) and as many torch threads (min 1),
+      unless ``torch_threads`` says otherwise. Small heads (talk2dino, projector) train
+      about 2x faster with 1 thread in a Ray worker on a 2-core machine: their per-step
+      ops are tiny, and with 2 OpenMP threads every op waits at a barrier for a thread
+      that the worker's own Ray threads keep preempting (docs/benchmarks.md, Align).
     - ``max_failures``: worker-group restarts from the latest checkpoint (-1: unlimited).
     """
 
@@ -172,6 +176,7 @@ class AlignConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    torch_threads: int | None = None
     max_failures: int = 1
     keep_checkpoints: int = 2
     talk2dino: Talk2DINOTrainingConfig = dataclasses.field(default_factory=Talk2DINOTrainingConfig)
@@ -186,6 +191,8 @@ class AlignConfig:
                 f"align: num_workers and keep_checkpoints must be >= 1 and cpus_per_worker "
                 f"> 0, got {self.num_workers}, {self.keep_checkpoints}, {self.cpus_per_worker}"
             )
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"align.torch_threads must be >= 1 or null, got {self.torch_threads}")
         if self.max_failures < -1:
             raise ValueError(f"align.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.recipe is not None and self.training.batch_size % self.num_workers:

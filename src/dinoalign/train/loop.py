@@ -262,7 +262,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     start_step = trainer.step
     trainer.run(on_log=log, on_checkpoint=_report_checkpoint)
-    return {"curve": trainer.curve, "step": trainer.step, "start_step": start_step, "world_size": world_size}
+    return {"curve": trainer.curve, "step": trainer.step, "start_step": start_step, "world_size": world_size,
+            "torch_threads": torch.get_num_threads()}
 
 
 def _no_log(row: dict[str, float]) -> None:
@@ -304,7 +305,7 @@ def fit(
     init_ray()
     filesystem, path = pyarrow_fs(storage_path)
     job = dataclasses.replace(
-        job, data=ray.put(job.data), torch_threads=max(1, int(align.cpus_per_worker))
+        job, data=ray.put(job.data), torch_threads=align.torch_threads or max(1, int(align.cpus_per_worker))
     )
     trainer = TorchTrainer(
         train_worker,

@@ -163,6 +163,7 @@ def run_align(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict
             "run_name": plan.run_name,
             "steps": outcome["step"],
             "workers": outcome["world_size"],
+            "torch_threads": outcome["torch_threads"],  # per worker
             "epochs": plan.training.epochs,
             "final_loss": curve[-1]["loss"],
             "mean_samples_per_s": sum(r["samples_per_s"] for r in curve) / len(curve),
