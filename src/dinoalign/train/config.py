@@ -160,10 +160,10 @@ class AlignConfig:
       training) resumes from its latest checkpoint there; ``keep_checkpoints`` are kept.
     - ``num_workers`` DDP workers (gloo on CPU, nccl on GPU with ``use_gpu``), each with
       ``cpus_per_worker`` Ray CPUs (fractions allowed) and as many torch threads (min 1),
-      unless ``torch_threads`` says otherwise. Small heads (talk2dino, projector) train
-      about 2x faster with 1 thread in a Ray worker on a 2-core machine: their per-step
-      ops are tiny, and with 2 OpenMP threads every op waits at a barrier for a thread
-      that the worker's own Ray threads keep preempting (docs/benchmarks.md, Align).
+      unless ``torch_threads`` says otherwise. Small heads (talk2dino, projector) trained
+      2.5-8x faster in a Ray worker with 1 thread than with 2 on a 2-core machine
+      (measured, docs/benchmarks.md, Align); likely cause: their ops are tiny and each
+      waits at an OpenMP barrier for a thread that Ray's own threads preempt.
     - ``max_failures``: worker-group restarts from the latest checkpoint (-1: unlimited).
     """
 
