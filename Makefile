@@ -30,8 +30,11 @@ demo: env
 	$(RUN) dvc repro
 	@echo "demo: manifest in artifacts/pairs/, MLflow runs in mlruns/ (make mlflow-ui)"
 
+# Two xdist workers, whole files each (module fixtures start real services once); the
+# longest file starts first (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: env chromium
-	$(RUN) python -m pytest
+	$(RUN) python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # Debian's chromium renders the report (and the MLflow UI) in headless tests; installed only
 # when missing. Without root or apt the tests that need it skip and say why.

@@ -188,3 +188,17 @@ def chromium() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that declare a longer timeout than the default (the stack test: ~12 min) run
+    first. `make test` runs the files on two xdist workers (``--dist loadfile``) that take
+    files in collection order: starting the longest file first lets the other worker get
+    through the rest meanwhile instead of leaving it alone at the end."""
+    default = float(config.getini("timeout") or 0)
+
+    def declared(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("timeout")
+        return float(mark.args[0]) if mark and mark.args else default
+
+    items.sort(key=lambda item: -declared(item))  # stable: the rest keep their order
