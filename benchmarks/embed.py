@@ -13,6 +13,18 @@ grow with the number of images.
     python benchmarks/embed.py throughput --sizes 2000 20000 --model vit_small
     python benchmarks/embed.py memory --sizes 20000 60000
     python benchmarks/embed.py throughput --sizes 500 --model tiny   # smoke run
+    python benchmarks/embed.py gpu                                    # ViT-B/14-reg @448, bf16
+    python benchmarks/embed.py gpu --device cpu --gpu-model tiny --img-size 112 --batch-sizes 8  # smoke
+
+``gpu`` measures the embed actor's model work on one accelerator, where the throughput of
+a real run is decided: the frozen backbone forward alone (bf16 autocast, images already
+on the device) against the arithmetic roof measured in the same process (a large bf16
+matrix product) and the device's spec-sheet peak, then the whole model holder the Ray
+actor runs (``ImageEmbedder``: uint8 host batch -> device, normalise, forward, the
+per-image features, back to host) as a ratio of the forward alone. FLOPs per image are
+counted by torch's FlopCounterMode and printed next to the nominal ViT count. It needs
+torch, timm, numpy, pyarrow, PIL, yaml and fsspec (plus open_clip_torch, ftfy and
+faiss-cpu, which ``dinoalign``'s imports pull in), not Ray.
 
 Images come from the synthetic demo world at 224 px; a manifest of N rows cycles over a
 base set of distinct rendered images (each row is still decoded from its PNG file).
@@ -31,6 +43,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+GPU_MODELS = {
+    # name -> (timm architecture, model_kwargs); random init: speed does not depend on weights
+    "vit_base_reg": ("vit_base_patch14_reg4_dinov2", {}),  # DINOv2 ViT-B/14 with registers
+    "vit_large_reg": ("vit_large_patch14_reg4_dinov2", {}),
+    "tiny": ("vit_small_patch14_reg4_dinov2", {"embed_dim": 48, "depth": 2, "num_heads": 3}),
+}
 
 MODELS = {
     # ViT-S/14-shaped (DINOv2 ViT-S/14 with registers: 384-d, 12 blocks, 6 heads), random init
@@ -119,14 +138,18 @@ class PeakRSS:
 
 
 def versions() -> dict:
-    import pyarrow
-    import ray
-    import timm
-    import torch
+    """Versions of what the numbers depend on (None for a package that is not installed:
+    the gpu mode runs without Ray)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": _cpu_name()}
+    def v(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{n: v(n) for n in ("torch", "timm", "ray", "pyarrow")},
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": _cpu_name()}
 
 
 def _cpu_name() -> str:
@@ -164,21 +187,117 @@ def measure(world: Path, n: int, engine: str, model: str, batch_size: int) -> di
     raise RuntimeError(f"benchmark child failed ({engine}, n={n}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
+def _timed(fn, device: "object", repeats: int, warmup: int = 3) -> float:
+    """Mean seconds of ``fn()`` over ``repeats`` runs after ``warmup`` (device synchronised)."""
+    import torch
+
+    sync = torch.cuda.synchronize if getattr(device, "type", "cpu") == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def matmul_roof_tflops(device: "object", n: int, dtype: "object", repeats: int = 10) -> float:
+    """TFLOP/s of an n×n×n matrix product: the arithmetic roof reachable in this process."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / _timed(lambda: a @ b, device, repeats) / 1e12
+
+
+def gpu(args: argparse.Namespace) -> None:
+    """Backbone forward and the embed actor's model holder on one device (see the docstring)."""
+    import numpy as np
+    import torch
+
+    from dinoalign.config import load_params
+    from dinoalign.embed.pipeline import ImageEmbedder
+    from dinoalign.flops import counted_flops, peak_bf16_tflops, vit_forward_flops
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    arch, kwargs = GPU_MODELS[args.gpu_model]
+    params = load_params("/nonexistent.yaml", [
+        f"backbone.name={arch}", f"backbone.model_kwargs={json.dumps(kwargs)}", f"backbone.img_size={args.img_size}",
+        f"embed.img_size={args.img_size}", "clip.image_features=false", "embed.text_encoders=[]",
+        f"embed.actor_num_gpus={1 if on_gpu else 0}", "embed.keep_patches=false",
+        f"embed.torch_threads={os.cpu_count()}"])
+    holder = ImageEmbedder(params)  # the Ray actor's model holder, built as the actor builds it
+    backbone = holder.backbone
+    vit = backbone.vit
+    s = args.img_size
+    flops = counted_flops(vit.forward_features, torch.zeros(1, 3, s, s, device=device))
+    nominal = vit_forward_flops(img_size=s, patch_size=backbone.patch_size, embed_dim=vit.embed_dim,
+                                depth=len(vit.blocks), num_prefix_tokens=int(vit.num_prefix_tokens))
+    name = torch.cuda.get_device_name(device) if on_gpu else _cpu_name()
+    spec_peak = peak_bf16_tflops(name) if on_gpu else None
+    roof_dtype = torch.bfloat16 if on_gpu else torch.float32
+    roof = matmul_roof_tflops(device, args.roof_size, roof_dtype)
+    print(f"gpu: {name}; {arch} {kwargs or ''} at {s} px: {flops / 1e9:.1f} GFLOP/image counted "
+          f"({nominal / 1e9:.1f} nominal); {args.roof_size}^3 {str(roof_dtype)[6:]} matmul {roof:.1f} TFLOP/s"
+          + (f"; spec peak {spec_peak:.0f}" if spec_peak else ""), flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for bs in args.batch_sizes:
+        host = rng.integers(0, 256, size=(bs, s, s, 3), dtype=np.uint8)
+        x = backbone.normalize(torch.from_numpy(host).to(device))
+        t_fwd = _timed(lambda: backbone(x), device, args.repeats)
+        batch = {"uid": np.array([str(i) for i in range(bs)], dtype=object), "image": host,
+                 "reject_reason": np.full(bs, "", dtype=object), "reject_detail": np.full(bs, "", dtype=object)}
+        t_holder = _timed(lambda: holder(batch), device, args.repeats)
+        fwd_ips, holder_ips = bs / t_fwd, bs / t_holder
+        tflops = flops * fwd_ips / 1e12
+        row = {"batch_size": bs, "forward_images_per_s": fwd_ips, "holder_images_per_s": holder_ips,
+               "holder_over_forward": holder_ips / fwd_ips, "forward_tflops": tflops,
+               "fraction_of_matmul_roof": tflops / roof,
+               "fraction_of_spec_peak": tflops / spec_peak if spec_peak else None}
+        if on_gpu:
+            row["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        rows.append(row)
+        peak_txt = f", {row['fraction_of_spec_peak']:.1%} of spec peak" if spec_peak else ""
+        print(f"gpu batch {bs}: forward {fwd_ips:.1f} img/s = {tflops:.1f} TFLOP/s "
+              f"({row['fraction_of_matmul_roof']:.1%} of the matmul roof{peak_txt}); "
+              f"model holder {holder_ips:.1f} img/s = {row['holder_over_forward']:.2f}x the forward", flush=True)
+    meta = {"mode": "gpu", "versions": versions(), "date": time.strftime("%Y-%m-%d"), "device": name,
+            "model": arch, "model_kwargs": kwargs, "img_size": s, "dtype": "bf16 autocast" if on_gpu else "float32",
+            "flops_per_image": flops, "nominal_flops_per_image": nominal, "matmul_roof_tflops": roof,
+            "spec_peak_tflops": spec_peak, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(meta) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["throughput", "memory", "_child"])
+    ap.add_argument("mode", choices=["throughput", "memory", "gpu", "_child"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     ap.add_argument("--model", choices=sorted(MODELS), default="vit_small")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--unique", type=int, default=2000, help="distinct rendered images the manifest cycles over")
     ap.add_argument("--engines", nargs="+", default=["local", "ray"])
     ap.add_argument("--out", default="docs/benchmarks/embed.jsonl")
+    ap.add_argument("--gpu-model", choices=sorted(GPU_MODELS), default="vit_base_reg", help="gpu mode")
+    ap.add_argument("--img-size", type=int, default=448, help="gpu mode (talk2dino paper: 448)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128], help="gpu mode")
+    ap.add_argument("--device", default="auto", help="gpu mode: auto | cuda | cpu (smoke runs)")
+    ap.add_argument("--repeats", type=int, default=10, help="gpu mode: timed batches per measurement")
+    ap.add_argument("--roof-size", type=int, default=8192, help="gpu mode: n of the n^3 matmul roof")
     ap.add_argument("--world", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode == "_child":
         return child(args)
+    if args.mode == "gpu":
+        return gpu(args)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     with tempfile.TemporaryDirectory() as tmp:

@@ -185,7 +185,9 @@ class DinoBackbone(FrozenModule):
             )
         if channels_last:
             images = images.permute(0, 3, 1, 2)
-        x = images.to(device=self.mean.device, dtype=torch.float32) / 255.0
+        # uint8 crosses to the device, then converts there: a blocking host-to-device copy
+        # that also changes dtype converts on the host first (4x the bytes over PCIe).
+        x = images.to(self.mean.device).to(torch.float32) / 255.0
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
 
     def forward(self, images: Tensor) -> BackboneOutput:
