@@ -24,7 +24,24 @@ def init_ray(num_cpus: int | None = None) -> None:
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
+        runtime_env={"worker_process_setup_hook": "dinoalign.compute.quiet_worker_logs"},
     )
+
+
+# Without the dashboard (a local Ray here) the State API is not served, and Ray Train's
+# placement-group cleaner, which asks it every second whether the train controller is
+# alive, logs "Failed to query Ray Train Controller actor state" once a second for the
+# whole run. Its real job (removing the placement group if the controller dies) only
+# needs that answer on a cluster, where the dashboard runs.
+NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup hook of the local Ray: silence the loggers in NOISY_WORKER_LOGGERS."""
+    import logging
+
+    for name in NOISY_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class TorchThreads:
