@@ -6,6 +6,7 @@ counts. ``stages/<name>.py`` and ``dinoalign <name>`` both land here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,16 +92,37 @@ def embed(params: Params, root: Path) -> dict[str, Any]:
     manifest = read_manifest(root / params.embed.pairs_dir)
     with stage_run("embed", params) as run:
         summary = run_embed(params, manifest)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        operators, stats_text = summary["operators"], summary.pop("ray_data_stats")
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics(operator_metrics(operators))
         mlflow.log_text(json.dumps(summary, indent=2), "embed_summary.json")
+        if stats_text:
+            mlflow.log_text(stats_text, "ray_data_stats.txt")
         summary["mlflow_run"] = run_url(run)
     print(
         f"embed: {summary['images_embedded']} images + {summary['captions_embedded']} captions embedded "
         f"({summary['images_per_s']:.1f} images/s), {summary['images_skipped']} skipped, "
         f"{summary['images_rejected']} rejected -> {params.embed.out_dir}\n"
-        f"embed: MLflow run {summary['mlflow_run']}"
+        + "".join(
+            f"embed: {kind} operators (busy s / span s): "
+            + ", ".join(f"{name} {t['wall_s']:.1f}/{t['span_s']:.1f}" for name, t in ops.items()) + "\n"
+            for kind, ops in operators.items()
+        )
+        + f"embed: MLflow run {summary['mlflow_run']}"
     )
     return summary
+
+
+def operator_metrics(operators: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """``{"images": {"MapBatches(ImageEmbedder)": {"wall_s": ..}}}`` as MLflow metric names
+    (``op.images.MapBatches_ImageEmbedder.wall_s``: MLflow refuses brackets in names)."""
+    return {
+        f"op.{kind}.{_METRIC_UNSAFE.sub('_', name).strip('_')}.{key}": value
+        for kind, ops in operators.items() for name, times in ops.items() for key, value in times.items()
+    }
+
+
+_METRIC_UNSAFE = re.compile(r"[^\w.\-]+")
 
 
 @STAGES.register("curate")

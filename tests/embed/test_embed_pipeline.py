@@ -71,6 +71,7 @@ def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[
     manifest = read_manifest(root / "pairs")
     first = run_embed(params, manifest)
     assert first["images_embedded"] == manifest.num_rows == 40
+    assert first["operators"] == {} and first["ray_data_stats"] == ""  # Ray's operators only
     assert first["captions_embedded"] == sum(len(c) for c in manifest.column("captions").to_pylist())
     feats = load_image_features(str(root / "features"), ["cls", "head_embeddings", "clip_image", "patches"])
     assert feats["head_embeddings"].shape == (40, 3, 48)
@@ -103,14 +104,32 @@ def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[
 
 
 def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]]) -> None:
+    from mlflow import MlflowClient
+
     root, ov = world
     manifest = read_manifest(root / "pairs")
     local = load_params("/nonexistent/params.yaml", [*ov, f"embed.out_dir={root / 'local'}"])
-    ray_p = load_params("/nonexistent/params.yaml", [*ov, f"embed.out_dir={root / 'ray'}", "embed.engine=ray",
-                                                    "embed.actor_num_cpus=0.5", "embed.decode_num_cpus=0.25"])
+    ray_ov = [*ov, f"embed.out_dir={root / 'ray'}", "embed.engine=ray", "embed.actor_num_cpus=0.5",
+              "embed.decode_num_cpus=0.25"]
+    ray_p = load_params("/nonexistent/params.yaml", ray_ov)
     run_embed(local, manifest)
-    summary = run_embed(ray_p, manifest)
-    assert summary["images_embedded"] == 40
+    assert main(["embed", "-p", "/nonexistent/params.yaml", *ray_ov]) == 0  # the stage, with its MLflow run
+
+    # counts, throughput and Ray Data's time per operator are in the stage's MLflow run
+    client = MlflowClient(ray_p.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(ray_p.tracking.experiment).experiment_id],
+                                "tags.`dinoalign.stage` = 'embed'")
+    metrics = run.data.metrics
+    n_captions = sum(len(c) for c in manifest.column("captions").to_pylist())
+    assert metrics["images_embedded"] == 40 and metrics["captions_embedded"] == n_captions
+    assert metrics["images_per_s"] > 0 and metrics["captions_per_s"] > 0
+    assert metrics["op.images.MapBatches__Decode.rows"] == metrics["op.images.MapBatches_ImageEmbedder.rows"] == 40
+    assert metrics["op.captions.MapBatches_TextEmbedder.rows"] == n_captions
+    for op in ("images.MapBatches__Decode", "images.MapBatches_ImageEmbedder", "captions.MapBatches_TextEmbedder"):
+        assert metrics[f"op.{op}.wall_s"] > 0 and metrics[f"op.{op}.span_s"] > 0, op
+    stats_file = client.download_artifacts(run.info.run_id, "ray_data_stats.txt", str(root / "dl"))
+    assert "MapBatches(ImageEmbedder)" in Path(stats_file).read_text()
+
     cols = ["cls", "token_mean", "head_embeddings", "clip_image"]
     a = load_image_features(str(root / "local"), cols)
     b = load_image_features(str(root / "ray"), cols)

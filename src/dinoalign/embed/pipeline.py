@@ -198,8 +198,11 @@ def feature_spec(params: Params) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- engines
 def _ray_stream(
-    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool
+    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool,
+    report: dict[str, Any],
 ) -> Iterator[dict[str, np.ndarray]]:
+    """Streams the model's output batches; when exhausted, fills ``report`` with Ray Data's
+    per-operator times (``operators``) and its own stats text (``stats_text``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -220,11 +223,37 @@ def _ray_stream(
         num_gpus=cfg.actor_num_gpus,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    report["operators"] = ray_operator_times(ds)
+    report["stats_text"] = ds.stats()
+
+
+def ray_operator_times(ds: Any) -> dict[str, dict[str, float]]:
+    """Per operator of an executed Ray Data dataset: ``wall_s`` and ``cpu_s`` (summed over
+    its tasks or actor calls: the work it did), ``span_s`` (first start to last end) and
+    ``rows`` (its output). Sub-operators (a repartition's split and reduce) are left out."""
+    out: dict[str, dict[str, float]] = {}
+    pending = [ds.get_stats_summary()]
+    while pending:  # each summary holds its last operators; earlier ones are in parents
+        summary = pending.pop()
+        pending.extend(summary.parents)
+        for op in summary.operators_stats:
+            if op.is_sub_operator:
+                continue
+            out[op.operator_name] = {
+                "wall_s": float(op.wall_time.sum) if op.wall_time else 0.0,
+                "cpu_s": float(op.cpu_time.sum) if op.cpu_time else 0.0,
+                "span_s": float(op.time_total_s or 0.0),
+                "rows": float(op.output_num_rows.sum) if op.output_num_rows else 0.0,
+            }
+    return out
 
 
 def _local_stream(
-    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool
+    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool,
+    report: dict[str, Any],
 ) -> Iterator[dict[str, np.ndarray]]:
+    """The plain loop: decode in DataLoader workers, the model in this process (``report``
+    stays empty: the caller times the model itself)."""
     model = model_cls(params)
     cols = {c: np.asarray(rows.column(c).to_pylist(), dtype=object) for c in rows.column_names}
     chunks = [{c: v[i : i + batch_size] for c, v in cols.items()} for i in range(0, len(rows), batch_size)]
@@ -332,8 +361,9 @@ def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float
     new_rejects: list[dict[str, str]] = []
     model_seconds = 0.0
     t0 = time.perf_counter()
+    image_report: dict[str, Any] = {}
     if len(todo):
-        for batch in stream(todo, _Decode(params), params, ImageEmbedder, cfg.batch_size, True):
+        for batch in stream(todo, _Decode(params), params, ImageEmbedder, cfg.batch_size, True, image_report):
             bad = batch["reject_reason"] != ""
             for i in np.flatnonzero(bad):
                 new_rejects.append({"uid": str(batch["uid"][i]), "stage": STAGE, "reason": str(batch["reject_reason"][i]),
@@ -351,8 +381,9 @@ def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float
     text_shapes = {c: s for c, s in spec["columns"].items() if c.startswith("text_")}
     cwriter = ShardWriter(store, "captions", cfg.shard_rows * 4, text_shapes, ("caption_id", "uid", "caption"))
     t0 = time.perf_counter()
+    caption_report: dict[str, Any] = {}
     if len(cap_rows):
-        for batch in stream(cap_rows, None, params, TextEmbedder, cfg.text_batch_size, False):
+        for batch in stream(cap_rows, None, params, TextEmbedder, cfg.text_batch_size, False, caption_report):
             cwriter.add(batch)
         cwriter.close()
     t_captions = time.perf_counter() - t0
@@ -373,6 +404,10 @@ def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float
         "seconds_captions": t_captions,
         "seconds_model": model_seconds,
         "seconds_total": time.perf_counter() - t_start,
+        # Ray engine: {"images"|"captions": {operator: {wall_s, cpu_s, span_s, rows}}}
+        "operators": {k: r["operators"] for k, r in (("images", image_report), ("captions", caption_report))
+                      if "operators" in r},
+        "ray_data_stats": "\n\n".join(r["stats_text"] for r in (image_report, caption_report) if "stats_text" in r),
     }
     store.write_json("manifest.json", {
         "spec": spec,
