@@ -20,10 +20,17 @@ def git(root: Path, *args: str) -> str:
 
 def copy_checkout(src: Path, dst: Path, overrides: dict[str, Any]) -> Path:
     """Copy every file git would see in ``src`` (tracked or not ignored) to ``dst``, write
-    ``params.yaml`` = ``src``'s with ``overrides``, and commit it all."""
+    ``params.yaml`` = ``src``'s with ``overrides``, and commit it all.
+
+    ``dvc.lock`` stays behind: it records a demo-size run whose outputs are in no cache or
+    remote of the copy, and with other params. `dvc exp run` of one target then fails to
+    load the outputs that the lock records for stages outside the target (seen: "failed to
+    load directory ('plots', 'dinotxt')" from the copy's empty S3 remote)."""
     listed = git(src, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
     for name in filter(None, listed):
         path = src / name
+        if name == "dvc.lock":
+            continue
         if path.is_file():  # listed but deleted in the working tree: skip
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dst / name)
