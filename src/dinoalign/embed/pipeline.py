@@ -231,11 +231,13 @@ def ray_operator_times(ds: Any) -> dict[str, dict[str, float]]:
     """Per operator of an executed Ray Data dataset: ``wall_s`` and ``cpu_s`` (summed over
     its tasks or actor calls: the work it did), ``span_s`` (first start to last end) and
     ``rows`` (its output). Sub-operators (a repartition's split and reduce) are left out."""
-    out: dict[str, dict[str, float]] = {}
-    pending = [ds.get_stats_summary()]
+    chain, pending = [], [ds.get_stats_summary()]
     while pending:  # each summary holds its last operators; earlier ones are in parents
         summary = pending.pop()
+        chain.append(summary)
         pending.extend(summary.parents)
+    out: dict[str, dict[str, float]] = {}
+    for summary in reversed(chain):  # in pipeline order
         for op in summary.operators_stats:
             if op.is_sub_operator:
                 continue
