@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from dinoalign.config import load_params
 from dinoalign.data.prepare import read_manifest
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import head_embeddings, image_features
-from dinoalign.embed.pipeline import run_embed
+from dinoalign.embed.pipeline import decode_batch, run_embed
 from dinoalign.embed.store import FeatureStore, load_image_features
 
 
@@ -171,6 +172,59 @@ def test_bad_files_end_in_rejects_and_good_ones_in_shards(tmp_path: Path, tiny_c
     # a second run retries nothing and loses nothing
     again = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
     assert again["images_embedded"] == 0 and again["rejects_total"] == len(rejects)
+
+
+def test_real_coco_images_reach_the_shards_at_the_papers_preprocessing(
+    coco_mini: Path, tmp_path: Path, tiny_clip_dir: Path
+) -> None:
+    """The official COCO val captions file over a folder holding 159 of its 5,000 images
+    (one greyscale) through prepare and the Ray engine at talk2dino's preprocessing (short
+    side 448 bicubic, centre crop 448): the absent images are prepare's `missing` rejects,
+    every present one reaches a shard, and the stored CLS equals the backbone on
+    torchvision's own Resize + CenterCrop of the image."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from dinoalign.data.schema import make_uid
+    from dinoalign.embed.pipeline import build_backbone_from
+
+    ov = _prepare(tmp_path, tiny_clip_dir, **{
+        "data.source": "coco", "data.coco.captions_json": str(coco_mini / "annotations-full" / "captions_val2017.json"),
+        "data.coco.image_dir": str(coco_mini / "val2017"), "data.coco.split": "val",
+        "backbone.img_size": "448", "embed.img_size": "448", "embed.engine": "ray", "embed.keep_patches": "false",
+        "embed.actor_num_cpus": "0.5", "embed.decode_num_cpus": "0.25"})
+    params = load_params("/nonexistent/params.yaml", ov)
+    manifest = read_manifest(tmp_path / "pairs")
+    present = len(list((coco_mini / "val2017").glob("*.jpg")))
+    assert manifest.num_rows == present == 159
+    prepare_rejects = pq.read_table(tmp_path / "pairs" / "rejects.parquet").column("reason").to_pylist()
+    assert len(prepare_rejects) == 5000 - present and set(prepare_rejects) == {"missing"}
+    summary = run_embed(params, manifest)
+    assert summary["images_embedded"] == present and summary["rejects_total"] == 0
+    n_captions = sum(len(c) for c in manifest.column("captions").to_pylist())
+    assert summary["captions_embedded"] == n_captions >= 5 * present
+    spec = json.loads((tmp_path / "features" / "manifest.json").read_text())["spec"]
+    assert spec["img_size"] == 448 and spec["interpolation"] == "bicubic" and spec["backbone"]["grid"] == [32, 32]
+
+    feats = load_image_features(str(tmp_path / "features"), ["cls", "head_embeddings"])
+    assert sorted(feats["uid"]) == sorted(manifest.column("uid").to_pylist())
+    assert np.isfinite(feats["head_embeddings"]).all()
+    backbone = build_backbone_from(params.backbone, params.seed)
+    by_hand = T.Compose([T.Resize(448, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(448)])
+    by_uri = dict(zip(manifest.column("uid").to_pylist(), manifest.column("image_uri").to_pylist()))
+    grey = make_uid("coco", "431848")  # the subset's one greyscale (mode L) JPEG
+    uids = np.array([grey, min(by_uri)])
+    decoded = decode_batch({"uid": uids, "image_uri": np.array([by_uri[u] for u in uids])}, img_size=448,
+                           interpolation="bicubic", max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+    for uid, pixels in zip(decoded["uid"], decoded["image"]):
+        with Image.open(by_uri[uid]) as image:
+            crop = np.array(by_hand(image.convert("RGB")))
+        np.testing.assert_array_equal(pixels, crop)  # the pipeline's decode is torchvision's, to the pixel
+        with torch.no_grad():
+            expected = backbone(backbone.normalize(torch.from_numpy(crop[None]))).cls[0]
+        stored = torch.from_numpy(feats["cls"][list(feats["uid"]).index(uid)])
+        # tight: this tiny random ViT's CLS (|x| ~ 1e-3) moves by ~2e-6 between bicubic and bilinear crops
+        torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path: Path, tiny_clip_dir: Path) -> None:
