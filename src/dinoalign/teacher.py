@@ -49,13 +49,14 @@ def model_cfg(cfg: TeacherConfig) -> dict[str, Any]:
     }
 
 
-def to_clip_input(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 B×H×W×3 -> float B×3×size×size, bicubic resize + OpenAI CLIP normalisation."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+def to_clip_input(images: np.ndarray, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 B×H×W×3 -> float B×3×size×size on ``device``, bicubic resize + OpenAI CLIP
+    normalisation. The uint8 pixels cross to the device first; the work happens there."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
     return (x.clamp_(0, 1) - mean) / std
 
 

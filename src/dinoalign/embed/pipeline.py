@@ -114,7 +114,7 @@ class ImageEmbedder:
             if self.clip is not None:
                 from dinoalign.teacher import to_clip_input
 
-                clip_x = to_clip_input(images, self.clip_size).to(self.device)
+                clip_x = to_clip_input(images, self.clip_size, self.device)
                 feats["clip_image"] = self.clip.encode_image(clip_x, normalize=True).float().cpu().numpy()
         for k, v in feats.items():
             full = np.zeros((n, *v.shape[1:]), dtype=np.float16 if k in HALF_COLUMNS else np.float32)

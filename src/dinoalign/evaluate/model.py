@@ -216,7 +216,7 @@ class AlignedModel:
         pixels = np.stack([resize_crop(img, embed.img_size, embed.interpolation) for img in images])
         with torch.no_grad():
             return (
-                model.encode_image(to_clip_input(pixels, size).to(self.device), normalize=True)
+                model.encode_image(to_clip_input(pixels, size, self.device), normalize=True)
                 .float()
                 .cpu()
             )
