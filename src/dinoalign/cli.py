@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     from dinoalign.pipeline import STAGES
 
     root = Path(args.params).resolve().parent
-    STAGES.build(args.command, params, root)
+    try:
+        STAGES.build(args.command, params, root)
+    except ConfigError as e:  # settings that cannot run here, found once the stage starts
+        print(f"dinoalign {args.command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

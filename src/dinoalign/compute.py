@@ -50,6 +50,29 @@ def quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def require_resources(what: str, per_unit: dict[str, float], units: int, fix: str) -> None:
+    """Fail fast when Ray can never place ``units`` × ``per_unit`` (a GPU actor on a machine
+    without a GPU, more CPUs than the machine has) instead of waiting for them forever, as
+    Ray Data and Ray Train do. On a cluster (``RAY_ADDRESS``) an autoscaler may still add
+    nodes, so there it only warns. Call after :func:`init_ray`."""
+    import sys
+
+    import ray
+
+    from dinoalign.errors import ConfigError
+
+    total = ray.cluster_resources()
+    short = {k: (v * units, total.get(k, 0.0)) for k, v in per_unit.items() if v * units > total.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    detail = ", ".join(f"{need:g} {name} (the Ray cluster has {have:g})" for name, (need, have) in short.items())
+    message = f"{what} needs {detail}: {fix}"
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"dinoalign: warning: {message}; waiting for the cluster to add nodes", file=sys.stderr)
+        return
+    raise ConfigError(message)
+
+
 class TorchThreads:
     """Give torch ``n`` intra-op threads in whichever thread calls it.
 

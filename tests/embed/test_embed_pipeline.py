@@ -140,6 +140,26 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
     assert run_embed(ray_p, manifest)["images_embedded"] == 0
 
 
+def test_resources_ray_cannot_give_fail_fast_instead_of_waiting_forever(
+    world: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dinoalign.compute import require_resources
+    from dinoalign.errors import ConfigError
+
+    root, ov = world
+    # Ray Data would wait forever for an actor the local Ray cannot place
+    assert main(["embed", "-p", "/nonexistent/params.yaml", *ov, "embed.engine=ray", "embed.actor_num_gpus=64"]) == 2
+    assert "needs 64 GPU (the Ray cluster has" in capsys.readouterr().err
+    assert not (root / "features" / "images").exists()  # nothing half-written
+    # the same check guards Ray Train's workers (align)
+    with pytest.raises(ConfigError, match=r"needs 1024 CPU \(the Ray cluster has \d+\): fix it"):
+        require_resources("align", {"CPU": 512.0, "GPU": 0.0}, 2, "fix it")
+    # on a cluster an autoscaler may add nodes: a warning, no error
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    require_resources("align", {"CPU": 512.0}, 2, "fix it")
+    assert "waiting for the cluster to add nodes" in capsys.readouterr().err
+
+
 def test_bad_files_end_in_rejects_and_good_ones_in_shards(tmp_path: Path, tiny_clip_dir: Path) -> None:
     from PIL import Image
 

@@ -57,7 +57,14 @@ def decode_batch(
 
 # ----------------------------------------------------------------------------- models
 def _device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():  # Ray gave this actor a GPU that torch cannot use
+        raise RuntimeError(
+            f"embed.actor_num_gpus={num_gpus:g} but torch {torch.__version__} sees no CUDA device in the "
+            "embed actor: install a CUDA build of torch that matches the driver, or set embed.actor_num_gpus=0"
+        )
+    return torch.device("cuda")
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -208,8 +215,16 @@ def _ray_stream(
 
     from dinoalign.compute import init_ray
 
+    from dinoalign.compute import require_resources
+
     init_ray()
     cfg = params.embed
+    require_resources(
+        f"embed ({cfg.num_actors} model actor(s) of {cfg.actor_num_cpus:g} CPU, {cfg.actor_num_gpus:g} GPU)",
+        {"CPU": cfg.actor_num_cpus, "GPU": cfg.actor_num_gpus}, cfg.num_actors,
+        "lower embed.num_actors, embed.actor_num_cpus or embed.actor_num_gpus, or run on a cluster that has them "
+        "(RAY_ADDRESS)",
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     n_blocks = max(1, min(len(rows) // max(cfg.decode_batch_size, 1), 64))

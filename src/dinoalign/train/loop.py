@@ -299,10 +299,16 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dinoalign.compute import init_ray
+    from dinoalign.compute import init_ray, require_resources
     from dinoalign.storage import pyarrow_fs
 
     init_ray()
+    require_resources(
+        f"align ({align.num_workers} worker(s) of {align.cpus_per_worker:g} CPU{', 1 GPU' if align.use_gpu else ''})",
+        {"CPU": align.cpus_per_worker, "GPU": 1.0 if align.use_gpu else 0.0}, align.num_workers,
+        "lower align.num_workers or align.cpus_per_worker, set align.use_gpu=false, or run on a cluster that has "
+        "them (RAY_ADDRESS)",
+    )
     filesystem, path = pyarrow_fs(storage_path)
     job = dataclasses.replace(
         job, data=ray.put(job.data), torch_threads=align.torch_threads or max(1, int(align.cpus_per_worker))
