@@ -213,9 +213,7 @@ def _ray_stream(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from dinoalign.compute import init_ray
-
-    from dinoalign.compute import require_resources
+    from dinoalign.compute import init_ray, require_resources
 
     init_ray()
     cfg = params.embed
