@@ -221,6 +221,9 @@ def gpu(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit(f"gpu: --device cuda but torch {torch.__version__} sees no CUDA device; "
+                         "use --device cpu for a smoke run")
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
     arch, kwargs = GPU_MODELS[args.gpu_model]
