@@ -13,7 +13,6 @@ and, for background cleaning, ``attn_logits`` B×H×P.
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,7 +29,6 @@ from dinoalign.recipes.base import (
     to_grid,
 )
 from dinoalign.recipes.registry import RECIPES, build
-from dinoalign.storage import read_bytes
 
 PROJECTIONS = ("mlp", "linear")
 
@@ -184,9 +182,14 @@ def background_cleaning(
       u_h = norm(Σ_p A_h[p]·x_p)                 (heads' embeddings, raw logits as weights)
       w_{n,h} = softmax_h ⟨t̂_n, u_h⟩            (how much class n trusts head h)
       c_n = softmax_p(Σ_h w_{n,h}·A_h)            (class-specific attention)
-      c ← min-max of c over all classes and patches of the image, rescaled into the
-          range [min m, max m] of that image's map m = sigmoid(⟨norm(x_p), t̂_n⟩)
+      c ← (c - min c) / max(max c, max c - min c), min and max over all classes and
+          patches of the image (the official normalisation: since c is a softmax,
+          c ≥ 0 and the divisor is max c, not max - min), then mapped linearly onto
+          [min m, max m] of that image's map m = sigmoid(⟨norm(x_p), t̂_n⟩)
       m ← (m + λ·c)/(1 + λ)
+    As the official ``DINOText.similarity_assignment_weighted`` (lorebianchi98/Talk2DINO,
+    src/open_vocabulary_segmentation/models/dinotext/dinotext.py), which sees one image
+    at a time; here every image of the batch is normalised on its own.
     Reshape with ``.unflatten(-1, grid)`` for the B×N×h×w map.
     """
     if (
@@ -209,49 +212,10 @@ def background_cleaning(
 
 
 def _rescale_per_image(values: Tensor, reference: Tensor) -> Tensor:
-    """Min-max ``values`` (B×…) per image, then map into ``reference``'s per-image range."""
+    """Per image (B×…): (v - min v) / max(max v, max v - min v), then mapped linearly
+    onto ``reference``'s per-image range [min r, max r] (Talk2DINO's normalisation)."""
     dims = tuple(range(1, values.ndim))
     lo, hi = values.amin(dim=dims, keepdim=True), values.amax(dim=dims, keepdim=True)
     ref_lo, ref_hi = reference.amin(dim=dims, keepdim=True), reference.amax(dim=dims, keepdim=True)
-    unit = (values - lo) / (hi - lo).clamp_min(torch.finfo(values.dtype).tiny)
-    return unit * (ref_hi - ref_lo) + ref_lo
-
-
-# ----------------------------------------------------------------------------- released weights
-
-# Key in the official Talk2DINO ``ProjectionLayer`` state dict -> key here.
-_RELEASED_KEYS = {
-    "linear_layer.weight": "proj_in.weight",  # W1 [D, T]
-    "linear_layer.bias": "proj_in.bias",  # b1 [D]
-    "hidden_layers.0.weight": "proj_out.weight",  # W2 [D, D]
-    "hidden_layers.0.bias": "proj_out.bias",  # b2 [D]
-}
-
-
-def import_talk2dino_checkpoint(state_dict: Mapping[str, Tensor]) -> Talk2DINO:
-    """A Talk2DINO recipe holding the official ``ProjectionLayer`` weights.
-
-    Widths come from ``linear_layer.weight`` [D, T]; ``hidden_layers.0.*`` present means
-    the ``mlp`` projection, absent the ``linear`` one.
-    """
-    unknown = sorted(set(state_dict) - set(_RELEASED_KEYS))
-    if unknown or "linear_layer.weight" not in state_dict:
-        raise ValueError(
-            f"not a Talk2DINO ProjectionLayer checkpoint with keys {sorted(_RELEASED_KEYS)}: "
-            f"unsupported keys {unknown}, keys present {sorted(state_dict)}"
-        )
-    vision_dim, text_dim = state_dict["linear_layer.weight"].shape
-    projection = "mlp" if "hidden_layers.0.weight" in state_dict else "linear"
-    cfg = Talk2DINOConfig(text_dim=text_dim, vision_dim=vision_dim, projection=projection)
-    model = build("talk2dino", cfg)
-    model.load_state_dict(
-        {_RELEASED_KEYS[k]: v.float() for k, v in state_dict.items()}, strict=True
-    )
-    return model
-
-
-def load_talk2dino_checkpoint(uri: str) -> Talk2DINO:
-    """:func:`import_talk2dino_checkpoint` of a released ``.pth`` file (path or URI),
-    read with ``weights_only=True`` (tensors only, no pickled code)."""
-    state_dict = torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
-    return import_talk2dino_checkpoint(state_dict)
+    divisor = torch.maximum(hi, hi - lo).clamp_min(torch.finfo(values.dtype).tiny)
+    return (values - lo) / divisor * (ref_hi - ref_lo) + ref_lo
