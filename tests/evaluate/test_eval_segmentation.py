@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from dinoalign.evaluate.segmentation import (
     make_predictor,
     scored_class_names,
     segment,
+    segment_scores,
     short_side_resize,
     sliding_window_logits,
     window_boxes,
@@ -76,7 +78,9 @@ def test_sliding_window_upsamples_patch_grid_scores_to_the_window():
     def patch_logits(window: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(window[:, :1], 4)  # 2×2 "patch grid" of mean row indices
 
-    merged = sliding_window_logits(image, patch_logits, 1, crop, stride)[0, 0].numpy()
+    merged = sliding_window_logits(
+        image, patch_logits, 1, crop, stride, align_corners=False
+    )[0, 0].numpy()
     # bilinear (align_corners=False) of cell means of a ramp = the ramp, clamped to the
     # first/last cell centre (y1 + 1.5 .. y1 + 5.5) inside each window
     expected = np.zeros((height, width))
@@ -90,6 +94,83 @@ def test_sliding_window_upsamples_patch_grid_scores_to_the_window():
             ]
             expected[y, x] = sum(values) / len(values)
     np.testing.assert_allclose(merged, expected, rtol=1e-5)
+
+
+def test_sliding_window_upsamples_with_aligned_corners_by_default():
+    """Talk2DINO upsamples the patch grid to the window with ``align_corners=True``: the
+    first and last cell centres land on the window's first and last pixel, a straight
+    line from y1 + 1.5 to y1 + 5.5 across the 8 rows of each window."""
+    height, width, crop, stride = 13, 11, 8, 4
+    image = _coordinate_image(height, width)
+
+    def patch_logits(window: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(window[:, :1], 4)
+
+    merged = sliding_window_logits(image, patch_logits, 1, crop, stride)[0, 0].numpy()
+    expected = np.zeros((height, width))
+    boxes = window_boxes(height, width, crop, stride)
+    for y in range(height):
+        for x in range(width):
+            values = [
+                y1 + 1.5 + 4.0 * (y - y1) / (crop - 1)
+                for y1, y2, x1, x2 in boxes
+                if y1 <= y < y2 and x1 <= x < x2
+            ]
+            expected[y, x] = sum(values) / len(values)
+    np.testing.assert_allclose(merged, expected, rtol=1e-5)
+
+
+def _official_slide_scores(image, logits_fn, crop, stride, short, max_long):
+    """Written from mmseg 0.x ``EncoderDecoder.slide_inference`` (which the Talk2DINO/TCL
+    evaluation runs, ``align_corners`` False) around Talk2DINO's
+    ``DINOText.generate_masks`` (lorebianchi98/Talk2DINO, src/open_vocabulary_segmentation/
+    models/dinotext/dinotext.py: patch-grid mask -> crop with bilinear
+    ``align_corners=True``): grids, clamped windows, zero-padded sums over a count matrix,
+    then a bilinear resize to the original shape with ``align_corners=False``."""
+    h0, w0 = image.shape[-2:]
+    factor = min(short / min(h0, w0), max_long / max(h0, w0))
+    img = F.interpolate(
+        image, size=(int(h0 * factor + 0.5), int(w0 * factor + 0.5)), mode="bilinear",
+        align_corners=False,
+    )
+    h_img, w_img = img.shape[-2:]
+    h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
+    preds, count = None, torch.zeros(1, 1, h_img, w_img)
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * stride, w_idx * stride
+            y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            grid = logits_fn(img[:, :, y1:y2, x1:x2])
+            mask = F.interpolate(grid, (y2 - y1, x2 - x1), mode="bilinear", align_corners=True)
+            padded = F.pad(mask, (x1, w_img - x2, y1, h_img - y2))
+            preds = padded if preds is None else preds + padded
+            count[:, :, y1:y2, x1:x2] += 1
+    return F.interpolate(preds / count, size=(h0, w0), mode="bilinear", align_corners=False)
+
+
+def test_segment_scores_use_the_official_pair_of_corner_settings():
+    """Default settings = the official pair (windows True, output False): max abs
+    difference to the mmseg + Talk2DINO computation <= 1e-5 on a random image; each of
+    the two settings on its own changes the result, so both are really applied."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 3, 37, 53, generator=g) * 255
+    weights = torch.randn(4, 3, generator=g)
+
+    def logits_fn(window: torch.Tensor) -> torch.Tensor:  # a 4-class score on a 4-px grid
+        pooled = F.avg_pool2d(window / 255.0, 4)
+        return torch.sigmoid(torch.einsum("nc,bchw->bnhw", weights, pooled - 0.5) * 3)
+
+    cfg = SegmentationConfig(short_side=24, max_long_side=64, crop=16, stride=10)
+    assert cfg.window_align_corners is True and cfg.output_align_corners is False
+    ours = segment_scores(image, logits_fn, 4, cfg)
+    official = _official_slide_scores(image, logits_fn, 16, 10, 24, 64)
+    assert ours.shape == official.shape == (1, 4, 37, 53)
+    assert (ours - official).abs().max().item() <= 1e-5
+    for change in ({"window_align_corners": False}, {"output_align_corners": True}):
+        other = segment_scores(image, logits_fn, 4, dataclasses.replace(cfg, **change))
+        assert (other - official).abs().max().item() > 1e-3
 
 
 def test_sliding_window_checks_logits_shape():

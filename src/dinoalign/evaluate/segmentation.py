@@ -3,10 +3,12 @@
 1. resize so that the short side is ``short_side`` (long side at most ``max_long_side``),
 2. slide ``crop``-sized windows with ``stride`` over it (mmseg ``slide_inference``:
    the last row / column of windows is clamped to the border), score each window with
-   the model's ``logits_fn`` (B×N at its patch grid, bilinearly upsampled to the window),
+   the model's ``logits_fn`` (B×N at its patch grid, bilinearly upsampled to the window
+   with ``window_align_corners``, True as Talk2DINO's ``DINOText.generate_masks``),
    optionally refine each window with PAMR, sum the windows and divide by the number of
    windows covering each pixel,
-3. resize the scores bilinearly to the original image size,
+3. resize the scores bilinearly to the original image size (``output_align_corners``,
+   False as mmseg's ``EncoderDecoder`` that the official evaluation runs in),
 4. with a background threshold, prepend a constant channel at that value (label 0),
 5. argmax; then accumulate a confusion matrix over the whole dataset.
 
@@ -45,13 +47,20 @@ Predictor = Callable[[np.ndarray], Tensor]
 class SegmentationConfig:
     """Inference settings. Defaults are the demo size; the papers use short_side 448,
     max_long_side 2048, crop 448, stride 224, PAMR on for the "with refinement" rows and
-    bg_threshold 0.55 (Talk2DINO ViT-B) on datasets with a background class."""
+    bg_threshold 0.55 (Talk2DINO ViT-B; 0.54 ViT-L) on datasets with a background class.
+
+    The two bilinear resizes have their own corner setting, as in the official code:
+    ``window_align_corners`` for the patch grid -> window upsampling (Talk2DINO's
+    ``DINOText.generate_masks``: ``align_corners=True``) and ``output_align_corners`` for
+    the resize back to the original image (mmseg's ``EncoderDecoder.align_corners``,
+    False in the Talk2DINO/TCL evaluation configs)."""
 
     short_side: int = 224
     max_long_side: int = 1024
     crop: int = 224
     stride: int = 112
-    align_corners: bool = False
+    window_align_corners: bool = True
+    output_align_corners: bool = False
     bg_threshold: float | None = 0.55  # None: background must be a scored text class
     pamr: bool = False
     pamr_iterations: int = 10
@@ -106,11 +115,12 @@ def sliding_window_logits(
     num_classes: int,
     crop: int = 448,
     stride: int = 224,
-    align_corners: bool = False,
+    align_corners: bool = True,
     refine_fn: RefineFn | None = None,
 ) -> Tensor:
     """Scores B×N×H×W for ``image`` B×3×H×W: per window ``logits_fn`` (upsampled bilinearly
-    to the window, then ``refine_fn`` if given), summed and divided by overlap counts."""
+    to the window with ``align_corners``, then ``refine_fn`` if given), summed and divided
+    by overlap counts."""
     batch, _, height, width = image.shape
     scores = image.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
     counts = image.new_zeros((1, 1, height, width), dtype=torch.float32)
@@ -159,10 +169,10 @@ def segment_scores(
     resized = short_side_resize(image, cfg.short_side, cfg.max_long_side)
     refine = PAMR(cfg.pamr_iterations, cfg.pamr_dilations) if cfg.pamr else None
     scores = sliding_window_logits(
-        resized, logits_fn, num_classes, cfg.crop, cfg.stride, cfg.align_corners, refine
+        resized, logits_fn, num_classes, cfg.crop, cfg.stride, cfg.window_align_corners, refine
     )
     return F.interpolate(
-        scores, size=(height, width), mode="bilinear", align_corners=cfg.align_corners
+        scores, size=(height, width), mode="bilinear", align_corners=cfg.output_align_corners
     )
 
 
