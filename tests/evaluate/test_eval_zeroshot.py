@@ -22,15 +22,26 @@ from dinoalign.evaluate.zeroshot import (
 )
 
 
-def test_openai_templates_equal_open_clips_copy():
-    # open_clip ships the same 80 prompts as lambdas: an independent source
-    assert list(OPENAI_IMAGENET_TEMPLATES) == [t("{}") for t in OPEN_CLIP_TEMPLATES]
+def test_openai_templates_are_open_clips_80_as_strings():
+    """The 80 CLIP ImageNet prompts come from open_clip (lambdas there), not a copy here;
+    spot-check the strings against the CLIP notebook's list as written."""
+    assert len(OPENAI_IMAGENET_TEMPLATES) == len(OPEN_CLIP_TEMPLATES) == 80
+    assert [t.replace("{}", "cat") for t in OPENAI_IMAGENET_TEMPLATES] == [
+        t("cat") for t in OPEN_CLIP_TEMPLATES
+    ]
+    assert OPENAI_IMAGENET_TEMPLATES[:2] == ("a bad photo of a {}.", "a photo of many {}.")
+    assert OPENAI_IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert all(t.count("{}") == 1 for t in OPENAI_IMAGENET_TEMPLATES)
 
 
-def test_talk2dino_templates_are_the_seven_tcl_prompts_from_the_openai_set():
+def test_talk2dino_templates_are_tcls_sub_imagenet_template_exactly():
+    """Talk2DINO's DINOText builds class embeddings with ``get_template`` (its
+    open_vocabulary_segmentation datasets, inherited from TCL's datasets/templates.py),
+    whose ``sub_imagenet_template`` reads, string for string, as below: "a bad photo of a
+    {}." (an earlier copy here had "of the")."""
     assert TALK2DINO_TEMPLATES == (
         "itap of a {}.",
-        "a bad photo of the {}.",
+        "a bad photo of a {}.",
         "a origami {}.",
         "a photo of the large {}.",
         "a {} in a video game.",
