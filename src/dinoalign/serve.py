@@ -255,8 +255,12 @@ def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dic
         if threshold is None:
             threshold, threshold_from = evaluated_bg_threshold(model, params, root)
     cfg = dataclasses.replace(cfg, pamr=cfg.pamr or args.pamr)
+    from dinoalign.evaluate.config import DEMO_DATASET
+
+    # One image with a background threshold cleans as the demo world and VOC do (``auto``).
     clean = (
-        threshold is not None and params.evaluate.background_cleaning and model.name == "talk2dino"
+        params.evaluate.cleans_background(threshold is not None, DEMO_DATASET)
+        and model.name == "talk2dino"
     )
     embeddings = model.class_embeddings(classes, params.evaluate.dense_templates)
     logits_fn = model.dense_logits_fn(embeddings, clean, params.evaluate.cleaning_lambda)

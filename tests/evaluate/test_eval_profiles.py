@@ -25,7 +25,12 @@ def _overrides(path: Path) -> list[str]:
 
 
 def test_there_is_a_profile_per_recipe() -> None:
-    assert {p.stem for p in PROFILES} == {"talk2dino-vitb", "dinotxt-vitl", "projector-vitb"}
+    assert {p.stem for p in PROFILES} == {
+        "talk2dino-vitb",
+        "talk2dino-vitl",
+        "dinotxt-vitl",
+        "projector-vitb",
+    }
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
@@ -39,7 +44,7 @@ def test_profile_resolves_and_its_recipe_config_builds(repo_root: Path, profile:
     training = getattr(params.align, recipe)
     # the widths come from the features at train time: stand-ins of the real towers' sizes
     widths = {
-        "talk2dino": {"text_dim": 512, "vision_dim": 768},
+        "talk2dino": {"text_dim": 512, "vision_dim": 1024 if "large" in params.backbone.name else 768},
         "dinotxt": {
             "backbone": params.backbone.name,
             "vision_dim": 1024,
@@ -73,3 +78,45 @@ def test_reproduce_doc_names_every_profile_and_only_registered_datasets(repo_roo
     assert all(name in EVAL_DATASETS for name in named)
     for published in ("87.1", "46.3", "81.4", "20.6", "89.3 / 89.9", "82.9 / 77.6"):
         assert published in doc
+
+
+@pytest.mark.parametrize(("profile", "threshold"), [("talk2dino-vitb", 0.55), ("talk2dino-vitl", 0.54)])
+def test_talk2dino_profiles_use_the_official_dense_settings(
+    repo_root: Path, profile: str, threshold: float
+) -> None:
+    """As the official evaluation (lorebianchi98/Talk2DINO, src/open_vocabulary_segmentation:
+    ``DINOText.generate_masks`` upsamples with align_corners=True, mmseg resizes back with
+    False; configs/<dataset>/dinotext_*_vit{b,l}_mlp_infonce.yml set ``with_bg_clean`` on
+    voc_bg and coco_object only; threshold 0.55 for ViT-B, 0.54 for ViT-L)."""
+    params = load_params(
+        repo_root / "params.yaml", _overrides(repo_root / "params" / "profiles" / f"{profile}.txt")
+    )
+    seg = params.evaluate.segmentation
+    assert (seg.window_align_corners, seg.output_align_corners) == (True, False)
+    assert seg.bg_threshold == threshold and params.evaluate.dense_templates == "talk2dino"
+    cleans = {
+        name: params.evaluate.cleans_background(has_background, name)
+        for name, has_background in [
+            ("voc21", True),
+            ("coco_object", True),
+            ("context60", True),
+            ("voc20", False),
+            ("ade20k", False),
+        ]
+    }
+    assert cleans == {
+        "voc21": True,
+        "coco_object": True,
+        "context60": False,
+        "voc20": False,
+        "ade20k": False,
+    }
+
+
+def test_background_cleaning_setting_overrides_the_per_dataset_default(repo_root: Path) -> None:
+    on = load_params(repo_root / "params.yaml", ["evaluate.background_cleaning=true"]).evaluate
+    off = load_params(repo_root / "params.yaml", ["evaluate.background_cleaning=false"]).evaluate
+    assert on.cleans_background(True, "context60") and not on.cleans_background(False, "voc20")
+    assert not off.cleans_background(True, "voc21")
+    demo = load_params(repo_root / "params.yaml").evaluate
+    assert demo.background_cleaning == "auto" and demo.cleans_background(True)  # the demo world

@@ -20,6 +20,18 @@ from dinoalign.evaluate.templates import resolve_templates
 DEMO_DATASET = "demo"
 DEVICES = ("auto", "cpu", "cuda")
 
+# Talk2DINO's background cleaning per dataset, as its official evaluation configs set it
+# (lorebianchi98/Talk2DINO src/open_vocabulary_segmentation/configs/<dataset>/
+# dinotext_<dataset>_vit{b,l}_mlp_infonce.yml, ``with_bg_clean``): on for VOC with
+# background and COCO-Object, off for Pascal Context with background (threshold 0.55 on
+# all three). The demo world, whose background is empty canvas, cleans as VOC does.
+OFFICIAL_BACKGROUND_CLEANING: dict[str, bool] = {
+    "voc21": True,
+    "coco_object": True,
+    "context60": False,
+    DEMO_DATASET: True,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
@@ -43,7 +55,10 @@ class EvaluateConfig:
       best mIoU on up to ``bg_threshold_images`` images of that split (e.g. ``val``),
       never on the split evaluated; the metrics record the choice.
     - ``background_cleaning`` / ``cleaning_lambda``: talk2dino's cleaning (λ) on
-      datasets with a background class.
+      datasets with a background class: ``auto`` (default) as the official configs set
+      it per dataset (:data:`OFFICIAL_BACKGROUND_CLEANING`: VOC21 and COCO-Object on,
+      Context-60 off; other datasets with a background class on), or ``true``/``false``
+      for every dataset. Never on datasets without a background class.
     - ``max_images``: evaluate only the first N images of each set (smoke runs).
     - ``save_predictions``: write every predicted label map as a PNG under
       ``<plots_dir>/<recipe>/predictions/``; ``num_examples`` overlays are always made.
@@ -71,7 +86,7 @@ class EvaluateConfig:
     bg_thresholds: dict[str, float | None] = dataclasses.field(default_factory=dict)
     bg_threshold_split: str | None = None
     bg_threshold_images: int = 100
-    background_cleaning: bool = True
+    background_cleaning: bool | str = "auto"
     cleaning_lambda: float = 0.2
     save_predictions: bool = False
     num_examples: int = 4
@@ -92,6 +107,7 @@ class EvaluateConfig:
                 raise ValueError(
                     f"evaluate.dataset={self.dataset!r} needs evaluate.root (its folder or URI)"
                 )
+            _check_dataset_options(self.dataset, self.dataset_options)
         for name in ("zeroshot_templates", "dense_templates"):
             try:
                 resolve_templates(getattr(self, name))
@@ -116,8 +132,22 @@ class EvaluateConfig:
             raise ValueError(
                 f"evaluate.bg_threshold_images must be >= 1, got {self.bg_threshold_images}"
             )
+        if self.background_cleaning not in ("auto", True, False):
+            raise ValueError(
+                "evaluate.background_cleaning must be auto (as the official configs set it "
+                f"per dataset), true or false, got {self.background_cleaning!r}"
+            )
         if self.cleaning_lambda < 0:
             raise ValueError(f"evaluate.cleaning_lambda must be >= 0, got {self.cleaning_lambda}")
+
+    def cleans_background(self, has_background: bool, dataset: str | None = None) -> bool:
+        """Whether talk2dino's background cleaning runs on ``dataset`` (default: this
+        config's ``dataset``), one with a background class or not."""
+        if not has_background or self.background_cleaning is False:
+            return False
+        if self.background_cleaning is True:
+            return True
+        return OFFICIAL_BACKGROUND_CLEANING.get(dataset or self.dataset, True)
 
     def segmentation_for(self, recipe: str) -> SegmentationConfig:
         """The segmentation settings of ``recipe``: its ``bg_thresholds`` entry, if any,
@@ -125,3 +155,20 @@ class EvaluateConfig:
         if recipe in self.bg_thresholds:
             return dataclasses.replace(self.segmentation, bg_threshold=self.bg_thresholds[recipe])
         return self.segmentation
+
+
+def _check_dataset_options(dataset: str, options: dict[str, Any]) -> None:
+    """Unknown ``dataset_options`` keys fail when params load, naming the adapter's own."""
+    import inspect
+
+    accepted = [
+        name
+        for name, p in inspect.signature(EVAL_DATASETS.get(dataset)).parameters.items()
+        if name != "root" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"evaluate.dataset_options: {dataset!r} takes {accepted or 'no options'}, not "
+            f"{unknown}"
+        )

@@ -368,10 +368,11 @@ class DenseHead:
     @classmethod
     def build(cls, model: AlignedModel, dataset: Any, cfg: EvaluateConfig) -> DenseHead:
         """Class embeddings of ``dataset``'s scored class names (``dense_templates``) and
-        ``model``'s dense scores; talk2dino cleans the background on datasets with one."""
+        ``model``'s dense scores; talk2dino cleans the background where
+        :meth:`EvaluateConfig.cleans_background` says so."""
         seg_cfg = cfg.segmentation_for(model.name)
         names = scored_class_names(dataset, seg_cfg)
-        clean = cfg.background_cleaning and dataset.has_background and model.name == "talk2dino"
+        clean = cfg.cleans_background(dataset.has_background) and model.name == "talk2dino"
         classes = model.class_embeddings(names, cfg.dense_templates)
         return cls(model.dense_logits_fn(classes, clean, cfg.cleaning_lambda), seg_cfg, clean)
 
