@@ -6,6 +6,7 @@
     dinoalign retrain --new URI [section.key=value ...]          scheduled retraining with promotion
     dinoalign segment|classify --model M --image I --classes "a,b"   inference (dinoalign.serve)
     dinoalign index --model M --out DIR; dinoalign retrieve --model M --index DIR --text T
+    dinoalign import-talk2dino --weights W [--config Y] --out DIR   the released Talk2DINO ψ
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from dinoalign.config import ConfigError, load_params, to_dict
+from dinoalign.errors import DatasetError, InferenceError
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +40,43 @@ def build_parser() -> argparse.ArgumentParser:
     from dinoalign.serve import add_inference_commands
 
     add_inference_commands(sub, _params_args)
+    imp = sub.add_parser(
+        "import-talk2dino",
+        help="turn the official Talk2DINO projection weights into a talk2dino model folder",
+    )
+    imp.add_argument(
+        "--weights",
+        required=True,
+        help="the official ProjectionLayer state dict: .pth/.pt (read with weights_only=True) "
+        "or .safetensors, path or URI",
+    )
+    imp.add_argument(
+        "--config",
+        default=None,
+        help="its configs/<name>.yaml (default: <stem>.yaml beside the weights or "
+        "../configs/<stem>.yaml if present, else the projection is inferred from the keys)",
+    )
+    imp.add_argument("--out", required=True, help="model folder to write (path or URI)")
+    imp.set_defaults(handler=_import_talk2dino)
     return parser
+
+
+def _import_talk2dino(args: argparse.Namespace) -> int:
+    """``dinoalign import-talk2dino``: write the recipe folder, print one JSON line;
+    a bad file ends with one line on stderr and exit code 2."""
+    import json
+
+    from dinoalign.recipes.talk2dino_release import AUTO_CONFIG, read_talk2dino_release
+
+    try:
+        released = read_talk2dino_release(args.weights, args.config or AUTO_CONFIG)
+        released.model.save(args.out)
+    except (InferenceError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"dinoalign import-talk2dino: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, **released.summary}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.params).resolve().parent
     try:
         STAGES.build(args.command, params, root)
-    except ConfigError as e:  # settings that cannot run here, found once the stage starts
+    except (ConfigError, DatasetError) as e:  # settings that cannot run here, or a bad
+        # evaluation-dataset file, found once the stage starts
         print(f"dinoalign {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

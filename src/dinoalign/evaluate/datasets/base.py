@@ -9,6 +9,13 @@ environment, ``http(s)://``). Items are decoded lazily, one per ``dataset[i]``.
 - :class:`ClassificationDataset` items: ``(image uint8 H×W×3, label int, name)``.
 - :class:`RetrievalDataset` items: ``(image uint8 H×W×3, captions list[str], name)``;
   ``captions`` / ``caption_image_index`` give all captions flat.
+
+A file that cannot be used (missing, unreadable, a label of the wrong mode or size, ids
+outside the class list, a malformed class-names or captions file) raises
+:class:`~dinoalign.errors.DatasetError` (:class:`~dinoalign.errors.DatasetFileMissing`
+for a missing one) naming the file: when the adapter is built for the files it lists,
+when ``dataset[i]`` decodes it for the others. The ``dinoalign`` command turns it into
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
+from dinoalign.errors import DatasetError, DatasetFileMissing
 from dinoalign.registry import Registry
 from dinoalign.storage import fs_for
 
@@ -55,7 +63,7 @@ class DatasetFiles:
             if self.exists(f"{prefix}/{marker}" if prefix else marker):
                 return self.sub(prefix)
         tried = ", ".join(self.uri(f"{p}/{marker}" if p else marker) for p in prefixes)
-        raise FileNotFoundError(
+        raise DatasetFileMissing(
             f"no dataset found: none of {tried} exists. Expected layout: {layout}"
         )
 
@@ -68,7 +76,10 @@ class DatasetFiles:
 
     def list_dirs(self, rel: str = "") -> list[str]:
         """Sorted names of the sub-folders of ``rel``."""
-        entries = self.fs.ls(self._full(rel), detail=True)
+        try:
+            entries = self.fs.ls(self._full(rel), detail=True)
+        except FileNotFoundError:
+            raise DatasetFileMissing(f"no folder {self.uri(rel)}") from None
         return sorted(
             e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
         )
@@ -78,10 +89,17 @@ class DatasetFiles:
             with self.fs.open(self._full(rel), "rb") as f:
                 return f.read()
         except FileNotFoundError:
-            raise FileNotFoundError(f"missing file {self.uri(rel)}") from None
+            raise DatasetFileMissing(f"missing file {self.uri(rel)}") from None
+        except IsADirectoryError:
+            raise DatasetError(f"{self.uri(rel)} is a folder, not a file") from None
 
     def read_text(self, rel: str) -> str:
-        return self.read_bytes(rel).decode("utf-8")
+        try:
+            return self.read_bytes(rel).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(
+                f"{self.uri(rel)}: not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
 
     def read_text_ref(self, path: str) -> str:
         """Text of ``path``: relative to the root, unless it is absolute or a URI."""
@@ -89,27 +107,59 @@ class DatasetFiles:
             return DatasetFiles(path).read_text("")
         return self.read_text(path)
 
-    def read_names(self, path: str) -> list[str]:
-        """Non-blank lines of the text file at ``path`` (see :meth:`read_text_ref`), stripped."""
-        names = [line.strip() for line in self.read_text_ref(path).splitlines() if line.strip()]
+    def ref_uri(self, path: str) -> str:
+        """The full name of ``path`` as :meth:`read_text_ref` resolves it, for messages."""
+        return path if path.startswith("/") or "://" in path else self.uri(path)
+
+    def read_names(self, path: str, option: str = "class_names_file") -> list[str]:
+        """Non-blank lines of the text file at ``path`` (see :meth:`read_text_ref`),
+        stripped; ``option`` is the adapter option that named it, for messages."""
+        try:
+            text = self.read_text_ref(path)
+        except DatasetFileMissing as e:
+            raise DatasetFileMissing(
+                f"{e}: set the option {option} to the class-names file (one name per line, "
+                "in label-id order)"
+            ) from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
-            raise ValueError(f"{path} lists no names")
+            raise DatasetError(
+                f"{self.ref_uri(path)} lists no names; write one class name per line, in "
+                "label-id order"
+            )
         return names
 
     def read_image(self, rel: str) -> np.ndarray:
         """RGB image as uint8 H×W×3 (grey, palette and alpha images are converted)."""
-        with Image.open(io.BytesIO(self.read_bytes(rel))) as img:
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+        return self._decode(rel, lambda img: np.array(img.convert("RGB"), dtype=np.uint8))
 
     def read_label(self, rel: str) -> np.ndarray:
         """Single-channel label PNG (palette indices or grey values) as int64 H×W."""
-        with Image.open(io.BytesIO(self.read_bytes(rel))) as img:
-            if img.mode not in ("P", "L", "I", "I;16"):
-                raise ValueError(
+
+        def ids(img: Image.Image) -> np.ndarray:
+            if img.mode not in LABEL_MODES:
+                raise DatasetError(
                     f"{self.uri(rel)}: label maps must be single-channel PNGs of class ids "
                     f"(palette or greyscale), got mode {img.mode}; convert colour masks to ids"
                 )
             return np.asarray(img, dtype=np.int64)
+
+        return self._decode(rel, ids)
+
+    def _decode(self, rel: str, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+        """``convert`` of the decoded image file ``rel``; a file PIL cannot decode is a
+        :class:`DatasetError` that names it."""
+        data = self.read_bytes(rel)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return convert(img)
+        except DatasetError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise DatasetError(
+                f"{self.uri(rel)}: not a readable image ({reason}); replace or re-export it"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- segmentation
@@ -121,6 +171,24 @@ class SegmentationSample(NamedTuple):
     label: str  # relative path
 
 
+LABEL_MODES = ("P", "L", "I", "I;16")  # PIL modes of single-channel label maps
+DEFAULT_ID_HINT = (
+    "is it the right annotation variant (e.g. *_labelTrainIds, not *_labelIds)?"
+)
+
+
+def check_unique_names(names: Sequence[str], source: str) -> None:
+    """Two classes with the same name get the same text embedding: refuse them."""
+    seen: dict[str, int] = {}
+    for line, name in enumerate(names, start=1):
+        if name in seen:
+            raise DatasetError(
+                f"{source}: class {name!r} is listed twice (classes {seen[name]} and {line}); "
+                "give every class a distinct name, e.g. 'crane (bird)' and 'crane (machine)'"
+            )
+        seen[name] = line
+
+
 def reduce_zero_label_lut() -> np.ndarray:
     """mmseg's ``reduce_zero_label`` as a 256-entry lookup: 0 → 255, i → i−1, 255 → 255."""
     lut = np.arange(256, dtype=np.int64) - 1
@@ -130,7 +198,9 @@ def reduce_zero_label_lut() -> np.ndarray:
 
 
 class SegmentationDataset(Sequence):
-    """Images with dense labels; ``label_lut`` (256 entries) maps stored ids to class ids."""
+    """Images with dense labels; ``label_lut`` (256 entries) maps stored ids to class ids,
+    stored ids in ``ignore_ids`` become :data:`IGNORE_INDEX`. A class id outside the class
+    list is a :class:`DatasetError` that ends with ``id_hint`` (``{ids}``: the stored ids)."""
 
     task = "segmentation"
 
@@ -141,9 +211,13 @@ class SegmentationDataset(Sequence):
         class_names: Sequence[str],
         has_background: bool,
         label_lut: np.ndarray | None = None,
+        ignore_ids: Sequence[int] = (),
+        id_hint: str = DEFAULT_ID_HINT,
     ) -> None:
         if not samples:
-            raise ValueError(f"{files.root}: the dataset has no samples")
+            raise DatasetError(f"{files.root}: the dataset has no samples")
+        if not class_names:
+            raise DatasetError(f"{files.root}: the class list is empty")
         if label_lut is not None and label_lut.shape != (256,):
             raise ValueError("label_lut must have 256 entries (one per stored 8-bit id)")
         self.files = files
@@ -151,6 +225,8 @@ class SegmentationDataset(Sequence):
         self.class_names = tuple(class_names)
         self.has_background = has_background
         self.label_lut = label_lut
+        self.ignore_ids = tuple(ignore_ids)
+        self.id_hint = id_hint
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -158,23 +234,31 @@ class SegmentationDataset(Sequence):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:  # type: ignore[override]
         sample = self.samples[index]
         image = self.files.read_image(sample.image)
-        label = self.files.read_label(sample.label)
-        if label.shape != image.shape[:2]:
-            raise ValueError(
-                f"{self.files.uri(sample.label)} is {label.shape[1]}×{label.shape[0]} but its "
-                f"image is {image.shape[1]}×{image.shape[0]}"
+        stored = self.files.read_label(sample.label)
+        if stored.shape != image.shape[:2]:
+            raise DatasetError(
+                f"{self.files.uri(sample.label)} is {stored.shape[1]}×{stored.shape[0]} but its "
+                f"image {self.files.uri(sample.image)} is {image.shape[1]}×{image.shape[0]}; "
+                "a label map must have its image's size"
             )
+        label = stored
         if self.label_lut is not None:
-            if label.max(initial=0) > 255:
-                raise ValueError(f"{self.files.uri(sample.label)}: stored ids exceed 255")
-            label = self.label_lut[label]
+            if stored.max(initial=0) > 255:
+                raise DatasetError(
+                    f"{self.files.uri(sample.label)}: stored ids exceed 255 (max "
+                    f"{int(stored.max())}); this dataset's labels are 8-bit ids"
+                )
+            label = self.label_lut[stored]
+        if self.ignore_ids:
+            label = np.where(np.isin(stored, self.ignore_ids), IGNORE_INDEX, label)
         k = len(self.class_names)
         bad = ((label >= k) & (label != IGNORE_INDEX)) | (label < 0)
         if bad.any():
-            raise ValueError(
-                f"{self.files.uri(sample.label)}: ids {np.unique(label[bad])[:10].tolist()} are "
-                f"not classes of this {k}-class dataset nor {IGNORE_INDEX}; is it the right "
-                "annotation variant (e.g. *_labelTrainIds, not *_labelIds)?"
+            ids = np.unique(stored[bad])[:10].tolist()
+            ignored = sorted({IGNORE_INDEX, *self.ignore_ids})
+            raise DatasetError(
+                f"{self.files.uri(sample.label)}: ids {ids} are not classes of this {k}-class "
+                f"dataset nor ignored ({ignored}); " + self.id_hint.format(ids=ids)
             )
         return image, label, sample.name
 
@@ -211,7 +295,7 @@ def paired_dir_samples(
     pattern = "*/*" if nested else "*"
     images = files.glob(f"{image_dir}/{pattern}{image_suffix}")
     if not images:
-        raise FileNotFoundError(
+        raise DatasetFileMissing(
             f"no {files.uri(f'{image_dir}/{pattern}{image_suffix}')} images found"
         )
     names = [p[len(image_dir) + 1 : -len(image_suffix)] for p in images]
@@ -228,7 +312,7 @@ def _require_files(files: DatasetFiles, wanted: Sequence[str], pattern: str) -> 
     present = set(files.glob(pattern))
     missing = [p for p in wanted if p not in present]
     if missing:
-        raise FileNotFoundError(
+        raise DatasetFileMissing(
             f"{len(missing)} of {len(wanted)} expected files are missing, e.g. "
             f"{files.uri(missing[0])}; check the dataset root and that the annotations were "
             "prepared as the toolkit describes"
@@ -247,7 +331,9 @@ class ClassificationDataset(Sequence):
         self, files: DatasetFiles, samples: Sequence[tuple[str, int]], class_names: Sequence[str]
     ) -> None:
         if not samples:
-            raise ValueError(f"{files.root}: the dataset has no images")
+            raise DatasetError(f"{files.root}: the dataset has no images")
+        if not class_names:
+            raise DatasetError(f"{files.root}: the class list is empty")
         self.files = files
         self.samples = list(samples)
         self.class_names = tuple(class_names)
@@ -270,10 +356,12 @@ class RetrievalDataset(Sequence):
 
     def __init__(self, files: DatasetFiles, samples: Sequence[tuple[str, list[str]]]) -> None:
         if not samples:
-            raise ValueError(f"{files.root}: the dataset has no images")
+            raise DatasetError(f"{files.root}: the dataset has no images")
         empty = [p for p, caps in samples if not caps]
         if empty:
-            raise ValueError(f"{len(empty)} images have no caption (e.g. {empty[0]}); drop them")
+            raise DatasetError(
+                f"{files.root}: {len(empty)} images have no caption (e.g. {empty[0]}); drop them"
+            )
         self.files = files
         self.samples = list(samples)
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dinoalign.evaluate.datasets.base import EVAL_DATASETS, ClassificationDataset, DatasetFiles
+from dinoalign.errors import DatasetError, DatasetFileMissing
+from dinoalign.evaluate.datasets.base import (
+    EVAL_DATASETS,
+    ClassificationDataset,
+    DatasetFiles,
+    check_unique_names,
+)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -25,10 +31,12 @@ def imagenet_folder(
     files = DatasetFiles(root)
     folders = files.list_dirs()
     if not folders:
-        raise FileNotFoundError(
+        raise DatasetFileMissing(
             f"{files.root} has no class sub-folders (expected <root>/<class>/<image>)"
         )
     class_names = _class_names(files, folders, class_names_file) if class_names_file else folders
+    if class_names_file:
+        check_unique_names(class_names, files.ref_uri(class_names_file))
     class_id = {folder: i for i, folder in enumerate(folders)}
     wanted = tuple(e.lower() for e in extensions)
     samples = [
@@ -37,7 +45,7 @@ def imagenet_folder(
         if path.lower().endswith(wanted) and path.split("/", 1)[0] in class_id
     ]
     if not samples:
-        raise FileNotFoundError(
+        raise DatasetFileMissing(
             f"no images with extensions {list(wanted)} under {files.root}/<class>/"
         )
     return ClassificationDataset(files, samples, class_names)
@@ -48,13 +56,20 @@ def _class_names(files: DatasetFiles, folders: list[str], path: str) -> list[str
     pairs = [line.split(None, 1) for line in lines]
     if all(len(p) == 2 and p[0] in folders for p in pairs):
         by_folder = {folder: name.strip() for folder, name in pairs}
+        if len(by_folder) != len(pairs):
+            twice = sorted({f for f, _ in pairs if sum(g == f for g, _ in pairs) > 1})
+            raise DatasetError(f"{files.ref_uri(path)} names folders {twice[:5]} more than once")
         missing = [f for f in folders if f not in by_folder]
         if missing:
-            raise ValueError(f"{path} names no class for folders {missing[:5]}")
+            raise DatasetError(
+                f"{files.ref_uri(path)} names no class for folders {missing[:5]}; add a "
+                "'<folder> <name>' line for each"
+            )
         return [by_folder[f] for f in folders]
     if len(lines) != len(folders):
-        raise ValueError(
-            f"{path} has {len(lines)} lines but {files.root} has {len(folders)} class folders; "
+        raise DatasetError(
+            f"{files.ref_uri(path)} has {len(lines)} lines but {files.root} has "
+            f"{len(folders)} class folders; "
             "give one name per folder in sorted folder order, or '<folder> <name>' lines"
         )
     return lines

@@ -18,7 +18,7 @@ each adapter looks for its marker folder under the usual sub-paths.
 - ``ade20k``: ``ADEChallengeData2016/images/<split>/*.jpg`` and
   ``ADEChallengeData2016/annotations/<split>/*.png``. 150 classes: id 0 ignored, ids − 1.
 - ``folder``: ``<images>/*<image_suffix>``, ``<labels>/*<label_suffix>`` and a class-names
-  file, ids as stored.
+  file, ids as stored; 255 and the ``ignore_ids`` are ignored (docs/evaluation-datasets.md).
 
 COCO-Object's ``*_instanceTrainIds.png`` (0 = background, 1–80 = the thing classes) are
 written next to COCO-Stuff's by GroupViT/TCL's ``convert_coco_object.py`` from COCO-Stuff's
@@ -30,14 +30,18 @@ Cityscapes needs ``*_gtFine_labelTrainIds.png`` from cityscapesscripts'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from dinoalign.errors import ConfigError
 from dinoalign.evaluate.datasets import classnames
 from dinoalign.evaluate.datasets.base import (
     EVAL_DATASETS,
     DatasetFiles,
     SegmentationDataset,
     SegmentationSample,
+    check_unique_names,
     paired_dir_samples,
     reduce_zero_label_lut,
     split_file_samples,
@@ -188,13 +192,54 @@ def folder(
     label_suffix: str = ".png",
     has_background: bool = False,
     reduce_zero_label: bool = False,
+    ignore_ids: Sequence[int] | int = (),
 ) -> SegmentationDataset:
     """Any ``<root>/<images>/*<image_suffix>`` + ``<root>/<labels>/*<label_suffix>`` pairs
     (single-channel PNG ids, 255 = ignore) and a class-names file (one name per line, in id
     order; relative to ``root`` unless absolute or a URI). With ``has_background`` id 0 is
-    the background class."""
+    the background class; ``reduce_zero_label`` ignores stored id 0 and shifts the others
+    down by one (mmseg's option); ``ignore_ids`` lists more stored ids to ignore besides
+    255 (e.g. ``[0]`` where 0 marks unlabelled pixels). A stored id that is neither a class
+    nor ignored stops the evaluation with a :class:`~dinoalign.errors.DatasetError` naming
+    the file, the id and these options (docs/evaluation-datasets.md)."""
+    ignored = _ignore_ids(ignore_ids)
+    if has_background and 0 in ignored and not reduce_zero_label:
+        raise ConfigError(
+            "folder: ignore_ids contains 0, which has_background makes the background class; "
+            "drop one of the two"
+        )
     files = DatasetFiles(root)
     names = files.read_names(class_names_file)
+    check_unique_names(names, files.ref_uri(class_names_file))
     samples = paired_dir_samples(files, images, image_suffix, labels, label_suffix)
     lut: np.ndarray | None = reduce_zero_label_lut() if reduce_zero_label else None
-    return SegmentationDataset(files, samples, names, has_background=has_background, label_lut=lut)
+    hint = (
+        "if they mark unlabelled pixels, ignore them with the folder option ignore_ids "
+        "(evaluate.dataset_options={{ignore_ids: {ids}}}); else the class-names file "
+        f"{files.ref_uri(class_names_file)} (option class_names_file) lacks their names"
+        + ("" if reduce_zero_label else ", or the ids start at 1 (option reduce_zero_label)")
+    )
+    return SegmentationDataset(
+        files,
+        samples,
+        names,
+        has_background=has_background,
+        label_lut=lut,
+        ignore_ids=ignored,
+        id_hint=hint,
+    )
+
+
+def _ignore_ids(value: object) -> tuple[int, ...]:
+    """The ``ignore_ids`` option: one label id or a list of them (non-negative integers)."""
+    ids = [value] if isinstance(value, int) else value
+    if (
+        isinstance(ids, (str, bytes))
+        or not isinstance(ids, Sequence)
+        or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
+    ):
+        raise ConfigError(
+            f"folder: ignore_ids must be a list of stored label ids (integers >= 0), e.g. "
+            f"[0], got {value!r}"
+        )
+    return tuple(sorted(set(ids)))  # type: ignore[arg-type]
