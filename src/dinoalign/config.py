@@ -124,13 +124,20 @@ class ClipConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-    """The embed stage: Ray Data (or a plain loop) from the pairs manifest to features."""
+    """The embed stage: Ray Data (or a plain loop) from the pairs manifest to features.
+
+    Images are resized and cropped to ``img_size`` and normalised as each model's own
+    config says: the backbone by timm's data config of the built model (mean, std,
+    interpolation, crop_pct, crop_mode), CLIP by open_clip's preprocess config of the
+    loaded model. ``interpolation``: null takes the backbone's; a PIL filter name
+    (bicubic, bilinear, ...) overrides it. What was used is recorded in the features'
+    manifest (``spec.preprocessing``)."""
 
     pairs_dir: str = "artifacts/pairs"
     out_dir: str = "artifacts/features"  # local path or s3://bucket/prefix
     engine: str = "ray"  # ray | local
     img_size: int = 224
-    interpolation: str = "bicubic"
+    interpolation: str | None = None  # null: the backbone's own (timm data config)
     batch_size: int = 64
     decode_batch_size: int = 32
     num_actors: int = 1
@@ -145,6 +152,15 @@ class EmbedConfig:
     text_encoders: list[TextEncoderConfig] = dataclasses.field(
         default_factory=lambda: [TextEncoderConfig()]
     )
+
+    def __post_init__(self) -> None:
+        from dinoalign.data.images import INTERPOLATIONS
+
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"embed.interpolation={self.interpolation!r}: use one of {sorted(INTERPOLATIONS)}, "
+                "or null for the backbone's own (timm's data config of the model)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

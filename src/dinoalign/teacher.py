@@ -11,9 +11,11 @@ Real profiles set ``teacher.enabled: false`` and name a real CLIP in ``clip``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +51,89 @@ def model_cfg(cfg: TeacherConfig) -> dict[str, Any]:
     }
 
 
-def to_clip_input(images: np.ndarray, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 B×H×W×3 -> float B×3×size×size on ``device``, bicubic resize + OpenAI CLIP
-    normalisation. The uint8 pixels cross to the device first; the work happens there."""
+def preprocess_cfg(cfg: TeacherConfig) -> dict[str, Any]:
+    """The teacher's open_clip ``preprocess_cfg`` (saved with it, so every loader of the
+    checkpoint reads it back): OpenAI CLIP's mean/std, bicubic, shortest-side resize."""
+    return {
+        "size": cfg.image_size,
+        "mean": list(OPENAI_MEAN),
+        "std": list(OPENAI_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def resolve_clip_preprocess(preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """An open_clip model's preprocess config (``open_clip.get_model_preprocess_cfg``, or
+    a checkpoint's ``preprocess_cfg``) completed the way open_clip completes it: keys it
+    lacks take open_clip's ``PreprocessCfg`` defaults. JSON-friendly: ``size`` [h, w],
+    ``mean``/``std`` 3 floats, ``interpolation``, ``resize_mode``, ``fill_color``."""
+    from open_clip.transform import PreprocessCfg
+
+    known = {f.name for f in dataclasses.fields(PreprocessCfg)}
+    cfg = dataclasses.asdict(PreprocessCfg(**{k: v for k, v in preprocess.items() if k in known}))
+    size = cfg["size"]
+    cfg["size"] = [int(s) for s in size] if isinstance(size, (list, tuple)) else [int(size)] * 2
+    cfg["mean"], cfg["std"] = [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+    if len(cfg["mean"]) != 3 or len(cfg["std"]) != 3:
+        raise ValueError(
+            f"CLIP preprocess config has mean {cfg['mean']} and std {cfg['std']}: RGB images "
+            "need 3 values each"
+        )
+    if cfg["interpolation"] not in _CLIP_INTERPOLATIONS:
+        raise ValueError(
+            f"CLIP preprocess interpolation {cfg['interpolation']!r} is not one of "
+            f"{list(_CLIP_INTERPOLATIONS)} (open_clip's 'random' is for training only)"
+        )
+    if cfg["resize_mode"] not in _CLIP_RESIZE_MODES:
+        raise ValueError(
+            f"CLIP preprocess resize_mode {cfg['resize_mode']!r} is not one of {list(_CLIP_RESIZE_MODES)}"
+        )
+    return cfg
+
+
+_CLIP_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+_CLIP_RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+def to_clip_input(
+    images: np.ndarray, preprocess: Mapping[str, Any], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """uint8 B×H×W×3 -> float B×3×h×w on ``device`` with the CLIP's own preprocess config
+    (see :func:`resolve_clip_preprocess`): resize to ``size`` by ``resize_mode`` with its
+    ``interpolation`` (antialiased), then its ``mean``/``std``. On square images (what the
+    pipeline passes: embed's crops) every resize mode is one resize to h×w; otherwise
+    ``shortest`` resizes the short side and centre-crops, ``longest`` resizes the long
+    side and pads with ``fill_color``, ``squash`` resizes both sides.
+    The uint8 pixels cross to the device first; the work happens there."""
+    cfg = resolve_clip_preprocess(preprocess)
+    height, width = cfg["size"]
+    mode = cfg["interpolation"]
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+
+    def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if t.shape[-2:] == size:
+            return t
+        return F.interpolate(t, size=size, mode=mode, antialias=mode != "nearest",
+                             **({} if mode == "nearest" else {"align_corners": False}))
+
+    h, w = x.shape[-2:]
+    if cfg["resize_mode"] == "squash" or (h == w and height == width):
+        x = resize(x, (height, width))
+    elif cfg["resize_mode"] == "shortest":  # short side to the target's, centre crop
+        scale = max(height / h, width / w)
+        x = resize(x, (max(height, int(h * scale)), max(width, int(w * scale))))
+        top, left = round((x.shape[-2] - height) / 2), round((x.shape[-1] - width) / 2)
+        x = x[..., top : top + height, left : left + width]
+    else:  # longest: long side to the target's, centred on a fill_color canvas
+        scale = min(height / h, width / w)
+        x = resize(x, (min(height, max(1, int(h * scale))), min(width, max(1, int(w * scale)))))
+        canvas = x.new_full((x.shape[0], 3, height, width), cfg["fill_color"] / 255)
+        top, left = (height - x.shape[-2]) // 2, (width - x.shape[-1]) // 2
+        canvas[..., top : top + x.shape[-2], left : left + x.shape[-1]] = x
+        x = canvas
+    mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
     return (x.clamp_(0, 1) - mean) / std
 
 
@@ -81,7 +158,7 @@ def train_teacher(
     mc = model_cfg(cfg)
     model = CLIP(mc["embed_dim"], CLIPVisionCfg(**mc["vision_cfg"]), CLIPTextCfg(**mc["text_cfg"]))
     tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.text_context)
-    pixels = to_clip_input(images, cfg.image_size)
+    pixels = to_clip_input(images, preprocess_cfg(cfg))
     loss_fn = open_clip.ClipLoss()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -143,13 +220,7 @@ def save_teacher(model: Any, cfg: TeacherConfig, out_dir: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": model_cfg(cfg),
-        "preprocess_cfg": {
-            "size": cfg.image_size,
-            "mean": list(OPENAI_MEAN),
-            "std": list(OPENAI_STD),
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-        },
+        "preprocess_cfg": preprocess_cfg(cfg),
     }
     (d / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -159,13 +230,15 @@ def save_teacher(model: Any, cfg: TeacherConfig, out_dir: Path) -> Path:
 
 @torch.no_grad()
 def encode_clip(
-    model: Any, tokenizer: Any, images: np.ndarray | None, texts: list[str] | None, image_size: int, batch_size: int = 256
+    model: Any, tokenizer: Any, images: np.ndarray | None, texts: list[str] | None,
+    preprocess: Mapping[str, Any], batch_size: int = 256,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Normalised CLIP image (N×E) and text (M×E) embeddings with any open_clip model."""
+    """Normalised CLIP image (N×E) and text (M×E) embeddings with any open_clip model,
+    images through :func:`to_clip_input` with the model's ``preprocess`` config."""
     img = txt = None
     if images is not None:
         img = torch.cat(
-            [model.encode_image(to_clip_input(images[i : i + batch_size], image_size), normalize=True)
+            [model.encode_image(to_clip_input(images[i : i + batch_size], preprocess), normalize=True)
              for i in range(0, len(images), batch_size)]
         ) if len(images) else torch.zeros(0, 1)
     if texts is not None:
@@ -213,7 +286,7 @@ def run_teacher(params: Any, root: Path, log: Any = None) -> dict[str, Any]:
     test_images, test_caps, _ = load_split_images(manifest, "test", **kw)
     texts = [c for caps in test_caps for c in caps]
     owner = [i for i, caps in enumerate(test_caps) for _ in caps]
-    img, txt = encode_clip(model, open_clip.get_tokenizer("ViT-B-16", context_length=cfg.text_context), test_images, texts, cfg.image_size)
+    img, txt = encode_clip(model, open_clip.get_tokenizer("ViT-B-16", context_length=cfg.text_context), test_images, texts, preprocess_cfg(cfg))
     metrics = retrieval_metrics(img, txt, owner)
     metrics.update({"train_images": len(train_images), "test_images": len(test_images),
                     "final_loss": curve[-1]["loss"], "model_dir": str(out / MODEL_DIR)})

@@ -21,6 +21,7 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
+from timm.data import resolve_model_data_config
 from timm.layers import apply_rot_embed_cat
 from timm.models import eva, vision_transformer
 from torch import Tensor, nn
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 from dinoalign.backbones._frozen import FrozenModule
 from dinoalign.storage import fs_for, open_uri, read_bytes
 
+# DINOv2's (and most timm models') normalisation; the backbone itself reads its model's
+# own data config (DINOv3's satellite weights use other values), see DinoBackbone.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -120,10 +123,15 @@ class DinoBackbone(FrozenModule):
     ``forward`` takes B×3×H×W float images already normalised with ``mean``/``std``
     (``normalize`` does it for uint8 images); H and W must be multiples of ``patch_size``.
     On CUDA the forward runs under bf16 autocast.
+
+    ``data_config`` is timm's ``resolve_model_data_config`` of the model (its pretrained
+    config: ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode`` and the
+    pretraining ``input_size``); the ``mean``/``std`` buffers (3,) come from it.
     """
 
     mean: Tensor
     std: Tensor
+    data_config: dict[str, Any]
 
     def __init__(self, vit: nn.Module) -> None:
         super().__init__()
@@ -146,8 +154,15 @@ class DinoBackbone(FrozenModule):
         if patch_size[0] != patch_size[1]:
             raise ValueError(f"non-square patches {patch_size} are not supported")
         self.vit = vit
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD), persistent=False)
+        self.data_config = dict(resolve_model_data_config(vit))
+        mean, std = self.data_config["mean"], self.data_config["std"]
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(
+                f"{type(vit).__name__}'s data config has mean {mean} and std {std}; the adapter "
+                "takes RGB images and needs 3 values each"
+            )
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
         self.freeze()
 
     @property
@@ -166,8 +181,25 @@ class DinoBackbone(FrozenModule):
     def patch_size(self) -> int:
         return int(self.vit.patch_embed.patch_size[0])
 
+    def preprocessing(self, img_size: int, interpolation: str | None = None) -> dict[str, Any]:
+        """The image preprocessing of this model fed img_size×img_size crops, JSON-friendly:
+        ``mean``, ``std``, ``interpolation`` (``interpolation`` when given, else the model's),
+        ``crop_pct``, ``crop_mode``, ``input_size`` [3, img_size, img_size] and the data
+        config's own (pretraining) ``config_input_size``."""
+        cfg = self.data_config
+        return {
+            "mean": [float(v) for v in cfg["mean"]],
+            "std": [float(v) for v in cfg["std"]],
+            "interpolation": interpolation or str(cfg.get("interpolation", "bicubic")),
+            "crop_pct": float(cfg.get("crop_pct", 1.0)),
+            "crop_mode": str(cfg.get("crop_mode", "center")),
+            "input_size": [3, int(img_size), int(img_size)],
+            "config_input_size": [int(v) for v in cfg.get("input_size", ())],
+        }
+
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 images B×H×W×3 or B×3×H×W (0..255) -> float32 B×3×H×W, (x/255 - mean)/std."""
+        """uint8 images B×H×W×3 or B×3×H×W (0..255) -> float32 B×3×H×W, (x/255 - mean)/std
+        with the model's own ``mean``/``std`` (see ``data_config``)."""
         if images.dtype != torch.uint8:
             raise TypeError(
                 f"normalize expects uint8 images (0..255), got {images.dtype}; "

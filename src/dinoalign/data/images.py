@@ -30,6 +30,7 @@ Decoding rules (:func:`decode_image`):
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -195,10 +196,38 @@ def center_crop(array: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(array[top : top + crop_height, left : left + crop_width])
 
 
-def resize_crop(array: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Short side to ``size`` then centre crop ``size``×``size`` (talk2dino preprocessing):
-    H×W×C uint8 -> size×size×C uint8."""
-    return center_crop(resize_short_side(array, size, interpolation), size)
+CROP_MODES: tuple[str, ...] = ("center", "squash")
+
+
+def resize_crop(
+    array: np.ndarray,
+    size: int,
+    interpolation: str = "bicubic",
+    crop_pct: float = 1.0,
+    crop_mode: str = "center",
+) -> np.ndarray:
+    """timm's evaluation resize + crop: H×W×C uint8 -> size×size×C uint8.
+
+    ``center`` (talk2dino's preprocessing at ``crop_pct`` 1): short side to
+    ``floor(size / crop_pct)``, aspect ratio kept, then the centre ``size``×``size``;
+    ``squash``: both sides to ``floor(size / crop_pct)``, then the centre crop.
+    """
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    scale = math.floor(size / crop_pct)
+    if crop_mode == "center":
+        return center_crop(resize_short_side(array, scale, interpolation), size)
+    if crop_mode == "squash":
+        _check_uint8_image(array)
+        if array.shape[:2] != (scale, scale):
+            array = np.array(
+                Image.fromarray(array).resize((scale, scale), resample=_resample(interpolation))
+            )
+        return center_crop(array, size)
+    raise ValueError(
+        f"unknown crop_mode {crop_mode!r}; use one of {list(CROP_MODES)} (timm's 'border' "
+        "mode, which pads, is not supported)"
+    )
 
 
 # ----------------------------------------------------------------------------- internals

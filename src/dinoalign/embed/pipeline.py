@@ -9,6 +9,11 @@ Two engines share the same decode function, model holders and writer:
 
 Incremental: uids already in complete shards (same feature spec) or already rejected
 are skipped; a changed spec (other models, weights or preprocessing) starts afresh.
+
+Preprocessing comes from each model's own config: the backbone's mean, std,
+interpolation and crop from timm's data config of the built model (``embed.interpolation``
+overrides the interpolation when set), CLIP's from open_clip's preprocess config. The spec
+records both (``spec["preprocessing"]``, see :mod:`dinoalign.embed.store`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from dinoalign.compute import TorchThreads
-from dinoalign.config import BackboneConfig, Params
+from dinoalign.config import BackboneConfig, EmbedConfig, Params
 from dinoalign.data.images import ImageRejected, load_image, resize_crop
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import image_features
@@ -37,10 +42,12 @@ HALF_COLUMNS = ("patches", "registers")  # token-level columns are stored in fp1
 
 # ----------------------------------------------------------------------------- decode
 def decode_batch(
-    batch: dict[str, np.ndarray], *, img_size: int, interpolation: str, max_pixels: int, min_side: int
+    batch: dict[str, np.ndarray], *, img_size: int, interpolation: str, max_pixels: int, min_side: int,
+    crop_pct: float = 1.0, crop_mode: str = "center",
 ) -> dict[str, np.ndarray]:
-    """uids + image URIs -> uint8 images N×S×S×3 (short-side resize + centre crop) and a
-    reject reason per row ("" when decoded). Never raises for a bad image."""
+    """uids + image URIs -> uint8 images N×S×S×3 (:func:`~dinoalign.data.images.resize_crop`:
+    at crop_pct 1 and ``center``, short-side resize + centre crop) and a reject reason per
+    row ("" when decoded). Never raises for a bad image."""
     uids = batch["uid"]
     images = np.zeros((len(uids), img_size, img_size, 3), dtype=np.uint8)
     reasons = np.full(len(uids), "", dtype=object)
@@ -48,7 +55,8 @@ def decode_batch(
     for i, uri in enumerate(batch["image_uri"]):
         try:
             images[i] = resize_crop(
-                load_image(str(uri), max_pixels=max_pixels, min_side=min_side), img_size, interpolation
+                load_image(str(uri), max_pixels=max_pixels, min_side=min_side), img_size, interpolation,
+                crop_pct, crop_mode,
             )
         except ImageRejected as e:
             reasons[i], details[i] = e.reason, e.detail
@@ -102,7 +110,7 @@ class ImageEmbedder:
             from dinoalign.backbones.text import load_open_clip
 
             model, pre, _ = load_open_clip(params.clip.name, params.clip.pretrained)
-            self.clip, self.clip_size = model.eval().to(self.device), _preprocess_size(pre)
+            self.clip, self.clip_preprocess = model.eval().to(self.device), pre
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,7 +129,7 @@ class ImageEmbedder:
             if self.clip is not None:
                 from dinoalign.teacher import to_clip_input
 
-                clip_x = to_clip_input(images, self.clip_size, self.device)
+                clip_x = to_clip_input(images, self.clip_preprocess, self.device)
                 feats["clip_image"] = self.clip.encode_image(clip_x, normalize=True).float().cpu().numpy()
         for k, v in feats.items():
             full = np.zeros((n, *v.shape[1:]), dtype=np.float16 if k in HALF_COLUMNS else np.float32)
@@ -159,6 +167,24 @@ def _preprocess_size(pre: Any) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
+def backbone_preprocessing(backbone: Any, embed: EmbedConfig) -> dict[str, Any]:
+    """How the embed stage feeds ``backbone`` (a :class:`~dinoalign.backbones.DinoBackbone`):
+    its model's data config at ``embed.img_size``, ``embed.interpolation`` (when set)
+    overriding the model's interpolation. JSON-friendly; recorded in the spec."""
+    return backbone.preprocessing(embed.img_size, embed.interpolation)
+
+
+def clip_preprocessing(preprocess: Any) -> dict[str, Any]:
+    """A CLIP's open_clip preprocess config as recorded in the spec: ``mean``, ``std``,
+    ``interpolation``, ``resize_mode``, ``fill_color``, ``input_size`` [3, h, w]."""
+    from dinoalign.teacher import resolve_clip_preprocess
+
+    cfg = resolve_clip_preprocess(preprocess)
+    cfg.pop("mode")  # always RGB (open_clip's PreprocessCfg allows nothing else)
+    height, width = cfg.pop("size")
+    return {**cfg, "input_size": [3, height, width]}
+
+
 # ----------------------------------------------------------------------------- spec
 def feature_spec(params: Params) -> dict[str, Any]:
     """What the features depend on. Builds each model once (cheap next to embedding) so
@@ -175,13 +201,15 @@ def feature_spec(params: Params) -> dict[str, Any]:
     if params.embed.keep_patches:
         columns["registers"] = [int(out.registers.shape[1]), d]
         columns["patches"] = [p, d]
+    preprocessing = backbone_preprocessing(backbone, params.embed)
     spec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "backbone": {**asdict(params.backbone), "weights_sha": state_hash(backbone),
                      "random_init": not params.backbone.pretrained and not params.backbone.weights,
                      "embed_dim": d, "num_heads": h, "grid": list(out.grid)},
         "img_size": s,
-        "interpolation": params.embed.interpolation,
+        "interpolation": preprocessing["interpolation"],
+        "preprocessing": {"backbone": preprocessing, "clip": None},
         "dtype": "float32",
         "text_encoders": {},
     }
@@ -190,6 +218,7 @@ def feature_spec(params: Params) -> dict[str, Any]:
 
         model, pre, _ = load_open_clip(params.clip.name, params.clip.pretrained)
         spec["clip"] = {**asdict(params.clip), "weights_sha": state_hash(model), "image_size": _preprocess_size(pre)}
+        spec["preprocessing"]["clip"] = clip_preprocessing(pre)
         size = spec["clip"]["image_size"]
         with torch.no_grad():
             columns["clip_image"] = [int(model.encode_image(torch.zeros(1, 3, size, size)).shape[-1])]
@@ -290,8 +319,10 @@ ENGINES = {"ray": _ray_stream, "local": _local_stream}
 class _Decode:
     """Picklable decode callable (Ray tasks and DataLoader workers)."""
 
-    def __init__(self, params: Params) -> None:
-        self.kw = dict(img_size=params.embed.img_size, interpolation=params.embed.interpolation,
+    def __init__(self, params: Params, preprocessing: dict[str, Any]) -> None:
+        """``preprocessing``: the spec's backbone preprocessing (interpolation and crop)."""
+        self.kw = dict(img_size=params.embed.img_size, interpolation=preprocessing["interpolation"],
+                       crop_pct=preprocessing["crop_pct"], crop_mode=preprocessing["crop_mode"],
                        max_pixels=params.data.max_pixels, min_side=params.data.min_side)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -378,7 +409,7 @@ def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float
     t0 = time.perf_counter()
     image_report: dict[str, Any] = {}
     if len(todo):
-        for batch in stream(todo, _Decode(params), params, ImageEmbedder, cfg.batch_size, True, image_report):
+        for batch in stream(todo, _Decode(params, spec["preprocessing"]["backbone"]), params, ImageEmbedder, cfg.batch_size, True, image_report):
             bad = batch["reject_reason"] != ""
             for i in np.flatnonzero(bad):
                 new_rejects.append({"uid": str(batch["uid"][i]), "stage": STAGE, "reason": str(batch["reject_reason"][i]),

@@ -8,6 +8,12 @@ Layout under ``embed.out_dir`` (a local path or ``s3://bucket/prefix``)::
     manifest.json                spec (models, weight hashes, preprocessing, column shapes),
                                  shard list with row counts and sha256, counts; written last
 
+``spec["preprocessing"]`` records how the pixels reached each image tower: ``backbone``
+(mean, std, interpolation, crop_pct, crop_mode, input_size, from the timm model's data
+config) and ``clip`` (mean, std, interpolation, resize_mode, input_size, from open_clip's
+preprocess config), or null without ``clip_image``. Readers that put these features next
+to features they compute themselves call :func:`check_preprocessing`.
+
 A shard becomes visible only when complete (temp name + rename locally; S3 objects
 appear atomically), so a killed run leaves only whole shards and a re-run skips their
 keys. Vectors are stored flat (``H×D`` as ``H*D``); ``manifest.json`` keeps the shapes.
@@ -20,7 +26,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dinoalign.data.schema import REJECTS_SCHEMA
+from dinoalign.errors import PreprocessingMismatch
 from dinoalign.storage import fs_for
 
 KINDS = ("images", "captions")
@@ -185,3 +192,51 @@ def load_image_features(uri: str, columns: Iterable[str], uids: Iterable[str] | 
     for c in columns:
         out[c] = column_to_numpy(table.column(c), tuple(shapes[c]))
     return out
+
+
+# recorded for information (the model's pretraining size), not how these pixels were made
+_NOT_COMPARED = ("config_input_size",)
+
+
+def _pixels_part(preprocessing: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if preprocessing is None:
+        return None
+    # a JSON round trip: tuples and lists, ints and floats compare as the manifest stores them
+    as_stored = json.loads(json.dumps(dict(preprocessing)))
+    return {k: v for k, v in as_stored.items() if k not in _NOT_COMPARED}
+
+
+def describe_preprocessing(preprocessing: Mapping[str, Any] | None) -> str:
+    """One line for an error message, e.g. ``mean [0.485, 0.456, 0.406] std [0.229, 0.224,
+    0.225] bicubic crop_mode center crop_pct 1.0 3×112×112``."""
+    p = _pixels_part(preprocessing)
+    if p is None:
+        return "unrecorded (embedded before dinoalign recorded preprocessing)"
+    size = "×".join(str(v) for v in p.pop("input_size", []))
+    parts = [f"mean {p.pop('mean', None)} std {p.pop('std', None)}", str(p.pop("interpolation", None))]
+    parts += [f"{k} {v}" for k, v in sorted(p.items())]
+    return " ".join([*parts, size])
+
+
+def recorded_preprocessing(spec: Mapping[str, Any], tower: str) -> dict[str, Any] | None:
+    """The preprocessing of ``tower`` (``backbone`` or ``clip``) in a features spec; None
+    for features embedded before it was recorded (or without that tower)."""
+    return (spec.get("preprocessing") or {}).get(tower)
+
+
+def check_preprocessing(
+    spec: Mapping[str, Any], tower: str, current: Mapping[str, Any], *, features: str, user: str
+) -> None:
+    """Refuse to mix features: raise PreprocessingMismatch (a ValueError) unless the
+    ``tower`` preprocessing recorded in the features' ``spec`` (at ``features``) is
+    ``current``, what ``user`` (e.g. "this evaluation's backbone") applies to the images it
+    embeds itself. The one-line message names both."""
+    recorded = recorded_preprocessing(spec, tower)
+    if _pixels_part(recorded) != _pixels_part(current):
+        raise PreprocessingMismatch(
+            f"{tower} preprocessing mismatch: the features at {features} were embedded with "
+            f"[{describe_preprocessing(recorded)}] but {user} uses "
+            f"[{describe_preprocessing(current)}]; features made with different preprocessing "
+            "cannot be mixed: re-run embed with these params (dvc repro embed) or use the "
+            "params the features were made with"
+        )

@@ -193,30 +193,66 @@ class AlignedModel:
         ).to(self.device)
 
     @functools.cached_property
-    def clip(self) -> tuple[Any, int]:
-        """(the full CLIP of ``params.clip`` in eval mode, its image input size): the
-        projector's teacher, whose own retrieval is the projector's reference."""
+    def clip(self) -> tuple[Any, dict[str, Any]]:
+        """(the full CLIP of ``params.clip`` in eval mode, its open_clip preprocess config):
+        the projector's teacher, whose own retrieval is the projector's reference."""
         from dinoalign.backbones.text import load_open_clip
-        from dinoalign.embed.pipeline import _preprocess_size
 
         model, preprocess, _ = load_open_clip(
             self._under_root(self.params.clip.name), self.params.clip.pretrained
         )
-        return model.eval().to(self.device), _preprocess_size(preprocess)
+        return model.eval().to(self.device), preprocess
+
+    @functools.cached_property
+    def preprocessing(self) -> dict[str, Any]:
+        """How images reach the backbone, as the embed stage records it (the model's data
+        config at ``embed.img_size``, ``embed.interpolation`` overriding when set)."""
+        from dinoalign.embed.pipeline import backbone_preprocessing
+
+        return backbone_preprocessing(self.backbone, self.params.embed)
+
+    def _resize_crop(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 images -> B×S×S×3 crops at ``embed.img_size`` by the backbone's preprocessing."""
+        from dinoalign.data.images import resize_crop
+
+        p = self.preprocessing
+        size = self.params.embed.img_size
+        return np.stack(
+            [resize_crop(img, size, p["interpolation"], p["crop_pct"], p["crop_mode"]) for img in images]
+        )
+
+    def check_store_preprocessing(self, store_uri: str) -> None:
+        """Refuse features whose recorded preprocessing is not what this model's towers
+        apply to the images they embed here: the backbone's, and for the projector (whose
+        reference is the store's ``clip_image``) CLIP's."""
+        from dinoalign.embed.pipeline import clip_preprocessing
+        from dinoalign.embed.store import FeatureStore, check_preprocessing
+        from dinoalign.errors import PreprocessingMismatch
+
+        manifest = FeatureStore(store_uri).read_manifest()
+        if manifest is None:
+            return  # reading the features raises its own error
+        spec = manifest["spec"]
+        try:
+            check_preprocessing(spec, "backbone", self.preprocessing, features=store_uri,
+                                user=f"{self.name}'s backbone here (params backbone + embed)")
+            if self.name == "projector" and "clip_image" in spec["columns"]:
+                check_preprocessing(spec, "clip", clip_preprocessing(self.clip[1]),
+                                    features=store_uri, user="the CLIP of params.clip")
+        except PreprocessingMismatch as err:
+            raise InferenceError(str(err)) from None
 
     def clip_image_features(self, images: Sequence[np.ndarray]) -> Tensor:
         """B×E normalised CLIP image embeddings of raw uint8 images, made as the embed
         stage makes its ``clip_image`` column (resize + crop to ``embed.img_size``, then
         CLIP's own resize and normalisation)."""
-        from dinoalign.data.images import resize_crop
         from dinoalign.teacher import to_clip_input
 
-        embed = self.params.embed
-        model, size = self.clip
-        pixels = np.stack([resize_crop(img, embed.img_size, embed.interpolation) for img in images])
+        model, preprocess = self.clip
+        pixels = self._resize_crop(images)
         with torch.no_grad():
             return (
-                model.encode_image(to_clip_input(pixels, size, self.device), normalize=True)
+                model.encode_image(to_clip_input(pixels, preprocess, self.device), normalize=True)
                 .float()
                 .cpu()
             )
@@ -235,11 +271,7 @@ class AlignedModel:
         """Raw uint8 H×W×3 images (any sizes) -> the recipe's image batch, through the
         embed stage's path: short side to ``embed.img_size`` + centre crop, the backbone,
         :func:`dinoalign.embed.features.image_features`."""
-        from dinoalign.data.images import resize_crop
-
-        embed = self.params.embed
-        pixels = np.stack([resize_crop(img, embed.img_size, embed.interpolation) for img in images])
-        x = self.backbone.normalize(torch.from_numpy(pixels))
+        x = self.backbone.normalize(torch.from_numpy(self._resize_crop(images)))
         return self._batch_from_backbone(x)
 
     def _batch_from_backbone(self, x: Tensor) -> dict[str, Tensor]:
@@ -263,9 +295,10 @@ class AlignedModel:
 
     def store_batch(self, store_uri: str, uids: Sequence[str]) -> dict[str, Tensor]:
         """The image batch of ``uids`` (in that order) from the embed stage's features.
-        Every uid must have been embedded."""
+        Every uid must have been embedded, with this model's preprocessing."""
         from dinoalign.embed.store import load_image_features
 
+        self.check_store_preprocessing(store_uri)
         columns = self.store_columns()
         loaded = load_image_features(store_uri, columns, uids)
         row = {uid: i for i, uid in enumerate(loaded["uid"].tolist())}

@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from dinoalign.config import BackboneConfig, from_dict
-from dinoalign.embed.store import FeatureStore, column_to_numpy, load_image_features
+from dinoalign.embed.store import (
+    FeatureStore,
+    check_preprocessing,
+    column_to_numpy,
+    load_image_features,
+    recorded_preprocessing,
+)
 from dinoalign.storage import fs_for, is_remote, open_uri
 from dinoalign.train.config import (
     INFERRED_MODEL_FIELDS,
@@ -318,8 +324,9 @@ class DinoTxtTokenData(TrainingData):
 @dataclasses.dataclass
 class DinoTxtImageData(TrainingData):
     """dinotxt with augmentation: each batch decodes its images, applies RandomResizedCrop
-    (``crop_scale``, bicubic, to ``img_size``) and a horizontal flip (``hflip``), and runs
-    the frozen ``backbone`` (rebuilt on the worker by :meth:`attach`) ->
+    (``crop_scale``, ``interpolation``: the features' recorded backbone interpolation, to
+    ``img_size``) and a horizontal flip (``hflip``), and runs the frozen ``backbone``
+    (rebuilt on the worker by :meth:`attach`, normalising with its model's mean/std) ->
     ``tokens_vision`` B×(1+R+P)×D."""
 
     image_uris: list[str]
@@ -331,6 +338,7 @@ class DinoTxtImageData(TrainingData):
     max_pixels: int
     min_side: int
     backbone: Any = None
+    interpolation: str = "bicubic"
 
     @property
     def num_samples(self) -> int:
@@ -352,7 +360,7 @@ class DinoTxtImageData(TrainingData):
                 v2.RandomResizedCrop(
                     self.img_size,
                     scale=tuple(self.crop_scale),
-                    interpolation=v2.InterpolationMode.BICUBIC,
+                    interpolation=v2.InterpolationMode(self.interpolation),
                     antialias=True,
                 ),
                 v2.RandomHorizontalFlip(0.5 if self.hflip else 0.0),
@@ -456,6 +464,9 @@ def build_training_data(
             hflip=training.hflip,
             max_pixels=max_pixels,
             min_side=min_side,
+            interpolation=(recorded_preprocessing(source.spec, "backbone") or {}).get(
+                "interpolation", "bicubic"
+            ),
         )
     raise ValueError(f"no training data for recipe {recipe!r}")
 
@@ -502,13 +513,19 @@ def features_backbone(spec: Mapping[str, Any]) -> BackboneConfig:
     return from_dict(BackboneConfig, fields, where="features manifest spec.backbone")
 
 
-def check_backbone(spec: Mapping[str, Any], seed: int) -> None:
+def check_backbone(spec: Mapping[str, Any], seed: int, features: str = "the features") -> None:
     """Raise unless the backbone rebuilt from the features' spec with ``seed`` has the
-    weights that made the features (dinotxt's online mode must see what evaluation sees)."""
+    weights and the preprocessing (mean/std, crop) that made the features at ``features``
+    (dinotxt's online mode must see what evaluation sees)."""
     from dinoalign.embed.pipeline import build_backbone_from, state_hash
 
     expected = spec["backbone"]["weights_sha"]
-    got = state_hash(build_backbone_from(features_backbone(spec), seed))
+    backbone = build_backbone_from(features_backbone(spec), seed)
+    recorded = recorded_preprocessing(spec, "backbone") or {}
+    current = backbone.preprocessing(int(spec["img_size"]), recorded.get("interpolation"))
+    check_preprocessing(spec, "backbone", current, features=features,
+                        user="dinotxt's online images (the backbone rebuilt from the manifest)")
+    got = state_hash(backbone)
     if got != expected:
         raise ValueError(
             f"the backbone rebuilt from the features' manifest with seed {seed} has weights "

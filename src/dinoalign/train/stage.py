@@ -77,7 +77,7 @@ def plan_align(params: Params, root: Path) -> AlignPlan:
     selection = train_uids(manifest, _resolve(root, cfg.curated) if cfg.curated else None)
     model_cfg = model_config(recipe, training, spec)
     if isinstance(training, DinoTxtTrainingConfig) and training.inputs == "images":
-        check_backbone(spec, params.seed)
+        check_backbone(spec, params.seed, features)
     source = FeatureSource(features, spec, manifest, selection.uids, root)
     data = build_training_data(
         recipe,
