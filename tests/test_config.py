@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,41 @@ def test_resolved_params_roundtrip_through_dict(repo_root: Path) -> None:
     from dinoalign.config import from_dict
 
     assert from_dict(Params, to_dict(p)) == p
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.source=pair", "unknown data source 'pair'. Did you mean 'pairs'?"),
+        ("embed.engine=rayy", "embed.engine='rayy' (did you mean 'ray'?)"),
+        ("embed.batch_size=-1", "embed.batch_size must be >= 1, got -1"),
+        ("embed.batch_size=0", "embed.batch_size must be >= 1, got 0"),
+        ("embed.num_actors=0", "embed.num_actors must be >= 1, got 0"),
+        ("embed.shard_rows=0", "embed.shard_rows must be >= 1, got 0"),
+        ("embed.actor_num_cpus=0", "embed.actor_num_cpus must be > 0"),
+        ("prepare.shard_size=0", "prepare.shard_size must be >= 1, got 0"),
+        ("data.max_pixels=0", "data.max_pixels must be >= 1, got 0"),
+        ("data.min_side=-5", "data.min_side must be >= 1, got -5"),
+        ("embed.img_size=100", "embed.img_size=100 is not a multiple of the patch size 14"),
+        ("embed.text_encoders=[{key:", "the value is not valid YAML"),
+    ],
+)
+def test_params_that_would_fail_minutes_later_are_refused_at_load(
+    repo_root: Path, override: str, message: str, capsys
+) -> None:
+    """`dinoalign params` already refuses values that used to pass and then crash or hang
+    a stage (issue #19): exit 2, one line, no traceback."""
+    from dinoalign.cli import main
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_params(repo_root / "params.yaml", [override])
+    assert main(["params", "-p", str(repo_root / "params.yaml"), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_engine_names_are_the_embed_engines() -> None:
+    from dinoalign.config import EMBED_ENGINES
+    from dinoalign.embed.pipeline import ENGINES
+
+    assert set(EMBED_ENGINES) == set(ENGINES)

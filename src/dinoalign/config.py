@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from dinoalign.errors import ConfigError
+
+EMBED_ENGINES = ("ray", "local")  # embed.engine: Ray Data, or a plain in-process loop
 
 from dinoalign.curate import CurateConfig
 from dinoalign.data.sources.coco import CocoSourceConfig
@@ -55,12 +58,24 @@ class DataConfig:
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_side: int = 14  # one patch
 
+    def __post_init__(self) -> None:
+        from dinoalign.data.sources import SOURCES
+
+        try:
+            SOURCES.get(self.source)
+        except KeyError as e:
+            raise ValueError(f"data.source: {e.args[0]}") from None
+        _check_at_least(self, "data", 1, "max_pixels", "min_side")
+
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
     out_dir: str = "artifacts/pairs"
     shard_size: int = 5000
     validate_images: bool = True
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, "prepare", 1, "shard_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +171,40 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         from dinoalign.data.images import INTERPOLATIONS
 
+        if self.engine not in EMBED_ENGINES:
+            close = difflib.get_close_matches(self.engine, EMBED_ENGINES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"embed.engine={self.engine!r}{hint}: use one of {list(EMBED_ENGINES)}")
+        _check_at_least(
+            self, "embed", 1, "img_size", "batch_size", "decode_batch_size", "num_actors",
+            "torch_threads", "shard_rows", "text_batch_size",
+        )
+        _check_at_least(self, "embed", 0, "loader_workers", "actor_num_gpus")
+        for name in ("actor_num_cpus", "decode_num_cpus"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"embed.{name} must be > 0, got {getattr(self, name)!r}")
         if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"embed.interpolation={self.interpolation!r}: use one of {sorted(INTERPOLATIONS)}, "
                 "or null for the backbone's own (timm's data config of the model)"
             )
+
+
+def _check_at_least(section: Any, where: str, low: int, *names: str) -> None:
+    """``section.<name> >= low`` for each name, else a ValueError naming ``where.<name>``."""
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            raise ValueError(f"{where}.{name} must be >= {low}, got {value!r}")
+
+
+def patch_size_of(backbone: BackboneConfig) -> int | None:
+    """The patch size a timm ViT config implies: ``model_kwargs.patch_size``, else the
+    ``patch<N>`` in its name (``vit_small_patch14_reg4_dinov2`` -> 14); None if neither."""
+    if "patch_size" in backbone.model_kwargs:
+        return int(backbone.model_kwargs["patch_size"])
+    match = re.search(r"patch(\d+)", backbone.name)
+    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +225,17 @@ class Params:
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     retrain: RetrainConfig = dataclasses.field(default_factory=RetrainConfig)
 
+    def __post_init__(self) -> None:
+        patch = patch_size_of(self.backbone)
+        for where, size in (("backbone.img_size", self.backbone.img_size),
+                            ("embed.img_size", self.embed.img_size)):
+            if patch and size % patch:
+                raise ValueError(
+                    f"{where}={size} is not a multiple of the patch size {patch} of "
+                    f"{self.backbone.name}: use {size // patch * patch or patch} or "
+                    f"{(size // patch + 1) * patch}"
+                )
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -193,7 +248,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {text!r} has an empty key")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return parts, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({problem}); quote the whole "
+            "key=value for the shell, e.g. 'embed.text_encoders=[{key: clip}]'"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
