@@ -69,7 +69,7 @@ def add_inference_commands(
     )
     seg.add_argument(
         "--bg-threshold",
-        type=float,
+        type=_finite_float,
         default=None,
         help="background (label 0) where no class scores above this (default: the threshold "
         "the evaluate stage used for this model, else evaluate params)",
@@ -119,12 +119,36 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="model folder or MLflow URI, e.g. models:/dinoalign-talk2dino@champion",
     )
-    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: evaluate.device)")
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=("auto", "cpu", "cuda"),
+        help="auto | cpu | cuda (default: evaluate.device)",
+    )
     p.add_argument(
         "--allow-unknown",
         action="store_true",
         help="accept class words the model's text encoder never saw in training",
     )
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def _check_output(path: Path | None, flag: str) -> None:
+    """An output PNG path that is not a folder (refused before the model is loaded)."""
+    if path is not None and path.is_dir():
+        raise InferenceError(f"{flag} {path} is a folder; give a file name such as {path}/mask.png")
 
 
 def _handle(
@@ -242,6 +266,9 @@ def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dic
 
     from dinoalign.evaluate.segmentation import segment
     from dinoalign.evaluate.visualize import label_palette, overlay, with_legend
+
+    _check_output(args.out, "--out")
+    _check_output(args.overlay, "--overlay")
 
     classes = parse_classes(args.classes, MAX_SEGMENT_CLASSES)
     model = _load(args, params, root)

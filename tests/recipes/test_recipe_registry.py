@@ -105,6 +105,62 @@ def test_load_rejects_unknown_format_version(tiny, tmp_path) -> None:
         load_recipe(str(tmp_path))
 
 
+def _corrupt(directory, case: str) -> str:
+    config = directory / "config.json"
+    weights = directory / "model.safetensors"
+    if case == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return "not a readable safetensors file"
+    if case == "garbage weights":
+        weights.write_bytes(b"\x00" * 64)
+        return "not a readable safetensors file"
+    if case == "no weights":
+        weights.unlink()
+        return "model.safetensors does not exist"
+    if case == "config not json":
+        config.write_text("{recipe: projector,")
+        return "is not valid JSON"
+    if case == "config without recipe":
+        config.write_text("[1, 2]")
+        return "lacks 'recipe' and 'config'"
+    if case == "no config":
+        config.unlink()
+        return "config.json does not exist"
+    if case == "unknown recipe":
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"recipe": "clipper"}))
+        return "unknown recipe 'clipper'"
+    if case == "weights of another width":
+        data = json.loads(config.read_text())
+        data["config"]["vision_dim"] += 2
+        config.write_text(json.dumps(data))
+        return "does not fit the projector config"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncated weights",
+        "garbage weights",
+        "no weights",
+        "config not json",
+        "config without recipe",
+        "no config",
+        "unknown recipe",
+        "weights of another width",
+    ],
+)
+def test_load_turns_a_bad_model_folder_into_one_clear_error(tiny, tmp_path, case: str) -> None:
+    from dinoalign.errors import InferenceError
+
+    tiny.model("projector").save(str(tmp_path))
+    expected = _corrupt(tmp_path, case)
+    with pytest.raises(InferenceError) as info:
+        load_recipe(str(tmp_path))
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_param_groups_decay_only_matrices(name: str, tiny) -> None:
     model = tiny.model(name)

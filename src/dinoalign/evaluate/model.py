@@ -77,9 +77,9 @@ def _load_dir(directory: str, reference: str) -> tuple[Recipe, ModelInfo]:
             "folder written by the align stage (artifacts/models/<recipe>) or an MLflow URI "
             "such as models:/dinoalign-talk2dino@champion"
         )
+    recipe = load_recipe(directory)  # a corrupt config.json or weights file: InferenceError
     config = json.loads(read_bytes(join_uri(directory, CONFIG_FILE)))
     weights_sha = hashlib.sha256(read_bytes(join_uri(directory, WEIGHTS_FILE))).hexdigest()
-    recipe = load_recipe(directory)
     return recipe, ModelInfo(reference, config["recipe"], weights_sha, config)
 
 
