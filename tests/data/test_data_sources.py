@@ -634,3 +634,47 @@ def test_webdataset_config_errors(tmp_path: Path) -> None:
     cfg = WebDatasetSourceConfig(urls=(f"{tmp_path}/a/0.tar", f"{tmp_path}/b/0.tar"))
     with pytest.raises(ConfigError, match="share the file name '0'"):
         list(SOURCES.build("webdataset", cfg, tmp_path))
+
+
+def _write_table(path: Path, case: str) -> str:
+    """A hostile pairs table; returns what the error must say."""
+    if case == "empty csv":
+        path.write_bytes(b"")
+        return "is empty: it needs a header row"
+    if case == "invalid utf-8":
+        path.write_bytes(b"image,caption\na.jpg,caf\xe9 au lait\n")
+        return "is not utf-8 text (byte 0xe9"
+    if case == "latin-1 with semicolons":
+        path.write_bytes("image;caption\na.jpg;crème brûlée\n".encode("latin-1"))
+        return "set pairs.encoding"
+    if case == "not parquet":
+        path.write_bytes(b"image,caption\na.jpg,a cat\n")
+        return "is not a readable Parquet file"
+    if case == "unbalanced quote":
+        path.write_bytes(b'image,caption\na.jpg,"a cat\nb.jpg,a dog\n')
+        return "is not valid csv with separator ','"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["empty csv", "invalid utf-8", "latin-1 with semicolons", "not parquet", "unbalanced quote"]
+)
+def test_hostile_pairs_tables_are_one_clear_config_error(tmp_path: Path, case: str) -> None:
+    path = tmp_path / ("pairs.parquet" if case == "not parquet" else "pairs.csv")
+    expected = _write_table(path, case)
+    with pytest.raises(ConfigError) as info:
+        list(SOURCES.build("pairs", PairsSourceConfig(path=str(path)), tmp_path))
+    assert expected in str(info.value) and str(path) in str(info.value)
+
+
+def test_latin1_semicolon_table_reads_with_encoding_and_separator(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    _write_table(path, "latin-1 with semicolons")
+    cfg = PairsSourceConfig(path=str(path), encoding="latin-1")
+    with pytest.raises(ConfigError, match="separated by ';': set pairs.separator"):
+        list(SOURCES.build("pairs", cfg, tmp_path))
+    cfg = PairsSourceConfig(path=str(path), encoding="latin-1", separator=";")
+    records, rejects = _split(list(SOURCES.build("pairs", cfg, tmp_path)))
+    assert [r.captions for r in records] == [["crème brûlée"]] and not rejects
+    with pytest.raises(ConfigError, match="not a known codec"):
+        PairsSourceConfig(path=str(path), encoding="latin-9x")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dinoalign.errors import ConfigError
@@ -54,10 +55,20 @@ class PairsSourceConfig:
     split_column: str | None = None
     default_split: str = "train"
     format: str | None = None  # "csv", "tsv" or "parquet"; None: from the file suffix
+    separator: str | None = None  # csv/tsv field separator; None: "," (csv) or tab (tsv)
+    encoding: str = "utf-8"  # csv/tsv text encoding, e.g. latin-1 or cp1252
     name: str = "pairs"  # source name in uids and manifests
 
     def __post_init__(self) -> None:
+        import codecs
+
         check_name("pairs", name=self.name, default_split=self.default_split, path=self.path)
+        if self.separator is not None and len(self.separator) != 1:
+            raise ConfigError(f"pairs.separator must be one character, got {self.separator!r}")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"pairs.encoding {self.encoding!r} is not a known codec") from None
         if self.format is not None and self.format not in set(TABLE_FORMATS.values()):
             raise ConfigError(
                 f"pairs.format {self.format!r} is not one of {sorted(set(TABLE_FORMATS.values()))}"
@@ -124,25 +135,54 @@ def read_pairs_table(cfg: PairsSourceConfig) -> dict[str, list[Any]]:
         table_file = open_uri(cfg.path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"pairs table {cfg.path} not found: check pairs.path") from None
+    separator = cfg.separator or ("\t" if table_format == "tsv" else ",")
     with table_file as f:
         if table_format == "parquet":
-            parquet = pq.ParquetFile(f)
+            try:
+                parquet = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ConfigError(
+                    f"pairs table {cfg.path} is not a readable Parquet file ({e}); check the "
+                    "file, or set pairs.format if it is csv/tsv"
+                ) from None
             _check_columns(cfg.path, parquet.schema_arrow.names, wanted)
             table = parquet.read(columns=sorted({c for c in wanted.values() if c}))
             return {name: table.column(name).to_pylist() for name in table.column_names}
-        frame = pd.read_csv(
-            f, sep="\t" if table_format == "tsv" else ",", dtype=str, keep_default_na=False
-        )
-    _check_columns(cfg.path, list(frame.columns), wanted)
+        try:
+            frame = pd.read_csv(
+                f, sep=separator, dtype=str, keep_default_na=False, encoding=cfg.encoding
+            )
+        except pd.errors.EmptyDataError:
+            raise ConfigError(
+                f"pairs table {cfg.path} is empty: it needs a header row with the columns "
+                f"{[c for c in wanted.values() if c]} and one row per (image, caption)"
+            ) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"pairs table {cfg.path} is not {cfg.encoding} text (byte {e.object[e.start]:#04x} "
+                f"at offset {e.start}): set pairs.encoding (e.g. latin-1 or cp1252)"
+            ) from None
+        except pd.errors.ParserError as e:
+            raise ConfigError(
+                f"pairs table {cfg.path} is not valid {table_format} with separator "
+                f"{separator!r}: {str(e).strip().splitlines()[-1]}"
+            ) from None
+    _check_columns(cfg.path, list(frame.columns), wanted, separator)
     return {name: frame[name].tolist() for name in {c for c in wanted.values() if c}}
 
 
-def _check_columns(path: str, present: list[str], wanted: dict[str, str | None]) -> None:
+def _check_columns(
+    path: str, present: list[str], wanted: dict[str, str | None], separator: str | None = None
+) -> None:
     for field, column in wanted.items():
         if column and column not in present:
+            hint = ""
+            other = [s for s in (";", "\t", ",", "|") if s != separator and any(s in p for p in present)]
+            if separator is not None and len(present) == 1 and other:
+                hint = f"; the header looks separated by {other[0]!r}: set pairs.separator"
             raise ConfigError(
                 f"pairs table {path} has no column {column!r} (pairs.{field}); "
-                f"its columns are {present}"
+                f"its columns are {present}{hint}"
             )
 
 
