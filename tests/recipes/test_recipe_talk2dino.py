@@ -18,6 +18,8 @@ from dinoalign.recipes import (
     load_talk2dino_checkpoint,
 )
 from dinoalign.recipes.talk2dino import select_best_heads
+from talk2dino_release_testing import psi_by_hand as _psi_by_hand
+from talk2dino_release_testing import released_state as _released_state
 
 
 def _dot(a: list[float], b: list[float]) -> float:
@@ -27,30 +29,6 @@ def _dot(a: list[float], b: list[float]) -> float:
 def _unit(a: list[float]) -> list[float]:
     n = math.sqrt(_dot(a, a))
     return [x / n for x in a]
-
-
-def _released_state(
-    text_dim: int, vision_dim: int, mlp: bool, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {
-        "linear_layer.weight": torch.randn(vision_dim, text_dim, generator=g),
-        "linear_layer.bias": torch.randn(vision_dim, generator=g),
-    }
-    if mlp:
-        state["hidden_layers.0.weight"] = torch.randn(vision_dim, vision_dim, generator=g)
-        state["hidden_layers.0.bias"] = torch.randn(vision_dim, generator=g)
-    return state
-
-
-def _psi_by_hand(state: dict[str, torch.Tensor], t: list[float]) -> list[float]:
-    """W2·tanh(W1·t + b1) + b2 (or W1·t + b1 without hidden layer), one vector, in floats."""
-    w1, b1 = state["linear_layer.weight"].tolist(), state["linear_layer.bias"].tolist()
-    hidden = [_dot(row, t) + b for row, b in zip(w1, b1)]
-    if "hidden_layers.0.weight" not in state:
-        return hidden
-    w2, b2 = state["hidden_layers.0.weight"].tolist(), state["hidden_layers.0.bias"].tolist()
-    return [_dot(row, [math.tanh(h) for h in hidden]) + b for row, b in zip(w2, b2)]
 
 
 @pytest.mark.parametrize("mlp", [True, False])

@@ -26,6 +26,7 @@ import torch
 from dinoalign.cli import main
 from dinoalign.errors import InferenceError
 from dinoalign.recipes import load_recipe
+from talk2dino_release_testing import psi_by_hand, released_state
 from dinoalign.recipes.talk2dino_release import (
     import_talk2dino_checkpoint,
     load_talk2dino_checkpoint,
@@ -46,25 +47,10 @@ train:
 
 
 def _state(mlp: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {
-        "linear_layer.weight": torch.randn(D, T, generator=g),
-        "linear_layer.bias": torch.randn(D, generator=g),
-    }
-    if mlp:
-        state["hidden_layers.0.weight"] = torch.randn(D, D, generator=g)
-        state["hidden_layers.0.bias"] = torch.randn(D, generator=g)
-    return state
+    return released_state(T, D, mlp, seed)
 
 
-def _psi(state: dict[str, torch.Tensor], t: list[float]) -> list[float]:
-    """ProjectionLayer.project_clip_txt by hand: W1 t + b1, then tanh and W2 · + b2."""
-    w1, b1 = state["linear_layer.weight"].tolist(), state["linear_layer.bias"].tolist()
-    x = [sum(w * v for w, v in zip(row, t)) + b for row, b in zip(w1, b1)]
-    if "hidden_layers.0.weight" not in state:
-        return x
-    w2, b2 = state["hidden_layers.0.weight"].tolist(), state["hidden_layers.0.bias"].tolist()
-    return [sum(w * math.tanh(v) for w, v in zip(row, x)) + b for row, b in zip(w2, b2)]
+_psi = psi_by_hand
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
