@@ -57,6 +57,15 @@ class DataConfig:
     incoming: str | None = "incoming/pairs"
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_side: int = 14  # one patch
+    # folders/prefixes the images a pairs table names must resolve under (null: anywhere);
+    # a row outside is the reject ``outside_allowed_roots``. `dinoalign retrain --new`
+    # always confines new data (default: the folder of the new table).
+    allowed_roots: list[str] | None = None
+    # bounds on every image read and decode (reject reasons read_timeout, too_large,
+    # extreme_aspect_ratio): a total deadline per read, a byte cap, long side / short side
+    read_timeout_s: float = 60.0
+    max_bytes: int = 64 * 2**20
+    max_aspect_ratio: float = 20.0
 
     def __post_init__(self) -> None:
         from dinoalign.data.sources import SOURCES
@@ -65,7 +74,16 @@ class DataConfig:
             SOURCES.get(self.source)
         except KeyError as e:
             raise ValueError(f"data.source: {e.args[0]}") from None
-        _check_at_least(self, "data", 1, "max_pixels", "min_side")
+        if self.allowed_roots is not None:  # the pairs source applies it (data.pairs.allowed_roots)
+            if isinstance(self.allowed_roots, str) or not all(isinstance(r, str) and r for r in self.allowed_roots):
+                raise ValueError(f"data.allowed_roots must be a list of folders or URL prefixes, "
+                                 f"got {self.allowed_roots!r}")
+            if self.pairs.allowed_roots is None:
+                object.__setattr__(self, "pairs", dataclasses.replace(self.pairs, allowed_roots=list(self.allowed_roots)))
+        _check_at_least(self, "data", 1, "max_pixels", "min_side", "max_bytes", "max_aspect_ratio")
+        if isinstance(self.read_timeout_s, bool) or not isinstance(self.read_timeout_s, (int, float)) \
+                or not 0 < self.read_timeout_s < float("inf"):
+            raise ValueError(f"data.read_timeout_s must be > 0, got {self.read_timeout_s!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dinoalign.config import ConfigError, Params, load_params
-from dinoalign.data.images import ImageRejected, load_image
+from dinoalign.data.images import ImageRejected, image_limits, load_image
 from dinoalign.errors import InferenceError
 from dinoalign.storage import under_root
 
@@ -187,7 +187,7 @@ def _load(args: argparse.Namespace, params: Params, root: Path) -> AlignedModel:
 
 def _read_image(uri: str, params: Params) -> np.ndarray:
     try:
-        return load_image(uri, max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+        return load_image(uri, **image_limits(params.data))
     except ImageRejected as e:
         raise InferenceError(f"cannot use image {uri}: {e}") from None
 

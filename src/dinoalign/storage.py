@@ -110,9 +110,113 @@ def open_uri(uri: str, mode: str = "rb") -> IO[Any]:
     return fs.open(path, mode)
 
 
-def read_bytes(uri: str) -> bytes:
-    with open_uri(uri, "rb") as f:
-        return f.read()
+class ReadLimitExceeded(Exception):
+    """A bounded :func:`read_bytes` gave up (not an ``OSError``: nothing failed to open)."""
+
+
+class ReadTimedOut(ReadLimitExceeded):
+    """The whole read took longer than its ``timeout_s`` (a stalled or trickling source)."""
+
+
+class ReadTooLarge(ReadLimitExceeded):
+    """The object has (or streamed) more than ``max_bytes`` bytes."""
+
+
+_READ_CHUNK = 1 << 20
+
+
+def read_bytes(uri: str, *, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
+    """The whole object at ``uri``. Without limits, one plain read (trusted files: weights,
+    configs). With ``max_bytes`` and/or ``timeout_s`` (untrusted inputs: image URLs), the
+    read is bounded and raises :class:`ReadTooLarge` / :class:`ReadTimedOut` instead of
+    growing or hanging:
+
+    - ``http(s)://``: one streamed GET on fsspec's aiohttp session; a ``Content-Length``
+      above the cap is refused before the body, a body without one is counted as it
+      arrives, and ``timeout_s`` is a total deadline over connect, headers and body
+      (``asyncio.wait_for`` cancels the request and closes its connection).
+    - anything else (local, ``s3://``): a known size above the cap is refused before
+      reading, then chunks are read with the cap and the deadline checked between them
+      (one blocked read on S3 is bounded by botocore's own read timeout).
+    """
+    if max_bytes is None and timeout_s is None:
+        with open_uri(uri, "rb") as f:
+            return f.read()
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    fs, path = fs_for(uri)
+    if uri.startswith(("http://", "https://")):
+        return _read_http(fs, path, max_bytes, timeout_s)
+    return _read_chunked(fs, path, max_bytes, timeout_s)
+
+
+def _too_large(uri: str, size: int, max_bytes: int, known: bool) -> ReadTooLarge:
+    what = f"{size} bytes" if known else f"more than {max_bytes} bytes streamed"
+    return ReadTooLarge(f"{uri}: {what} > max_bytes {max_bytes}")
+
+
+def _read_http(fs: Any, url: str, max_bytes: int | None, timeout_s: float | None) -> bytes:
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def fetch() -> bytes:
+        session = await fs.set_session()
+        async with session.get(fs.encode_url(url), **fs.kwargs) as response:
+            fs._raise_not_found_for_status(response, url)
+            declared = response.content_length
+            if max_bytes is not None and declared is not None and declared > max_bytes:
+                raise _too_large(url, declared, max_bytes, True)
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if max_bytes is not None and len(body) > max_bytes:
+                    raise _too_large(url, len(body), max_bytes, False)
+            return bytes(body)
+
+    async def bounded() -> bytes:
+        if timeout_s is None:
+            return await fetch()
+        try:
+            return await asyncio.wait_for(fetch(), timeout_s)
+        except TimeoutError:  # ours, or one of the session's own (aiohttp) timeouts
+            raise ReadTimedOut(f"{url}: not read within read timeout {timeout_s:g} s") from None
+
+    return sync(fs.loop, bounded)
+
+
+def _read_chunked(fs: Any, path: str, max_bytes: int | None, timeout_s: float | None) -> bytes:
+    import stat
+    import time
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with fs.open(path, "rb") as f:
+        size = getattr(f, "size", None)
+        if not isinstance(size, int):
+            try:
+                st = os.fstat(f.fileno())
+                size = st.st_size if stat.S_ISREG(st.st_mode) else None
+            except (AttributeError, OSError, ValueError):  # no file descriptor behind it
+                size = None
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise _too_large(path, size, max_bytes, True)
+        body = bytearray()
+        # a known size is read in one call; its + 1 sees a file that grew since
+        want = _READ_CHUNK if size is None else size + 1
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise ReadTimedOut(f"{path}: not read within read timeout {timeout_s:g} s")
+            if max_bytes is not None:
+                want = min(want, max_bytes + 1 - len(body))
+            chunk = f.read(want)
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if max_bytes is not None and len(body) > max_bytes:
+                raise _too_large(path, len(body), max_bytes, False)
+            want = _READ_CHUNK
 
 
 def boto3_client(service: str = "s3", settings: S3Settings | None = None) -> Any:

@@ -249,7 +249,9 @@ def encode_clip(
     return img, txt
 
 
-def load_split_images(manifest: Any, split: str, size: int, max_pixels: int, min_side: int) -> tuple[np.ndarray, list[list[str]], list[str]]:
+def load_split_images(
+    manifest: Any, split: str, size: int, limits: dict[str, Any]
+) -> tuple[np.ndarray, list[list[str]], list[str]]:
     """uint8 images N×size×size×3, caption lists and uids of one split of a pairs manifest
     (already validated by prepare, so a decode failure here is a real error)."""
     from dinoalign.data.images import load_image, resize_crop
@@ -258,7 +260,7 @@ def load_split_images(manifest: Any, split: str, size: int, max_pixels: int, min
     if not rows:
         raise ValueError(f"the pairs manifest has no {split!r} split: the teacher needs one")
     images = np.stack([
-        resize_crop(load_image(r["image_uri"], max_pixels=max_pixels, min_side=min_side), size, "bicubic")
+        resize_crop(load_image(r["image_uri"], **limits), size, "bicubic")
         for r in rows
     ])
     return images, [r["captions"] for r in rows], [r["uid"] for r in rows]
@@ -268,13 +270,14 @@ def run_teacher(params: Any, root: Path, log: Any = None) -> dict[str, Any]:
     """Train, save and evaluate the teacher (train split -> test split retrieval)."""
     import open_clip
 
+    from dinoalign.data.images import image_limits
     from dinoalign.data.prepare import read_manifest
     from dinoalign.evaluate.retrieval import retrieval_metrics
 
     cfg: TeacherConfig = params.teacher
     out = root / cfg.out_dir
     manifest = read_manifest(root / params.embed.pairs_dir)
-    kw = dict(size=cfg.image_size, max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+    kw = dict(size=cfg.image_size, limits=image_limits(params.data))
     train_images, train_caps, _ = load_split_images(manifest, "train", **kw)
     model, curve = train_teacher(train_images, train_caps, cfg, params.seed, log=log)
     save_teacher(model, cfg, out)

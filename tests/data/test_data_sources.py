@@ -455,6 +455,36 @@ def test_pairs_key_column_groups_and_flags_conflicting_images(tmp_path: Path) ->
     assert _reasons(rejects) == ["conflicting_row", "missing_key"]
 
 
+def test_pairs_allowed_roots_reject_traversal_rows(tmp_path: Path) -> None:
+    """``data.allowed_roots``: rows whose image resolves outside every root (``../``,
+    absolute, ``file://``, a URL of another host or prefix) are rejects, not reads."""
+    from dinoalign.config import load_params
+    from dinoalign.data.sources.pairs import within_roots
+
+    data = tmp_path / "data"
+    data.mkdir()
+    images = ["a.png", "sub/../b.png", "../c.png", "/etc/passwd", "file:///etc/passwd", "file://" + str(data / "d.png"),
+              "s3://bucket/ok/e.png", "s3://bucket/ok/../../f.png", "s3://other/ok/g.png",
+              "https://images.example/ok/h.png", "https://images.example/ok/%2e%2e/i.png"]
+    pd.DataFrame({"image": images, "caption": [f"c{i}" for i in range(len(images))]}).to_csv(
+        data / "pairs.csv", index=False)
+    params = load_params(tmp_path / "none.yaml", [
+        "data.source=pairs", f"data.pairs.path={data / 'pairs.csv'}",
+        f"data.allowed_roots=[{data}, s3://bucket/ok, 'https://images.example/ok/']"])
+    assert params.data.pairs.allowed_roots == [str(data), "s3://bucket/ok", "https://images.example/ok/"]
+    records, rejects = _split(list(SOURCES.build("pairs", params.data.pairs, tmp_path)))
+    assert sorted(r.image_uri.rsplit("/", 1)[-1] for r in records) == ["a.png", "b.png", "d.png", "e.png", "h.png"]
+    assert _reasons(rejects) == ["outside_allowed_roots"] * 6
+    assert sorted(r.key for r in rejects) == sorted(["../c.png", "/etc/passwd", "file:///etc/passwd",
+                                                     "s3://bucket/ok/../../f.png", "s3://other/ok/g.png",
+                                                     "https://images.example/ok/%2e%2e/i.png"])
+    assert not within_roots(str(data) + "-sibling/x.png", [str(data)])  # a prefix of the name is not a root
+    unconfined = _split(list(SOURCES.build("pairs", PairsSourceConfig(path=str(data / "pairs.csv")), tmp_path)))
+    assert len(unconfined[0]) == len(images)  # no allowed_roots: as before
+    with pytest.raises(ConfigError, match="allowed_roots"):
+        PairsSourceConfig(allowed_roots="data")  # type: ignore[arg-type]
+
+
 def test_pairs_parquet_list_cells_hold_several_captions(tmp_path: Path) -> None:
     path = tmp_path / "lists.parquet"
     pd.DataFrame(

@@ -20,7 +20,7 @@ from PIL import Image
 
 from dinoalign.backbones.text import build_text_encoder
 from dinoalign.config import ConfigError
-from dinoalign.data.images import load_image, load_mask
+from dinoalign.data.images import image_limits, load_image, load_mask
 from dinoalign.data.prepare import read_manifest
 from dinoalign.embed.store import load_image_features
 from dinoalign.evaluate.model import AlignedModel
@@ -271,7 +271,7 @@ def test_images_take_the_embed_stages_path(
     )
     rows = _subset_rows(demo_models, "seen")[:4]
     images = [
-        load_image(r["image_uri"], max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+        load_image(r["image_uri"], **image_limits(params.data))
         for r in rows
     ]
     online = model.image_batch(images)
@@ -426,7 +426,7 @@ def test_background_threshold_chosen_on_val_is_recorded_and_used(
     root = demo_models.features.root
     model = AlignedModel.load(str(demo_models.model_dir("talk2dino")), params, root, "cpu")
     val, _ = load_demo(demo_models.features.pairs_dir, "synthetic", "val", root)
-    dataset = DemoSegmentation(val["seen"].head(8), params.data.max_pixels, params.data.min_side)
+    dataset = DemoSegmentation(val["seen"].head(8), image_limits(params.data))
     names = list(dataset.class_names[1:])
     classes = model.class_embeddings(names, params.evaluate.dense_templates)
     cfg = dataclasses.replace(params.evaluate.segmentation, bg_threshold=seg["bg_threshold"])

@@ -117,6 +117,34 @@ def _images(folder: Path, n: int, seed: int) -> list[str]:
     return names
 
 
+def test_new_data_outside_its_folder_is_rejected_never_read(tmp_path: Path) -> None:
+    """New caption data is untrusted: `../` paths, absolute paths and file:// URIs that
+    leave the table's folder (here to a real image and to a system file) are rejects
+    ``outside_allowed_roots``; ``data.allowed_roots`` widens the confinement on purpose."""
+    drop = tmp_path / "drop"
+    (name,) = _images(drop / "imgs", 1, seed=3)
+    (outside,) = _images(tmp_path / "elsewhere", 1, seed=4)  # a valid image: only the root rejects it
+    rows = {"imgs/" + name: "inside", "imgs/../imgs/" + name: "inside too", "../elsewhere/" + outside: "up",
+            "imgs/../../elsewhere/" + outside: "down and up", str(tmp_path / "elsewhere" / outside): "absolute",
+            (tmp_path / "elsewhere" / outside).as_uri(): "file uri", "file:///etc/passwd": "system file",
+            "../../../../../../../../etc/passwd": "traversal"}
+    pd.DataFrame({"image": list(rows), "caption": list(rows.values())}).to_csv(drop / "pairs.csv", index=False)
+    (drop / "imgs" / "link.png").symlink_to(tmp_path / "elsewhere" / outside)
+    pd.DataFrame({"image": ["imgs/link.png"], "caption": ["a symlink out"]}).to_csv(drop / "link.csv", index=False)
+
+    folder = tmp_path / "repo" / "incoming" / "pairs"
+    counts = incoming.append_batch(folder, incoming.new_data_items(str(drop / "pairs.csv"), tmp_path), "b1")
+    assert counts["appended"] == 2 and counts["rejected"] == 6  # imgs/../imgs/x stays inside
+    rejects = pq.read_table(folder / incoming.REJECTS).to_pylist()
+    assert [r["reason"] for r in rejects] == ["outside_allowed_roots"] * 6
+    assert all("allowed roots" in r["detail"] for r in rejects)
+    linked = incoming.append_batch(folder, incoming.new_data_items(str(drop / "link.csv"), tmp_path), "b2")
+    assert linked["appended"] == 0 and linked["rejected"] == 1  # symlinks are followed
+    widened = incoming.append_batch(folder, incoming.new_data_items(str(drop / "pairs.csv"), tmp_path,
+                                                                    allowed_roots=[str(tmp_path)]), "b3")
+    assert widened["appended"] == 4 and widened["rejected"] == 2  # /etc/passwd is still outside
+
+
 def test_incoming_pairs_append_once_and_reach_the_manifest(tmp_path: Path) -> None:
     drop = tmp_path / "drop"
     names = _images(drop / "imgs", 4, seed=1)

@@ -15,6 +15,16 @@ Decoding rules (:func:`decode_image`):
   filters, because silencing it per call (``warnings.catch_warnings``) is not thread-safe
   and images are decoded in threads; where warnings are errors it is caught like the
   error. Either way our ``max_pixels`` check decides.
+- The read itself is bounded (:func:`load_image`, :func:`probe_image`): at most
+  ``max_bytes`` bytes (``too_large``) and ``read_timeout_s`` seconds in all, connect to
+  last byte (``read_timeout``), so a URL that trickles or never ends is a reject, not a
+  hang or an out-of-memory kill.
+- Long side / short side above ``max_aspect_ratio`` is ``extreme_aspect_ratio``, from the
+  header. Together with ``max_pixels`` this bounds every later resize: a short side
+  scaled to S gives at most S² x ``max_aspect_ratio`` pixels (a 14×1,000,000 strip would
+  otherwise grow to gigabytes in a short-side resize, and to a 0-pixel side in the
+  segmentation resize). :func:`resize_crop` also resizes only its crop window once the
+  full resize would be huge, so its memory holds whatever the aspect ratio.
 - The whole image is decoded (``Image.load``) so truncated files are caught.
   ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False (its default) for that.
 - EXIF orientation is applied, so arrays are upright as a viewer shows them.
@@ -31,11 +41,12 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dinoalign.storage import read_bytes
+from dinoalign.storage import ReadTimedOut, ReadTooLarge, read_bytes
 
 REJECT_REASONS: dict[str, str] = {
     "missing": "the file or object does not exist",
@@ -48,7 +59,22 @@ REJECT_REASONS: dict[str, str] = {
     "too_small": "a side shorter than min_side (one ViT patch)",
     "unsupported_mode": "a pixel mode PIL cannot convert to RGB",
     "read_error": "an I/O or network error while reading the bytes",
+    "read_timeout": "the bytes did not arrive within read_timeout_s (a stalled or trickling "
+    "server): the read is abandoned, not waited for",
+    "too_large": "more than max_bytes bytes (declared or streamed): the read stops at the cap",
+    "extreme_aspect_ratio": "long side / short side above max_aspect_ratio, checked from the "
+    "header before decoding",
 }
+
+# Defaults of the read and shape bounds (DataConfig's; callers pass params.data's values).
+DEFAULT_READ_TIMEOUT_S = 60.0
+DEFAULT_MAX_BYTES = 64 * 2**20
+DEFAULT_MAX_ASPECT_RATIO = 20.0
+
+# resize_crop's centre mode resizes only the window its crop keeps when the full short-side
+# resize would be larger than this (pixels; 48 MiB as RGB). Below it, the full resize as
+# before; above it, only images too elongated to be normal (224 px: aspect > 334).
+_FULL_RESIZE_MAX_PIXELS = 2**24
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
 
@@ -102,9 +128,26 @@ class ImageRejected(Exception):
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
+def image_limits(data: Any) -> dict[str, Any]:
+    """The bounds of :func:`load_image` / :func:`probe_image` from a ``DataConfig``
+    (``params.data``), as keyword arguments."""
+    return {
+        "max_pixels": data.max_pixels,
+        "min_side": data.min_side,
+        "max_aspect_ratio": data.max_aspect_ratio,
+        "max_bytes": data.max_bytes,
+        "read_timeout_s": data.read_timeout_s,
+    }
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int, min_side: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> np.ndarray:
     """Decode image bytes to an upright H×W×3 uint8 RGB array, or raise ImageRejected."""
-    image = _open_validated(data, max_pixels=max_pixels, min_side=min_side)
+    image = _open_validated(
+        data, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio
+    )
     try:
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # a malformed EXIF block can raise anything from struct/TiffTags
@@ -112,15 +155,34 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
     return _to_rgb_array(image)
 
 
-def load_image(uri: str, *, max_pixels: int, min_side: int) -> np.ndarray:
-    """Read ``uri`` (local path, ``s3://``, ``http(s)://``) and decode it: H×W×3 uint8 RGB."""
-    return decode_image(_read(uri), max_pixels=max_pixels, min_side=min_side)
+def load_image(
+    uri: str, *, max_pixels: int, min_side: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+) -> np.ndarray:
+    """Read ``uri`` (local path, ``s3://``, ``http(s)://``) and decode it: H×W×3 uint8 RGB.
+
+    The read stops at ``max_bytes`` (``too_large``) or after ``read_timeout_s`` in all
+    (``read_timeout``); see :func:`dinoalign.storage.read_bytes`."""
+    return decode_image(
+        _read(uri, max_bytes, read_timeout_s),
+        max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
+    )
 
 
-def probe_image(uri: str, *, max_pixels: int, min_side: int) -> tuple[int, int]:
+def probe_image(
+    uri: str, *, max_pixels: int, min_side: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+) -> tuple[int, int]:
     """Validate ``uri`` with a full decode (truncation is caught) and return its upright
     ``(width, height)``, skipping the EXIF rotation and RGB conversion of the pixels."""
-    image = _open_validated(_read(uri), max_pixels=max_pixels, min_side=min_side)
+    image = _open_validated(
+        _read(uri, max_bytes, read_timeout_s),
+        max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
+    )
     width, height = image.size
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION)
@@ -216,6 +278,11 @@ def resize_crop(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     scale = math.floor(size / crop_pct)
     if crop_mode == "center":
+        _check_uint8_image(array)
+        height, width = array.shape[:2]
+        short, long = min(height, width), max(height, width)
+        if short != scale and scale * max(1, int(scale * long / short)) > _FULL_RESIZE_MAX_PIXELS:
+            return _resize_centre_window(array, scale, size, interpolation)
         return center_crop(resize_short_side(array, scale, interpolation), size)
     if crop_mode == "squash":
         _check_uint8_image(array)
@@ -233,22 +300,53 @@ def resize_crop(
 # ----------------------------------------------------------------------------- internals
 
 
-def _read(uri: str) -> bytes:
+def _resize_centre_window(array: np.ndarray, scale: int, size: int, interpolation: str) -> np.ndarray:
+    """``center_crop(resize_short_side(array, scale), size)`` without the full resize: PIL
+    resamples only the ``size``×``size`` window the crop keeps (``box``: the same sample
+    positions and filters, taps reaching outside the window included), so memory is
+    size² whatever the aspect ratio, where the full resize of a 14×1,000,000 image to a
+    short side of 448 would be 32,000,000 pixels long (43 GB). PIL may run its two
+    passes (horizontal, vertical) in the other order than for the full image, and each
+    pass rounds to 8 bits, so pixels can differ by a few grey levels from the full path
+    (which such an image cannot afford anyway)."""
+    height, width = array.shape[:2]
+    short, long = min(height, width), max(height, width)
+    new_long = max(1, int(scale * long / short))
+    new_height, new_width = (scale, new_long) if height <= width else (new_long, scale)
+    if not 1 <= size <= min(new_height, new_width):
+        raise ValueError(f"cannot crop {size}x{size} from a {new_height}x{new_width} image")
+    top = round((new_height - size) / 2.0)
+    left = round((new_width - size) / 2.0)
+    sy, sx = height / new_height, width / new_width
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    resized = Image.fromarray(array).resize((size, size), resample=_resample(interpolation), box=box)
+    return np.array(resized)
+
+
+def _read(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
     try:
-        return read_bytes(uri)
+        return read_bytes(uri, max_bytes=max_bytes, timeout_s=timeout_s)
     except FileNotFoundError:
         raise ImageRejected("missing", f"{uri} does not exist") from None
+    except ReadTooLarge as exc:
+        raise ImageRejected("too_large", str(exc)) from None
+    except (ReadTimedOut, TimeoutError) as exc:  # TimeoutError: a client's own timeout
+        raise ImageRejected("read_timeout", str(exc) or f"{uri}: {type(exc).__name__}") from None
     except Exception as exc:  # fsspec backends raise their own network/client error types
         raise ImageRejected("read_error", f"{uri}: {type(exc).__name__}: {exc}") from None
 
 
-def _open_validated(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
-    """Open ``data``, check its size from the header, then decode every pixel."""
+def _open_validated(
+    data: bytes, *, max_pixels: int, min_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+) -> Image.Image:
+    """Open ``data``, check its size and shape from the header, then decode every pixel."""
     if max_pixels < 1 or min_side < 1:
         raise ValueError(
             f"max_pixels and min_side must be positive, got max_pixels={max_pixels}, "
             f"min_side={min_side}"
         )
+    if not max_aspect_ratio >= 1:
+        raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
     image = _open(data)
     width, height = image.size
     if width * height > max_pixels:
@@ -258,6 +356,12 @@ def _open_validated(data: bytes, *, max_pixels: int, min_side: int) -> Image.Ima
         )
     if min(width, height) < min_side:
         raise ImageRejected("too_small", f"{width}x{height}: a side is below min_side {min_side}")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise ImageRejected(
+            "extreme_aspect_ratio",
+            f"{width}x{height}: aspect ratio {max(width, height) / min(width, height):.4g} > "
+            f"max_aspect_ratio {max_aspect_ratio:g}",
+        )
     _decode_all(image)
     return image
 

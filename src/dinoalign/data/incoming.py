@@ -31,10 +31,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dinoalign.data.images import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S
 from dinoalign.data.schema import REJECTS_SCHEMA, PairRecord, Reject, make_uid, rejects_to_table
+from dinoalign.data.sources import parent_uri
 from dinoalign.data.sources.pairs import TABLE_FORMATS, PairsSourceConfig, pairs_source
 from dinoalign.data.sources.webdataset import WebDatasetSourceConfig, webdataset_source
-from dinoalign.storage import fs_for, read_bytes
+from dinoalign.storage import ReadTimedOut, ReadTooLarge, fs_for, read_bytes
 
 SOURCE = "incoming"
 STAGE = "retrain"
@@ -64,7 +66,7 @@ def read_incoming(folder: Path) -> Iterator[PairRecord | Reject]:
                                     f"run `dvc pull {pointer}` first")
         return iter(())
     cfg = PairsSourceConfig(path=str(table), image_column="image", caption_column="captions", key_column="key",
-                            split_column="split", name=SOURCE)
+                            split_column="split", name=SOURCE, allowed_roots=[str(folder)])  # copied in here
     return pairs_source(cfg, folder)
 
 
@@ -90,12 +92,18 @@ def fingerprint(uri: str) -> str:
 
 
 def new_data_items(uri: str, workdir: Path, image_column: str = "image", caption_column: str = "caption",
-                   key_column: str | None = None) -> Iterator[PairRecord | Reject]:
+                   key_column: str | None = None, allowed_roots: list[str] | None = None
+                   ) -> Iterator[PairRecord | Reject]:
     """The pairs at ``uri``: a csv/tsv/parquet table (the ``pairs`` source), or webdataset
-    shards (one ``.tar`` or a folder/prefix of them; images extracted under ``workdir``)."""
+    shards (one ``.tar`` or a folder/prefix of them; images extracted under ``workdir``).
+
+    New data is untrusted: a table's images must resolve under ``allowed_roots``, by
+    default the table's own folder (a ``../`` or ``file://`` row elsewhere is the reject
+    ``outside_allowed_roots``, never read)."""
     if is_table(uri):
+        roots = list(allowed_roots) if allowed_roots is not None else [parent_uri(uri)]
         cfg = PairsSourceConfig(path=uri, image_column=image_column, caption_column=caption_column,
-                                key_column=key_column, name="new")
+                                key_column=key_column, name="new", allowed_roots=roots)
         return pairs_source(cfg, workdir)
     fs, path = fs_for(uri)
     if fs.isdir(path):
@@ -138,8 +146,12 @@ def append_batch(folder: Path, items: Iterator[PairRecord | Reject], batch: str)
             present += 1
             continue
         name = f"{IMAGES}/{make_uid(SOURCE, key)}{_suffix(item.image_uri)}"
-        try:
-            data = read_bytes(item.image_uri)
+        try:  # bounded like every image read (data.* defaults): a hostile URL is a reject
+            data = read_bytes(item.image_uri, max_bytes=DEFAULT_MAX_BYTES, timeout_s=DEFAULT_READ_TIMEOUT_S)
+        except (ReadTooLarge, ReadTimedOut) as e:
+            reason = "too_large" if isinstance(e, ReadTooLarge) else "read_timeout"
+            rejects.append(Reject(make_uid(SOURCE, key), STAGE, reason, str(e), key))
+            continue
         except (FileNotFoundError, OSError) as e:
             rejects.append(Reject(make_uid(SOURCE, key), STAGE, "missing", f"{item.image_uri}: {e}", key))
             continue

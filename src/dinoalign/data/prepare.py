@@ -23,7 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dinoalign.config import Params
-from dinoalign.data.images import ImageRejected, probe_image
+from dinoalign.data.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    ImageRejected,
+    image_limits,
+    probe_image,
+)
 from dinoalign.data.incoming import read_incoming
 from dinoalign.data.schema import (
     MANIFEST_SCHEMA,
@@ -38,14 +45,20 @@ STAGE = "prepare"
 
 
 def validate_records(
-    records: Iterable[PairRecord], *, max_pixels: int, min_side: int, workers: int = 8
+    records: Iterable[PairRecord], *, max_pixels: int, min_side: int, workers: int = 8,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> Iterator[PairRecord | Reject]:
     """Decode every image once (threads: decoding is I/O + C code) and turn failures into
-    rejects with the decoder's reason code. Order of the output is not significant."""
+    rejects with the decoder's reason code. Order of the output is not significant. Each
+    read is bounded (``read_timeout_s``, ``max_bytes``), so a stalled or endless URL is a
+    ``read_timeout`` / ``too_large`` reject, not a hung or killed stage."""
+    limits = dict(max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
+                  max_bytes=max_bytes, read_timeout_s=read_timeout_s)
 
     def check(rec: PairRecord) -> PairRecord | Reject:
         try:
-            probe_image(rec.image_uri, max_pixels=max_pixels, min_side=min_side)
+            probe_image(rec.image_uri, **limits)
             return rec
         except ImageRejected as e:
             return Reject(uid=rec.uid, stage=STAGE, reason=e.reason, detail=e.detail, key=rec.image_uri)
@@ -136,9 +149,7 @@ def _validate_stream(items: Iterable[PairRecord | Reject], params: Params) -> It
             yield item
         else:
             pending.append(item)
-    yield from validate_records(
-        pending, max_pixels=params.data.max_pixels, min_side=params.data.min_side
-    )
+    yield from validate_records(pending, **image_limits(params.data))
 
 
 def _atomic_parquet(table: Any, path: Path) -> None:

@@ -30,7 +30,14 @@ import torch
 
 from dinoalign.compute import TorchThreads
 from dinoalign.config import BackboneConfig, EmbedConfig, Params
-from dinoalign.data.images import ImageRejected, load_image, resize_crop
+from dinoalign.data.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    ImageRejected,
+    load_image,
+    resize_crop,
+)
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import image_features
 from dinoalign.embed.store import FeatureStore, vector_column
@@ -44,6 +51,8 @@ HALF_COLUMNS = ("patches", "registers")  # token-level columns are stored in fp1
 def decode_batch(
     batch: dict[str, np.ndarray], *, img_size: int, interpolation: str, max_pixels: int, min_side: int,
     crop_pct: float = 1.0, crop_mode: str = "center",
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> dict[str, np.ndarray]:
     """uids + image URIs -> uint8 images N×S×S×3 (:func:`~dinoalign.data.images.resize_crop`:
     at crop_pct 1 and ``center``, short-side resize + centre crop) and a reject reason per
@@ -55,7 +64,10 @@ def decode_batch(
     for i, uri in enumerate(batch["image_uri"]):
         try:
             images[i] = resize_crop(
-                load_image(str(uri), max_pixels=max_pixels, min_side=min_side), img_size, interpolation,
+                load_image(str(uri), max_pixels=max_pixels, min_side=min_side,
+                           max_aspect_ratio=max_aspect_ratio, max_bytes=max_bytes,
+                           read_timeout_s=read_timeout_s),
+                img_size, interpolation,
                 crop_pct, crop_mode,
             )
         except ImageRejected as e:
@@ -323,7 +335,9 @@ class _Decode:
         """``preprocessing``: the spec's backbone preprocessing (interpolation and crop)."""
         self.kw = dict(img_size=params.embed.img_size, interpolation=preprocessing["interpolation"],
                        crop_pct=preprocessing["crop_pct"], crop_mode=preprocessing["crop_mode"],
-                       max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+                       max_pixels=params.data.max_pixels, min_side=params.data.min_side,
+                       max_aspect_ratio=params.data.max_aspect_ratio,
+                       max_bytes=params.data.max_bytes, read_timeout_s=params.data.read_timeout_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return decode_batch(batch, **self.kw)

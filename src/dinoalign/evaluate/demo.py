@@ -107,7 +107,7 @@ class DemoSegmentation(Sequence):
     task = "segmentation"
     has_background = True
 
-    def __init__(self, images: DemoImages, max_pixels: int, min_side: int) -> None:
+    def __init__(self, images: DemoImages, image_limits: dict[str, Any]) -> None:
         without_mask = [u for u, m in zip(images.uids, images.mask_uris) if m is None]
         if without_mask:
             raise ValueError(
@@ -115,7 +115,7 @@ class DemoSegmentation(Sequence):
             )
         self.images = images
         self.class_names = (BACKGROUND, *images.class_names)
-        self._decode = {"max_pixels": max_pixels, "min_side": min_side}
+        self._decode = dict(image_limits)  # load_image's bounds (params.data)
 
     def __len__(self) -> int:
         return len(self.images)

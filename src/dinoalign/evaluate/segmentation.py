@@ -80,7 +80,8 @@ def resized_size(height: int, width: int, short: int, max_long: int) -> tuple[in
     """mmcv ``imrescale`` size: one factor, min(short/short side, max_long/long side),
     rounded half up."""
     factor = min(short / min(height, width), max_long / max(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    # at least one pixel a side: a thin strip under the long-side cap must not vanish
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def short_side_resize(image: Tensor, short: int = 448, max_long: int = 2048) -> Tensor:

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from dinoalign.config import Params
+from dinoalign.data.images import image_limits
 from dinoalign.errors import InferenceError
 from dinoalign.evaluate.config import DEMO_DATASET, EvaluateConfig
 from dinoalign.evaluate.demo import DemoImages, DemoSegmentation, load_demo
@@ -220,7 +221,7 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
             reference = _clip_image_features(model, images, features_uri, params, use_store)
         block["retrieval"] = retrieval_block(model, batch, images.captions, cfg.ks, reference)
         if head is not None:
-            dataset = DemoSegmentation(images, params.data.max_pixels, params.data.min_side)
+            dataset = DemoSegmentation(images, image_limits(params.data))
             seg, confusion, examples = segmentation_block(model, dataset, head, cfg, root, subset)
             block["segmentation"] = seg
             evaluation.per_class_iou[subset] = seg["per_class"]
@@ -249,7 +250,7 @@ def _demo_dense_head(model: AlignedModel, params: Params, root: Path) -> DenseHe
     split = cfg.bg_threshold_split
     pairs_dir, source = root / params.embed.pairs_dir, params.data.synthetic.source
     reference, _ = load_demo(pairs_dir, source, split or cfg.split, root)
-    dataset = DemoSegmentation(reference["seen"], params.data.max_pixels, params.data.min_side)
+    dataset = DemoSegmentation(reference["seen"], image_limits(params.data))
     head = DenseHead.build(model, dataset, cfg)
     if split is None or head.cfg.bg_threshold is None:
         return head
@@ -472,7 +473,7 @@ def _load_demo_images(images: DemoImages, params: Params) -> Iterator[np.ndarray
     from dinoalign.data.images import load_image
 
     for uri in images.image_uris:
-        yield load_image(uri, max_pixels=params.data.max_pixels, min_side=params.data.min_side)
+        yield load_image(uri, **image_limits(params.data))
 
 
 def _online_batch(

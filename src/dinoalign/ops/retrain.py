@@ -126,7 +126,9 @@ def _ingest(params: Params, root: Path, folder: Path, ledger_path: Path, new_uri
         return None
     batch_id = f"retrain-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{fp[:8]}"
     with tempfile.TemporaryDirectory(prefix="dinoalign-retrain-") as tmp:
-        items = incoming.new_data_items(new_uri, Path(tmp), cfg.image_column, cfg.caption_column, cfg.key_column)
+        # new data is untrusted: its images stay under data.allowed_roots, default the table's folder
+        items = incoming.new_data_items(new_uri, Path(tmp), cfg.image_column, cfg.caption_column, cfg.key_column,
+                                        allowed_roots=params.data.allowed_roots)
         try:
             counts = incoming.append_batch(folder, items, batch_id)
         except (FileNotFoundError, ValueError) as e:

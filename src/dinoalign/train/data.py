@@ -335,8 +335,7 @@ class DinoTxtImageData(TrainingData):
     img_size: int
     crop_scale: tuple[float, ...]
     hflip: bool
-    max_pixels: int
-    min_side: int
+    image_limits: dict[str, Any]  # load_image's bounds (dinoalign.data.images.image_limits)
     backbone: Any = None
     interpolation: str = "bicubic"
 
@@ -379,7 +378,7 @@ class DinoTxtImageData(TrainingData):
         if self.backbone is None:
             raise RuntimeError("DinoTxtImageData.attach(device, seed) must run before batch()")
         images = [
-            load_image(self.image_uris[i], max_pixels=self.max_pixels, min_side=self.min_side)
+            load_image(self.image_uris[i], **self.image_limits)
             for i in rows
         ]
         x = self.backbone.normalize(self.augment(images, draw))
@@ -423,8 +422,7 @@ def build_training_data(
     model_cfg: Any,
     source: FeatureSource,
     *,
-    max_pixels: int,
-    min_side: int,
+    image_limits: dict[str, Any],
 ) -> TrainingData:
     """The recipe's training samples over ``source.uids`` that have features (uids the
     embed stage rejected are skipped; :meth:`TrainingData.describe` counts what is left)."""
@@ -462,8 +460,7 @@ def build_training_data(
             img_size=int(source.spec["img_size"]),
             crop_scale=training.crop_scale,
             hflip=training.hflip,
-            max_pixels=max_pixels,
-            min_side=min_side,
+            image_limits=image_limits,
             interpolation=(recorded_preprocessing(source.spec, "backbone") or {}).get(
                 "interpolation", "bicubic"
             ),

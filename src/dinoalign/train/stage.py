@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dinoalign.config import Params
+from dinoalign.data.images import image_limits
 from dinoalign.data.prepare import read_manifest
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
 from dinoalign.storage import is_remote
@@ -84,8 +85,7 @@ def plan_align(params: Params, root: Path) -> AlignPlan:
         training,
         model_cfg,
         source,
-        max_pixels=params.data.max_pixels,
-        min_side=params.data.min_side,
+        image_limits=image_limits(params.data),
     )
     identity = {
         "recipe": recipe,

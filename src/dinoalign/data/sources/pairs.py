@@ -14,7 +14,10 @@ row, ``captions in records + rejects == rows``):
 
 - ``missing_image``: empty image cell; ``missing_key``: empty key cell;
 - ``empty_caption``: missing or blank caption;
-- ``conflicting_row``: a row whose image or split differs from the first row of its key.
+- ``conflicting_row``: a row whose image or split differs from the first row of its key;
+- ``outside_allowed_roots``: with ``allowed_roots`` set, an image that does not resolve
+  under one of them (``../`` walked, symlinks followed, ``file://`` read as a path, so
+  ``../../etc/passwd`` or ``file:///etc/passwd`` is never opened).
 
 A key whose rows are all rejected yields no record.
 """
@@ -23,6 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import posixpath
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,9 +64,18 @@ class PairsSourceConfig:
     separator: str | None = None  # csv/tsv field separator; None: "," (csv) or tab (tsv)
     encoding: str = "utf-8"  # csv/tsv text encoding, e.g. latin-1 or cp1252
     name: str = "pairs"  # source name in uids and manifests
+    # folders/prefixes every image must resolve under (local paths, s3://bucket/prefix,
+    # http(s)://host/path); None: anywhere. ``data.allowed_roots`` sets it for the source.
+    allowed_roots: list[str] | None = None
 
     def __post_init__(self) -> None:
         import codecs
+
+        if self.allowed_roots is not None and (
+                isinstance(self.allowed_roots, str)
+                or not all(isinstance(r, str) and r.strip() for r in self.allowed_roots)):
+            raise ConfigError(f"pairs.allowed_roots must be a list of folders or URL prefixes, "
+                              f"got {self.allowed_roots!r}")
 
         check_name("pairs", name=self.name, default_split=self.default_split, path=self.path)
         if self.separator is not None and len(self.separator) != 1:
@@ -97,6 +112,9 @@ def pairs_source(cfg: PairsSourceConfig, workdir: Path) -> Iterator[PairRecord |
             problem = ("missing_key", f"the {cfg.key_column!r} cell is empty")
         elif not captions:
             problem = ("empty_caption", f"the {cfg.caption_column!r} cell is missing or blank")
+        elif cfg.allowed_roots is not None and not within_roots(image_uri, cfg.allowed_roots):
+            problem = ("outside_allowed_roots", f"{image_ref!r} resolves outside the allowed roots "
+                                                f"{list(cfg.allowed_roots)} (data.allowed_roots)")
         else:
             problem = _conflict(records.get(key), image_uri, split)
         if problem is not None:
@@ -115,6 +133,31 @@ def pairs_source(cfg: PairsSourceConfig, workdir: Path) -> Iterator[PairRecord |
                 source=cfg.name,
             )
     yield from records.values()
+
+
+def _resolved(uri: str) -> tuple[str, str, str]:
+    """(scheme, host, normalised path) of a URI; local paths (and ``file://``) are made
+    absolute with ``..`` and symlinks resolved, URL paths are percent-decoded and
+    ``..``-normalised as a server would."""
+    if uri.startswith("file://"):
+        uri = urllib.parse.unquote(urllib.parse.urlsplit(uri).path)
+    if "://" not in uri:
+        return "", "", os.path.realpath(uri)
+    parts = urllib.parse.urlsplit(uri)
+    path = posixpath.normpath("/" + urllib.parse.unquote(parts.path).lstrip("/"))
+    return parts.scheme.lower(), parts.netloc.lower(), path.replace("//", "/")
+
+
+def within_roots(uri: str, roots: list[str] | tuple[str, ...]) -> bool:
+    """True when ``uri`` resolves to ``root`` or below one of ``roots`` (same scheme and
+    host for URLs)."""
+    scheme, host, path = _resolved(uri)
+    for root in roots:
+        r_scheme, r_host, r_path = _resolved(root)
+        if (scheme, host) == (r_scheme, r_host) and (
+                path == r_path or path.startswith(r_path.rstrip("/" + os.sep) + ("/" if scheme else os.sep))):
+            return True
+    return False
 
 
 def read_pairs_table(cfg: PairsSourceConfig) -> dict[str, list[Any]]:
