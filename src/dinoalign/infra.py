@@ -8,11 +8,8 @@ These are the building blocks; :mod:`dinoalign.ops.stack` assembles them into
 Stopping is by PID only (never by process name): a :class:`Service` records the PID and
 the process start time of its leader, so a recycled PID is never signalled, and
 :meth:`Service.stop` signals the leader's process group plus every descendant (Ray workers
-run in process groups of their own). Credentials go only to files of mode 600
-(SeaweedFS's identity and security files, MLflow's auth config, PostgreSQL's password)
-and to the server processes' environments, never to params, logs, command lines or
-MLflow. Every port but SeaweedFS's S3 API and MLflow's ``/health`` refuses a request
-without credentials (docs/operations.md, "Security model").
+run in process groups of their own). Credentials go only to SeaweedFS's identity file
+(mode 600) and to the server processes' environments, never to params, logs or MLflow.
 """
 
 from __future__ import annotations
@@ -115,12 +112,10 @@ class Service:
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, float]:
-    """Start ``cmd`` in its own session with umask 077: every file and unix socket it
-    creates (data, databases, SeaweedFS's sockets in /tmp) is its owner's alone."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True, umask=0o077)
+                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
     return proc.pid, _started_at(proc.pid)
 
 
@@ -183,86 +178,11 @@ SEAWEEDFS_PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "f
                    "admin", "admin_grpc")
 
 
-def write_private(path: Path, data: str | bytes) -> Path:
-    """Write ``data`` to a file only its owner can read or write (created 600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    path.chmod(0o600)
-    return path
-
-
-def seaweedfs_security(folder: Path) -> Path:
-    """A fresh ``security.toml`` (and the certificates it names) in ``folder``, mode 600,
-    that leaves SeaweedFS's S3 API (keys required) as the only way in:
-
-    - every internal HTTP port (master, volume, filer, admin) is HTTPS that requires a
-      client certificate signed by a CA made here for this start (``[https.*]``), so a
-      plain HTTP request gets 400 and a TLS one without the certificate fails the
-      handshake; the internal clients (the S3 gateway) present it (``[https.client]``);
-    - every gRPC port is mutual TLS with the same CA (``[grpc.*]``);
-    - writes and reads on the volume servers and the filer need JWTs signed with random
-      keys (``[jwt.*]``), the volume UI and the filer's directory listings are off.
-
-    Nothing here outlives one ``weed`` process: a restart gets new keys and certificates."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-
-    def cert(subject: str, key: Any, ca: bool) -> x509.Certificate:
-        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("dinoalign-seaweedfs-ca"))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=3650))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            b = (b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                 critical=False)
-                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                                critical=False))
-        return b.sign(ca_key, hashes.SHA256())
-
-    pem = serialization.Encoding.PEM
-    ca_crt = write_private(folder / "ca.crt", cert("dinoalign-seaweedfs-ca", ca_key, True).public_bytes(pem))
-    crt = write_private(folder / "node.crt", cert("seaweedfs", node_key, False).public_bytes(pem))
-    key = write_private(folder / "node.key", node_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                                    serialization.NoEncryption()))
-    tls = f'cert = "{crt}"\nkey = "{key}"\n'
-    text = "# written by dinoalign for one weed process; never commit\n"
-    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
-        text += f'[{section}]\nkey = "{secrets.token_hex(32)}"\nexpires_after_seconds = 60\n'
-    text += "[access]\nui = false\n[filer.expose_directory_metadata]\nenabled = false\n"
-    text += f'[grpc]\nca = "{ca_crt}"\n'
-    text += "".join(f"[grpc.{c}]\n{tls}" for c in ("master", "volume", "filer", "s3", "admin", "worker", "client"))
-    text += "".join(f'[https.{c}]\n{tls}ca = "{ca_crt}"\n' for c in ("master", "volume", "filer", "admin"))
-    text += f'[https.client]\nenabled = true\n{tls}ca = "{ca_crt}"\n'
-    return write_private(folder / "security.toml", text)
-
-
 def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str, ports: dict[str, int] | None = None) -> Service:
     """``weed mini`` with every port free on 127.0.0.1 (or the given ``ports``, to restart
     on the same data and address), telemetry off, and an S3 identity that requires the
-    given keys (without one the store is open to anyone). The S3 API is the only port
-    that answers without a certificate: see :func:`seaweedfs_security` (read by ``weed``
-    from its working directory), and ``-disableHttp`` turns off the master's and the
-    filer's HTTP APIs."""
-    data_dir = Path(data_dir).resolve()  # weed runs in ``security/``
+    given keys (without one the store is open to anyone)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    security = data_dir / "security"
-    security.mkdir(mode=0o700, exist_ok=True)
-    security.chmod(0o700)
-    seaweedfs_security(security)
     ident = data_dir / "s3.json"
     ident.touch(mode=0o600)
     ident.chmod(0o600)
@@ -278,10 +198,10 @@ def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str, ports: dic
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
         f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-webdav=false", "-admin.ui=false", f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin_grpc']}",
-        "-metricsPort=0", "-disableHttp",
+        "-metricsPort=0",
     ]
     log = data_dir / "weed.log"
-    pid, started = _spawn(cmd, log, cwd=security)
+    pid, started = _spawn(cmd, log)
     svc = Service("seaweedfs", pid, f"http://127.0.0.1:{ports['s3']}", str(log), ports, started)
     # an unauthenticated GET answers 403 once the S3 gateway is up
     return _started(svc, lambda: wait_http(svc.url + "/", timeout=60, ok=(), service=svc))
@@ -305,20 +225,11 @@ def ensure_bucket(bucket: str, settings: Any = None) -> None:
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
-def postgres_env(data_dir: Path) -> dict[str, str]:
-    """What a client of :func:`start_postgres`'s cluster needs besides its URI (the
-    password is never in the URI, which shows in ``ps`` and in the stack's state)."""
-    return {"PGPASSWORD": (Path(data_dir) / "password").read_text().strip()}
-
-
 def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlflow") -> tuple[Service, str]:
     """A private PostgreSQL cluster (Debian's server binaries) in ``data_dir`` on
-    127.0.0.1, password auth (scram-sha-256) for every connection, the password generated
-    once into ``data_dir/password`` (mode 600; clients: :func:`postgres_env`); returns the
-    service and the ``postgresql://`` URI of ``database``. A cluster made before with
-    trust auth gets the password and scram-sha-256 at its next start. PostgreSQL refuses
-    to run as root: as root the cluster belongs to the ``postgres`` user and runs through
-    ``runuser``."""
+    127.0.0.1, trust auth for local connections only; returns the service and the
+    ``postgresql://`` URI of ``database``. PostgreSQL refuses to run as root: as root the
+    cluster belongs to the ``postgres`` user and runs through ``runuser``."""
     pg_bin = Path(os.environ.get("DINOALIGN_PG_BIN", "/usr/lib/postgresql/15/bin"))
     if not (pg_bin / "postgres").exists():
         raise FileNotFoundError(f"PostgreSQL server binaries not found in {pg_bin} (apt-get install postgresql, "
@@ -331,16 +242,9 @@ def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlf
     if as_user:
         shutil.chown(data_dir, "postgres")
         shutil.chown(sockets, "postgres")
-    pwfile = data_dir / "password"
-    if not pwfile.exists():
-        write_private(pwfile, secrets.token_urlsafe(30))
-    if as_user:
-        shutil.chown(pwfile, "postgres")  # initdb reads it as that user; root reads it anyway
-    password = pwfile.read_text().strip()
     if not (cluster / "PG_VERSION").exists():
-        done = subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(cluster), "-U", user,
-                               "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"],
-                              capture_output=True, text=True)
+        done = subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(cluster), "-U", user, "--auth=trust",
+                               "-E", "UTF8"], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"initdb of {cluster} as {user!r} failed (that user must be able to reach the "
                                f"folder): {done.stderr.strip()[-500:]}")
@@ -352,61 +256,23 @@ def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlf
 
     def ready() -> None:
         _wait_port(svc, port, 60)
-        probe = [str(pg_bin / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres", "-tA",
-                 "-v", "ON_ERROR_STOP=1"]
-        env = {**os.environ, "PGPASSWORD": password}
-
-        def sql(query: str, label: str | None = None) -> str:
-            deadline = time.monotonic() + 30
-            while True:  # the port listens a moment before connections are accepted
-                done = subprocess.run(probe, input=query + ";\n", capture_output=True, text=True, env=env)  # not in ps
-                if done.returncode == 0 or time.monotonic() > deadline or "starting up" not in done.stderr:
-                    break
-                time.sleep(0.3)
-            if done.returncode != 0:
-                raise RuntimeError(f"psql {label or query!r} on 127.0.0.1:{port} failed: {done.stderr.strip()[-500:]}")
-            return done.stdout.strip()
-
-        hba = cluster / "pg_hba.conf"
-        rules = hba.read_text()
-        if any(line.split()[-1:] == ["trust"] for line in rules.splitlines() if not line.lstrip().startswith("#")):
-            sql(f"ALTER USER \"{user}\" PASSWORD '{password}'", "ALTER USER ... PASSWORD")  # made with trust auth
-            hba.write_text("\n".join(line.rstrip()[: -len("trust")] + "scram-sha-256"
-                                     if not line.lstrip().startswith("#") and line.split()[-1:] == ["trust"] else line
-                                     for line in rules.splitlines()) + "\n")
-            sql("SELECT pg_reload_conf()")
-        if sql(f"SELECT 1 FROM pg_database WHERE datname = '{database}'") != "1":
-            sql(f'CREATE DATABASE "{database}"')
+        probe = [str(pg_bin / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres", "-tAc"]
+        exists = subprocess.run([*probe, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        if exists != "1":
+            subprocess.run([*probe, f'CREATE DATABASE "{database}"'], check=True, capture_output=True, text=True)
 
     _started(svc, ready)
     return svc, f"postgresql://{user}@127.0.0.1:{port}/{database}"
 
 
 # ----------------------------------------------------------------------------- MLflow
-def mlflow_auth_env(folder: Path, username: str, password: str) -> dict[str, str]:
-    """The environment of an ``mlflow server --app-name basic-auth`` whose only user is the
-    admin ``username``/``password`` and which grants nothing to anyone else
-    (``default_permission = NO_PERMISSIONS``); its user store is ``folder/basic_auth.db``
-    and its config ``folder/basic_auth.ini`` (mode 600). The admin password is set when the
-    user store is created: keep the same credentials for the same ``folder``."""
-    ini = write_private(folder / "basic_auth.ini", "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                        f"database_uri = sqlite:///{folder.resolve() / 'basic_auth.db'}\n"
-                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                        "grant_default_workspace_access = false\n")
-    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": username,
-            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
-
-
 def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, env: dict[str, str] | None = None,
-                 port: int | None = None, auth: tuple[str, str] | None = None) -> Service:
+                 port: int | None = None) -> Service:
     """``mlflow server`` with proxied artifacts (clients need no S3 keys), jobs off.
 
     ``env`` reaches only the server: for an ``s3://`` destination it must hold
-    ``MLFLOW_S3_ENDPOINT_URL`` and the keys (:func:`dinoalign.storage.mlflow_server_env`).
-    ``auth``: (username, password) of MLflow's basic auth (:func:`mlflow_auth_env`): every
-    request but ``/health`` and static files then needs them (clients:
-    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``); None: open to anyone who
-    reaches the port."""
+    ``MLFLOW_S3_ENDPOINT_URL`` and the keys (:func:`dinoalign.storage.mlflow_server_env`)."""
     if backend_uri.startswith("postgresql"):
         try:
             import psycopg  # noqa: F401  (mlflow's SQLAlchemy dialect for postgresql://)
@@ -417,12 +283,8 @@ def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, en
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    server_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
-    if auth is not None:
-        cmd += ["--app-name", "basic-auth"]
-        server_env.update(mlflow_auth_env(log_dir, *auth))
     log = log_dir / "mlflow.log"
-    pid, started = _spawn(cmd, log, server_env)
+    pid, started = _spawn(cmd, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
     svc = Service("mlflow", pid, f"http://127.0.0.1:{port}", str(log), {"http": port}, started)
     return _started(svc, lambda: wait_http(svc.url + "/health", timeout=120, service=svc))
 

@@ -281,12 +281,17 @@ def configure_dvc_remote(repo: str | os.PathLike[str], name: str, url: str, *, d
         where["endpointurl"] = s.endpoint_url
     with config.edit("repo" if shared else "local") as conf:
         conf["remote"][name] = {**conf["remote"].get(name, {}), **where}
+    local = os.path.join(dvc_dir, "config.local")
+    if not os.path.exists(local):  # it holds the S3 secret: never readable by others
+        os.close(os.open(local, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(local, 0o600)
     with config.edit("local") as conf:
         remote = conf["remote"].setdefault(name, {})
         if s.access_key and s.secret_key:
             remote["access_key_id"], remote["secret_access_key"] = s.access_key, s.secret_key
         if default:
             conf["core"]["remote"] = name
+    os.chmod(local, 0o600)
 
 
 def unset_default_dvc_remote(repo: str | os.PathLike[str], name: str) -> bool:

@@ -17,21 +17,18 @@ from dinoalign.storage import S3Settings, mlflow_server_env
 
 @dataclasses.dataclass
 class TrackingStack:
-    """SeaweedFS (S3, keys required) + an mlflow server (basic auth: ``mlflow_auth``)
-    whose artifacts go to ``bucket``."""
+    """SeaweedFS (S3, keys required) + an mlflow server whose artifacts go to ``bucket``."""
 
     s3: infra.Service
     mlflow: infra.Service
     settings: S3Settings
     bucket: str
-    mlflow_auth: tuple[str, str]
 
     @property
     def env(self) -> dict[str, str]:
         """Client environment: the server proxies artifacts, S3 keys only for checks."""
         s = self.settings
-        return {"MLFLOW_TRACKING_URI": self.mlflow.url, "MLFLOW_TRACKING_USERNAME": self.mlflow_auth[0],
-                "MLFLOW_TRACKING_PASSWORD": self.mlflow_auth[1], "AWS_ENDPOINT_URL": s.endpoint_url or "",
+        return {"MLFLOW_TRACKING_URI": self.mlflow.url, "AWS_ENDPOINT_URL": s.endpoint_url or "",
                 "AWS_ACCESS_KEY_ID": s.access_key or "", "AWS_SECRET_ACCESS_KEY": s.secret_key or ""}
 
     def stop(self) -> None:
@@ -41,17 +38,16 @@ class TrackingStack:
 
 def start_tracking_stack(workdir: Path, bucket: str = "tracking") -> TrackingStack:
     access, secret = "test-" + secrets.token_hex(4), secrets.token_urlsafe(24)
-    auth = ("test-admin", secrets.token_urlsafe(24))
     s3 = infra.start_seaweedfs(workdir / "seaweedfs", access, secret)
     try:
         settings = S3Settings(s3.url, access, secret, "us-east-1")
         infra.ensure_bucket(bucket, settings)
         server = infra.start_mlflow(f"sqlite:///{workdir / 'mlflow.db'}", f"s3://{bucket}/mlflow", workdir,
-                                    env=mlflow_server_env(settings), auth=auth)
+                                    env=mlflow_server_env(settings))
     except BaseException:
         s3.stop()
         raise
-    return TrackingStack(s3, server, settings, bucket, auth)
+    return TrackingStack(s3, server, settings, bucket)
 
 
 @pytest.fixture(scope="module")

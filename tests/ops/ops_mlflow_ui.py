@@ -11,14 +11,12 @@ TIMEOUT_MS = 90_000  # the UI's JS bundle is large and the machine is shared
 
 
 def check_mlflow_ui(browser: Any, url: str, experiment_id: str, run_names: Iterable[str],
-                    model_aliases: dict[str, str], shots: Path, credentials: tuple[str, str] | None = None) -> None:
+                    model_aliases: dict[str, str], shots: Path) -> None:
     """Assert that the runs page of ``experiment_id`` lists every run in ``run_names``,
     the models page lists every model of ``model_aliases``, and each model's page shows
-    its alias. Screenshots go to ``shots`` (kept by pytest's tmp dirs for a look).
-    ``credentials``: (username, password) the browser sends for the server's basic auth."""
+    its alias. Screenshots go to ``shots`` (kept by pytest's tmp dirs for a look)."""
     shots.mkdir(parents=True, exist_ok=True)
-    login = {"http_credentials": {"username": credentials[0], "password": credentials[1]}} if credentials else {}
-    page = browser.new_page(viewport={"width": 1400, "height": 900}, **login)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:

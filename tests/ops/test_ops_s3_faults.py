@@ -146,6 +146,8 @@ def test_dvc_push_killed_midway_fails_clearly_then_completes(server: Server, s3_
     _git(root, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     configure_dvc_remote(root, "stack", f"s3://{BUCKET}/dvc", default=True)
+    local = root / ".dvc" / "config.local"  # holds the S3 secret: owner-only (issue #19)
+    assert local.stat().st_mode & 0o777 == 0o600 and "secret_access_key" in local.read_text()
     ops_dvc.dvc(root, "add", "-q", "features")
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "features")

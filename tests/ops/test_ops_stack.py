@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
-import socket
-import ssl
 import stat
 import subprocess
 import sys
@@ -23,11 +20,9 @@ from dinoalign import infra
 from dinoalign.ops.stack import (
     CREDENTIALS_FILE,
     ENV_FILE,
-    MLFLOW_CREDENTIALS_FILE,
     STATE_FILE,
     StackError,
     StackOptions,
-    mlflow_credentials,
     read_env_file,
     run_dir,
     stack_credentials,
@@ -70,80 +65,6 @@ def _listening(pid: int) -> set[str]:
     return found
 
 
-def _listening_ports(pid: int) -> set[int]:
-    """TCP ports the process ``pid`` and its descendants listen on."""
-    root = psutil.Process(pid)
-    found = set()
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            found |= {c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def _plain_http(port: int, method: str = "GET", path: str = "/") -> int | None:
-    """The status a plain HTTP request without credentials gets, None when no HTTP answer."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=b"intruder" if method in ("PUT", "POST") else None)
-        return conn.getresponse().status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-
-
-def _tls_answer(port: int, cert: tuple[Path, Path] | None = None) -> bytes | None:
-    """What a TLS client (server certificate not checked) gets for ``GET /``: the first
-    bytes of the answer, or None when the handshake or the connection fails."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    if cert:
-        ctx.load_cert_chain(*map(str, cert))
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            return tls.recv(64) or None
-    except (OSError, ssl.SSLError):
-        return None
-
-
-@pytest.mark.integration
-def test_seaweedfs_answers_only_its_s3_api_with_keys(tmp_path: Path) -> None:
-    """Every port SeaweedFS opens but the S3 API refuses a request without credentials:
-    plain HTTP (the filer's and master's APIs that once read, wrote and deleted bucket
-    objects) and TLS without the client certificate (the HTTPS and gRPC ports)."""
-    import boto3
-
-    svc = infra.start_seaweedfs(tmp_path / "seaweedfs", "probe-key", "probe-secret-0123456789")
-    try:
-        s3 = boto3.client("s3", endpoint_url=svc.url, aws_access_key_id="probe-key",
-                          aws_secret_access_key="probe-secret-0123456789", region_name="us-east-1")
-        s3.create_bucket(Bucket="probe")
-        s3.put_object(Bucket="probe", Key="secret.txt", Body=b"top secret")
-        assert _listening_ports(svc.pid) == {p for p in svc.ports.values() if p}  # nothing unrecorded
-        internal = {name: port for name, port in svc.ports.items() if name != "s3" and port}
-        for name, port in internal.items():
-            for method, path in (("GET", "/"), ("GET", "/buckets/probe/secret.txt"), ("PUT", "/buckets/probe/evil.txt"),
-                                 ("DELETE", "/buckets/probe/secret.txt"), ("GET", "/dir/assign"),
-                                 ("GET", "/dir/status"), ("GET", "/status"), ("POST", "/vol/grow?count=1")):
-                assert _plain_http(port, method, path) in (None, 400), (name, method, path)
-            assert _tls_answer(port) is None, name  # no client certificate, no answer
-        assert _plain_http(svc.ports["s3"], "GET", "/probe/secret.txt") == 403
-        assert _plain_http(svc.ports["s3"], "PUT", "/probe/evil.txt") == 403
-        assert _plain_http(svc.ports["s3"], "DELETE", "/probe/secret.txt") == 403
-        # the refusals come from the certificate: with it (mode 600 under the data dir) the master answers
-        security = tmp_path / "seaweedfs" / "security"
-        assert {_mode(p) for p in security.iterdir()} == {0o600} and _mode(security) == 0o700
-        answer = _tls_answer(svc.ports["master"], (security / "node.crt", security / "node.key"))
-        assert answer is not None and answer.startswith(b"HTTP/1.1 ")
-        assert s3.get_object(Bucket="probe", Key="secret.txt")["Body"].read() == b"top secret"
-        assert [o["Key"] for o in s3.list_objects_v2(Bucket="probe")["Contents"]] == ["secret.txt"]
-    finally:
-        svc.stop()
-
-
 def test_credentials_generated_private_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
@@ -151,15 +72,6 @@ def test_credentials_generated_private_and_reused(tmp_path: Path, monkeypatch: p
     assert path == tmp_path / CREDENTIALS_FILE and _mode(path) == 0o600
     assert len(secret) >= 32 and read_env_file(path) == {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
     assert stack_credentials(tmp_path) == (access, secret, path)  # the bucket's keys survive a restart
-    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-    user, password, login = mlflow_credentials(tmp_path)
-    assert login == tmp_path / MLFLOW_CREDENTIALS_FILE and _mode(login) == 0o600 and len(password) >= 32
-    assert read_env_file(login) == {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
-    assert mlflow_credentials(tmp_path) == (user, password, login)
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "me")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "my-password")
-    assert mlflow_credentials(tmp_path) == ("me", "my-password", None)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
     assert stack_credentials(tmp_path) == ("from-env", "secret-from-env", None)
@@ -207,29 +119,13 @@ def test_infra_up_status_use_down(tmp_path: Path) -> None:
         # every listening socket of every process of the stack is on loopback
         assert set().union(*(_listening(s.pid) for s in services.values())) == {"127.0.0.1"}
 
-        # keys: generated, private, only in the 600 files and .dvc/config.local (600 too)
+        # keys: generated, private, only in the 600 files and .dvc/config.local
         creds = read_env_file(run / CREDENTIALS_FILE)
-        secret, mlflow_password = creds["AWS_SECRET_ACCESS_KEY"], read_env_file(run / MLFLOW_CREDENTIALS_FILE)[
-            "MLFLOW_TRACKING_PASSWORD"]
-        assert {_mode(run / CREDENTIALS_FILE), _mode(run / MLFLOW_CREDENTIALS_FILE), _mode(run / ENV_FILE),
-                _mode(root / ".dvc" / "config.local")} == {0o600}
-        for key in (secret, mlflow_password):
-            assert key not in (run / STATE_FILE).read_text() and key not in (run / ENV_FILE).read_text()
-            assert key not in (root / ".dvc" / "config").read_text()
-            assert key not in (run / "mlflow" / "mlflow.log").read_text()
+        secret = creds["AWS_SECRET_ACCESS_KEY"]
+        assert _mode(run / CREDENTIALS_FILE) == _mode(run / ENV_FILE) == 0o600
+        assert secret not in (run / STATE_FILE).read_text() and secret not in (run / ENV_FILE).read_text()
+        assert secret not in (root / ".dvc" / "config").read_text()
         assert secret in (root / ".dvc" / "config.local").read_text()
-        assert _mode(run / "mlflow" / "basic_auth.ini") == _mode(run / "mlflow" / "basic_auth.db") == 0o600
-
-        # every port the stack listens on refuses a request without credentials
-        for name, svc in services.items():
-            for port in _listening_ports(svc.pid):
-                code = _plain_http(port)
-                if name == "seaweedfs":  # the S3 API: keys; every other port: a client certificate
-                    expected: tuple[int | None, ...] = (403,) if port == svc.ports["s3"] else (None, 400)
-                else:  # mlflow: basic auth; ray: gRPC with its token, the runtime env agent's HTTP 401
-                    expected = {"mlflow": (401,), "ray": (None, 401)}[name]
-                assert code in expected, (name, port, code)
-        assert _plain_http(services["mlflow"].ports["http"], "POST", "/api/2.0/mlflow/experiments/create") == 401
 
         shown = _cli(root, "status", env=env)
         assert shown.returncode == 0 and shown.stdout.count("healthy") == 3, shown.stdout
@@ -247,7 +143,6 @@ def test_infra_up_status_use_down(tmp_path: Path) -> None:
         assert report["ray"] == 42 and report["cpus"] == 1.0
         assert report["artifact_keys"] == [f"mlflow/{report['experiment']}/{report['run']}/artifacts/notes/hello.txt"]
         assert report["anonymous_status"] == 403 and report["wrong_key_error"] in ("InvalidAccessKeyId", "AccessDenied")
-        assert report["mlflow_anonymous_status"] == 401
         (root / "data.txt").write_text("tracked\n")
         subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.txt"], cwd=root, check=True, env={**env, **stack})
         pushed = subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=root, env={**env, **stack},
@@ -294,11 +189,6 @@ try:
     out["wrong_key_error"] = None
 except ClientError as e:
     out["wrong_key_error"] = e.response["Error"]["Code"]
-try:
-    urllib.request.urlopen(os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1")
-    out["mlflow_anonymous_status"] = 200
-except urllib.error.HTTPError as e:
-    out["mlflow_anonymous_status"] = e.code
 print(json.dumps(out))
 """
 
@@ -333,20 +223,14 @@ def test_postgresql_backend(tmp_path: Path) -> None:
     try:
         tree = [psutil.Process(pg.pid), *psutil.Process(pg.pid).children(recursive=True)]
         assert _listening(pg.pid) == {"127.0.0.1"}
-        psql = ["/usr/lib/postgresql/15/bin/psql", uri, "-w", "-tAc", "select current_database()"]
-        nobody = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        refused = subprocess.run(psql, capture_output=True, text=True, env=nobody)
-        assert refused.returncode != 0 and "password" in refused.stderr  # no password, no database
-        assert _mode(base / "postgres" / "password") == 0o600
-        answer = subprocess.run(psql, capture_output=True, text=True, check=True,
-                                env={**nobody, **infra.postgres_env(base / "postgres")}).stdout.strip()
+        answer = subprocess.run(["/usr/lib/postgresql/15/bin/psql", uri, "-tAc", "select current_database()"],
+                                capture_output=True, text=True, check=True).stdout.strip()
         assert answer == "mlflow"
         if importlib.util.find_spec("psycopg") is None:
             with pytest.raises(RuntimeError, match=r"psycopg\[binary\]"):
                 infra.start_mlflow(uri, str(tmp_path / "artifacts"), tmp_path)
         else:
-            server = infra.start_mlflow(uri, str(tmp_path / "artifacts"), tmp_path,
-                                        env=infra.postgres_env(base / "postgres"))
+            server = infra.start_mlflow(uri, str(tmp_path / "artifacts"), tmp_path)
             try:
                 from mlflow import MlflowClient
 

@@ -99,12 +99,11 @@ def _infra_down(args: argparse.Namespace) -> int:
 
 
 def _infra_dvc_remote(args: argparse.Namespace) -> int:
-    from dinoalign.ops.stack import configure_private_dvc_remote
-    from dinoalign.storage import s3_settings
+    from dinoalign.storage import configure_dvc_remote, s3_settings
 
     settings = s3_settings()
     try:
-        configure_private_dvc_remote(_root(args), args.name, args.url, default=args.default, shared=args.shared)
+        configure_dvc_remote(_root(args), args.name, args.url, default=args.default, shared=args.shared)
     except (ValueError, FileNotFoundError) as e:
         print(f"dinoalign infra: {e}", file=sys.stderr)
         return 2
