@@ -12,14 +12,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import typing
 from pathlib import Path
 
 import yaml
 
-from dinoalign.config import ConfigError, load_params, to_dict
-from dinoalign.errors import DatasetError, InferenceError
+from dinoalign.config import load_params, to_dict
+from dinoalign.errors import UserError
+from dinoalign.ops.cli import add_ops_commands
+from dinoalign.pipeline import STAGES
+from dinoalign.serve_cli import add_inference_commands
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:
@@ -35,18 +39,12 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dinoalign.pipeline import STAGES
-
     parser = _OneLineParser(prog="dinoalign", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     for name in STAGES.names():
         _params_args(sub.add_parser(name, help=f"run the {name} stage"))
     _params_args(sub.add_parser("params", help="print the resolved params as YAML"))
-    from dinoalign.ops.cli import add_ops_commands
-
     add_ops_commands(sub, _params_args)
-    from dinoalign.serve import add_inference_commands
-
     add_inference_commands(sub, _params_args)
     imp = sub.add_parser(
         "import-talk2dino",
@@ -71,44 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _import_talk2dino(args: argparse.Namespace) -> int:
     """``dinoalign import-talk2dino``: write the recipe folder, print one JSON line;
-    a bad file ends with one line on stderr and exit code 2."""
-    import json
-
+    a bad file is an InferenceError (one line on stderr and exit code 2, from :func:`main`)."""
     from dinoalign.recipes.talk2dino_release import AUTO_CONFIG, read_talk2dino_release
 
-    try:
-        released = read_talk2dino_release(args.weights, args.config or AUTO_CONFIG)
-        released.model.save(args.out)
-    except (InferenceError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"dinoalign import-talk2dino: {message}", file=sys.stderr)
-        return 2
+    released = read_talk2dino_release(args.weights, args.config or AUTO_CONFIG)
+    released.save(args.out)
     print(json.dumps({"out": args.out, **released.summary}))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. The only error handler of the package: a
+    :class:`~dinoalign.errors.UserError` (a problem the user can fix, from any command)
+    prints ``dinoalign <command>: <message>`` on one line and returns its ``exit_code``
+    (2 unless documented otherwise); anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "handler", None) is not None:  # infra, retrain, inference: commands with their own arguments
-        return int(args.handler(args))
     try:
+        if getattr(args, "handler", None) is not None:  # infra, retrain, inference: commands with their own arguments
+            return int(args.handler(args))
         params = load_params(args.params, args.overrides)
-    except ConfigError as e:
-        print(f"dinoalign: {e}", file=sys.stderr)
-        return 2
-    if args.command == "params":
-        yaml.safe_dump(to_dict(params), sys.stdout, sort_keys=False)
-        return 0
-    from dinoalign.pipeline import STAGES
-
-    root = Path(args.params).resolve().parent
-    try:
+        if args.command == "params":
+            yaml.safe_dump(to_dict(params), sys.stdout, sort_keys=False)
+            return 0
+        root = Path(args.params).resolve().parent
         STAGES.build(args.command, params, root)
-    except (ConfigError, DatasetError) as e:  # settings that cannot run here, or a bad
-        # evaluation-dataset file, found once the stage starts
-        print(f"dinoalign {args.command}: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    except UserError as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"dinoalign {args.command}: {message}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

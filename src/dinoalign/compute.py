@@ -4,8 +4,12 @@ the Makefile and tests do)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
+
+from dinoalign.errors import ConfigError
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -44,8 +48,6 @@ NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_g
 
 def quiet_worker_logs() -> None:
     """Ray worker setup hook of the local Ray: silence the loggers in NOISY_WORKER_LOGGERS."""
-    import logging
-
     for name in NOISY_WORKER_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -55,11 +57,7 @@ def require_resources(what: str, per_unit: dict[str, float], units: int, fix: st
     without a GPU, more CPUs than the machine has) instead of waiting for them forever, as
     Ray Data and Ray Train do. On a cluster (``RAY_ADDRESS``) an autoscaler may still add
     nodes, so there it only warns. Call after :func:`init_ray`."""
-    import sys
-
     import ray
-
-    from dinoalign.errors import ConfigError
 
     total = ray.cluster_resources()
     short = {k: (v * units, total.get(k, 0.0)) for k, v in per_unit.items() if v * units > total.get(k, 0.0) + 1e-9}

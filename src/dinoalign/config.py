@@ -22,11 +22,14 @@ from dinoalign.errors import ConfigError
 
 EMBED_ENGINES = ("ray", "local")  # embed.engine: Ray Data, or a plain in-process loop
 
-from dinoalign.curate import CurateConfig
-from dinoalign.data.sources.coco import CocoSourceConfig
-from dinoalign.data.sources.pairs import PairsSourceConfig
-from dinoalign.data.sources.webdataset import WebDatasetSourceConfig
-from dinoalign.data.synthetic import SyntheticWorldConfig
+from dinoalign.curate.config import CurateConfig
+from dinoalign.data.config import (
+    SOURCE_NAMES,
+    CocoSourceConfig,
+    PairsSourceConfig,
+    SyntheticWorldConfig,
+    WebDatasetSourceConfig,
+)
 from dinoalign.evaluate.config import EvaluateConfig
 from dinoalign.ops.config import RetrainConfig
 from dinoalign.train.config import AlignConfig
@@ -68,22 +71,23 @@ class DataConfig:
     max_aspect_ratio: float = 20.0
 
     def __post_init__(self) -> None:
-        from dinoalign.data.sources import SOURCES
+        if self.source not in SOURCE_NAMES:  # else the registry (its modules load pandas, pyarrow)
+            from dinoalign.data.sources import SOURCES
 
-        try:
-            SOURCES.get(self.source)
-        except KeyError as e:
-            raise ValueError(f"data.source: {e.args[0]}") from None
+            try:
+                SOURCES.get(self.source)
+            except KeyError as e:
+                raise ConfigError(f"data.source: {e.args[0]}") from None
         if self.allowed_roots is not None:  # the pairs source applies it (data.pairs.allowed_roots)
             if isinstance(self.allowed_roots, str) or not all(isinstance(r, str) and r for r in self.allowed_roots):
-                raise ValueError(f"data.allowed_roots must be a list of folders or URL prefixes, "
+                raise ConfigError(f"data.allowed_roots must be a list of folders or URL prefixes, "
                                  f"got {self.allowed_roots!r}")
             if self.pairs.allowed_roots is None:
                 object.__setattr__(self, "pairs", dataclasses.replace(self.pairs, allowed_roots=list(self.allowed_roots)))
         _check_at_least(self, "data", 1, "max_pixels", "min_side", "max_bytes", "max_aspect_ratio")
         if isinstance(self.read_timeout_s, bool) or not isinstance(self.read_timeout_s, (int, float)) \
                 or not 0 < self.read_timeout_s < float("inf"):
-            raise ValueError(f"data.read_timeout_s must be > 0, got {self.read_timeout_s!r}")
+            raise ConfigError(f"data.read_timeout_s must be > 0, got {self.read_timeout_s!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,12 +191,10 @@ class EmbedConfig:
     )
 
     def __post_init__(self) -> None:
-        from dinoalign.data.images import INTERPOLATIONS
-
         if self.engine not in EMBED_ENGINES:
             close = difflib.get_close_matches(self.engine, EMBED_ENGINES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"embed.engine={self.engine!r}{hint}: use one of {list(EMBED_ENGINES)}")
+            raise ConfigError(f"embed.engine={self.engine!r}{hint}: use one of {list(EMBED_ENGINES)}")
         _check_at_least(
             self, "embed", 1, "img_size", "batch_size", "decode_batch_size", "num_actors",
             "torch_threads", "shard_rows", "text_batch_size",
@@ -200,12 +202,15 @@ class EmbedConfig:
         _check_at_least(self, "embed", 0, "loader_workers", "actor_num_gpus")
         for name in ("actor_num_cpus", "decode_num_cpus"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"embed.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"embed.interpolation={self.interpolation!r}: use one of {sorted(INTERPOLATIONS)}, "
-                "or null for the backbone's own (timm's data config of the model)"
-            )
+                raise ConfigError(f"embed.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.interpolation is not None:
+            from dinoalign.data.images import INTERPOLATIONS  # PIL's filters, loaded only when named
+
+            if self.interpolation not in INTERPOLATIONS:
+                raise ConfigError(
+                    f"embed.interpolation={self.interpolation!r}: use one of {sorted(INTERPOLATIONS)}, "
+                    "or null for the backbone's own (timm's data config of the model)"
+                )
 
 
 def _check_at_least(section: Any, where: str, low: int, *names: str) -> None:
@@ -213,7 +218,7 @@ def _check_at_least(section: Any, where: str, low: int, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-            raise ValueError(f"{where}.{name} must be >= {low}, got {value!r}")
+            raise ConfigError(f"{where}.{name} must be >= {low}, got {value!r}")
 
 
 def patch_size_of(backbone: BackboneConfig) -> int | None:
@@ -248,7 +253,7 @@ class Params:
         for where, size in (("backbone.img_size", self.backbone.img_size),
                             ("embed.img_size", self.embed.img_size)):
             if patch and size % patch:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}={size} is not a multiple of the patch size {patch} of "
                     f"{self.backbone.name}: use {size // patch * patch or patch} or "
                     f"{(size // patch + 1) * patch}"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendors' spec sheets, TFLOP/s.
 # Matched against ``torch.cuda.get_device_name()`` in order, first hit wins.
@@ -39,8 +40,6 @@ def counted_flops(module: nn.Module, *inputs: Any) -> int:
     """FLOPs of one forward pass of ``module`` on ``inputs`` as torch's FlopCounterMode
     counts them (matrix products, convolutions and attention kernels; elementwise ops,
     norms and softmax are not counted: they are a few per cent of a ViT)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return int(counter.get_total_flops())

@@ -31,6 +31,9 @@ from typing import Any, Callable
 
 import psutil
 
+from dinoalign.errors import ConfigError, StackError
+from dinoalign.storage import boto3_client, write_atomic
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
@@ -43,7 +46,7 @@ def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
     if not found:
-        raise FileNotFoundError(f"{name!r} not found next to {sys.executable} or on PATH; run `make env`")
+        raise StackError(f"{name!r} not found next to {sys.executable} or on PATH; run `make env`")
     return found
 
 
@@ -125,7 +128,7 @@ def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,), service: S
     code: int | None = None
     while time.monotonic() < deadline:
         if service is not None and not service.alive():
-            raise RuntimeError(f"{service.name} exited during start; see {service.log}")
+            raise StackError(f"{service.name} exited during start; see {service.log}")
         code = http_status(url)
         if code is not None and (not ok or code in ok):
             return
@@ -156,7 +159,7 @@ def _wait_port(svc: Service, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not svc.alive():
-            raise RuntimeError(f"{svc.name} exited during start; see {svc.log}")
+            raise StackError(f"{svc.name} exited during start; see {svc.log}")
         if port_open(port):
             return
         time.sleep(0.3)
@@ -211,10 +214,8 @@ def ensure_bucket(bucket: str, settings: Any = None) -> None:
     """Create ``bucket`` unless it exists (S3 bucket names need 3-63 characters)."""
     from botocore.exceptions import ClientError
 
-    from dinoalign.storage import boto3_client
-
     if not 3 <= len(bucket) <= 63:
-        raise ValueError(f"bucket name {bucket!r}: S3 needs 3 to 63 characters")
+        raise ConfigError(f"bucket name {bucket!r}: S3 needs 3 to 63 characters")
     s3 = boto3_client(settings=settings)
     try:
         s3.head_bucket(Bucket=bucket)
@@ -232,7 +233,7 @@ def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlf
     cluster belongs to the ``postgres`` user and runs through ``runuser``."""
     pg_bin = Path(os.environ.get("DINOALIGN_PG_BIN", "/usr/lib/postgresql/15/bin"))
     if not (pg_bin / "postgres").exists():
-        raise FileNotFoundError(f"PostgreSQL server binaries not found in {pg_bin} (apt-get install postgresql, "
+        raise StackError(f"PostgreSQL server binaries not found in {pg_bin} (apt-get install postgresql, "
                                 "or set DINOALIGN_PG_BIN)")
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     user = "postgres" if as_user else psutil.Process().username()
@@ -246,7 +247,7 @@ def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlf
         done = subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(cluster), "-U", user, "--auth=trust",
                                "-E", "UTF8"], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"initdb of {cluster} as {user!r} failed (that user must be able to reach the "
+            raise StackError(f"initdb of {cluster} as {user!r} failed (that user must be able to reach the "
                                f"folder): {done.stderr.strip()[-500:]}")
     port = port or free_port()
     log = data_dir / "postgres.log"
@@ -277,7 +278,7 @@ def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, en
         try:
             import psycopg  # noqa: F401  (mlflow's SQLAlchemy dialect for postgresql://)
         except ImportError:
-            raise RuntimeError("an mlflow server on PostgreSQL needs the psycopg[binary] package in this "
+            raise StackError("an mlflow server on PostgreSQL needs the psycopg[binary] package in this "
                                "environment") from None
     port = port or free_port()
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
@@ -342,7 +343,7 @@ def _wait_ray(svc: Service, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not svc.alive():
-            raise RuntimeError(f"ray head exited during start; see {log}")
+            raise StackError(f"ray head exited during start; see {log}")
         if port_open(svc.ports["gcs"]) and "Ray runtime started" in log.read_text(errors="replace"):
             return
         time.sleep(0.3)
@@ -352,10 +353,7 @@ def _wait_ray(svc: Service, log: Path, timeout: float = 120) -> None:
 # ----------------------------------------------------------------------------- state
 def save_state(path: Path, services: list[Service], extra: dict[str, Any]) -> None:
     """Write the stack state (services with PIDs, ports, URLs + ``extra``) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"services": [asdict(s) for s in services], **extra}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"services": [asdict(s) for s in services], **extra}, indent=2) + "\n")
 
 
 def load_state(path: Path) -> tuple[list[Service], dict[str, Any]]:

@@ -6,13 +6,17 @@ counts. ``stages/<name>.py`` and ``dinoalign <name>`` both land here.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 from dinoalign.config import Params
 from dinoalign.registry import Registry
+from dinoalign.tracking import run_url, stage_run
 
+# Each stage imports its library code (and mlflow) when it runs: ``dinoalign --help`` and
+# ``dinoalign params`` read this module for the stage names and stay free of torch.
 StageFn = Callable[[Params, Path], dict[str, Any]]
 STAGES: Registry[StageFn] = Registry("pipeline stage")
 
@@ -22,7 +26,6 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
     import mlflow
 
     from dinoalign.data.prepare import run_prepare
-    from dinoalign.tracking import run_url, stage_run
 
     with stage_run("prepare", params) as run:
         summary = run_prepare(params, root)
@@ -49,12 +52,9 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
 @STAGES.register("teacher")
 def teacher(params: Params, root: Path) -> dict[str, Any]:
     """Demo only: train the tiny CLIP teacher; real profiles record that a real CLIP is used."""
-    import json
-
     import mlflow
 
     from dinoalign.teacher import run_teacher
-    from dinoalign.tracking import run_url, stage_run
 
     out = root / params.teacher.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -81,13 +81,10 @@ def teacher(params: Params, root: Path) -> dict[str, Any]:
 
 @STAGES.register("embed")
 def embed(params: Params, root: Path) -> dict[str, Any]:
-    import json
-
     import mlflow
 
     from dinoalign.data.prepare import read_manifest
     from dinoalign.embed.pipeline import run_embed
-    from dinoalign.tracking import run_url, stage_run
 
     manifest = read_manifest(root / params.embed.pairs_dir)
     with stage_run("embed", params) as run:
@@ -131,7 +128,6 @@ def curate(params: Params, root: Path) -> dict[str, Any]:
     import mlflow
 
     from dinoalign.curate.stage import PLOTS_DIR, STATS_FILE, run_curate, stats_metrics
-    from dinoalign.tracking import run_url, stage_run
 
     with stage_run("curate", params) as run:
         summary = run_curate(params, root)
@@ -186,7 +182,6 @@ def report(params: Params, root: Path) -> dict[str, Any]:
     import mlflow
 
     from dinoalign.report import write_report
-    from dinoalign.tracking import run_url, stage_run
 
     with stage_run("report", params) as run:
         path = write_report(params, root)

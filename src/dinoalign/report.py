@@ -25,7 +25,6 @@ import datetime
 import html
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import yaml
 
 from dinoalign.config import Params
+from dinoalign.storage import write_atomic
 
 REPORT_FILE = "index.html"
 MISSING = "—"
@@ -322,8 +322,9 @@ def _skip_reason(block: Mapping[str, Any], task: str) -> str:
     return str(skipped) if skipped else "not measured"
 
 
-def projector_table(block: Mapping[str, Any]) -> str:
-    """The projector's recalls, the teacher CLIP's own on the same images, and their ratio."""
+def clip_reference_table(block: Mapping[str, Any], recipe: str) -> str:
+    """The recalls of ``recipe``, the teacher CLIP's own on the same images, and their
+    ratio; empty unless its evaluation has a CLIP reference (the projector's)."""
     ret = block.get("retrieval", {})
     if "percent_of_clip" not in ret:
         return ""
@@ -340,7 +341,7 @@ def projector_table(block: Mapping[str, Any]) -> str:
                 ]
             )
     return table(
-        ["metric", "projector (%)", "teacher CLIP (%)", "projector / CLIP (%)"], rows, raw=True
+        ["metric", f"{recipe} (%)", "teacher CLIP (%)", f"{recipe} / CLIP (%)"], rows, raw=True
     )
 
 
@@ -368,14 +369,16 @@ def _section_results(metrics: Mapping[str, Mapping[str, Any]], missing: Sequence
         out.append(results_table({r: m.get("heldout", {}) for r, m in metrics.items()}))
     else:
         out.append(f"<h3>{esc(info.get('dataset', ''))}</h3>" + results_table(metrics))
-    if "projector" in metrics:
+    for recipe, recipe_metrics in metrics.items():  # those with a CLIP reference render
         for title, block in (
-            ("seen", metrics["projector"]),
-            ("held-out", metrics["projector"].get("heldout", {})),
+            ("seen", recipe_metrics),
+            ("held-out", recipe_metrics.get("heldout", {})),
         ):
-            rendered = projector_table(block)
+            rendered = clip_reference_table(block, recipe)
             if rendered:
-                out.append(f"<h3>Projector vs its teacher CLIP ({title})</h3>{rendered}")
+                out.append(
+                    f"<h3>{esc(recipe.capitalize())} vs its teacher CLIP ({title})</h3>{rendered}"
+                )
     return "".join(out)
 
 
@@ -648,10 +651,6 @@ def render_report(params: Params, root: Path) -> str:
 def write_report(params: Params, root: Path) -> Path:
     """Render the report and write ``<evaluate.report_dir>/index.html`` (whole, then
     renamed into place); returns its path."""
-    out_dir = root / params.evaluate.report_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / REPORT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(params, root), encoding="utf-8")
-    os.replace(tmp, path)
+    path = root / params.evaluate.report_dir / REPORT_FILE
+    write_atomic(path, render_report(params, root))
     return path

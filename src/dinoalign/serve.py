@@ -1,4 +1,5 @@
-"""The inference commands of ``dinoalign``: segment, classify, index and retrieve.
+"""The inference commands of ``dinoalign``: segment, classify, index and retrieve (their
+arguments: :mod:`dinoalign.serve_cli`, which imports this module only when one runs).
 
     dinoalign segment  --model M --image I --classes "cat,dog,sky" --out mask.png [--overlay overlay.png]
     dinoalign classify --model M --image I --classes "cat,dog,sky" [--top-k 5]
@@ -23,14 +24,13 @@ import dataclasses
 import datetime
 import json
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dinoalign.config import ConfigError, Params, load_params
+from dinoalign.config import Params, load_params
 from dinoalign.data.images import ImageRejected, image_limits, load_image
 from dinoalign.errors import InferenceError
 from dinoalign.storage import under_root
@@ -45,106 +45,6 @@ MAX_SEGMENT_CLASSES = 254  # labels 0..255 in an 8-bit PNG, one reserved for bac
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-# ----------------------------------------------------------------------------- arguments
-
-
-def add_inference_commands(
-    sub: Any, params_args: Callable[[argparse.ArgumentParser], None]
-) -> None:
-    """Register segment, classify, index and retrieve on the ``dinoalign`` sub-parsers;
-    each sets ``handler`` (called with the parsed args, returns the exit code)."""
-    seg = sub.add_parser(
-        "segment", help="open-vocabulary segmentation of one image into a label PNG"
-    )
-    _model_args(seg)
-    seg.add_argument("--image", required=True, help="image file or URI")
-    seg.add_argument(
-        "--classes", required=True, help='comma-separated class names, e.g. "cat,dog,sky"'
-    )
-    seg.add_argument(
-        "--out", required=True, type=Path, help="label map PNG (palette indices = labels)"
-    )
-    seg.add_argument(
-        "--overlay", type=Path, help="also write the image with the labels blended over it"
-    )
-    seg.add_argument(
-        "--bg-threshold",
-        type=_finite_float,
-        default=None,
-        help="background (label 0) where no class scores above this (default: the threshold "
-        "the evaluate stage used for this model, else evaluate params)",
-    )
-    seg.add_argument(
-        "--no-background", action="store_true", help="no background label: classes are 0..N-1"
-    )
-    seg.add_argument("--pamr", action="store_true", help="refine with PAMR (slower)")
-    params_args(seg)
-    seg.set_defaults(handler=_handle(segment_command))
-
-    cls = sub.add_parser("classify", help="zero-shot classification of one image")
-    _model_args(cls)
-    cls.add_argument("--image", required=True, help="image file or URI")
-    cls.add_argument(
-        "--classes", required=True, help='comma-separated class names, e.g. "cat,dog,sky"'
-    )
-    cls.add_argument("--top-k", type=int, default=5, help="how many classes to print (default 5)")
-    params_args(cls)
-    cls.set_defaults(handler=_handle(classify_command))
-
-    idx = sub.add_parser("index", help="build a FAISS index of the embedded images for retrieve")
-    _model_args(idx)
-    idx.add_argument("--out", required=True, type=Path, help="index folder to write")
-    idx.add_argument(
-        "--split",
-        default=None,
-        help="only images of this split of the pairs manifest (default: all)",
-    )
-    params_args(idx)
-    idx.set_defaults(handler=_handle(index_command))
-
-    ret = sub.add_parser("retrieve", help="the images of an index that best match a text")
-    _model_args(ret)
-    ret.add_argument(
-        "--index", required=True, type=Path, help="folder written by `dinoalign index`"
-    )
-    ret.add_argument("--text", required=True, help="the query")
-    ret.add_argument("-k", "--k", type=int, default=5, help="how many images (default 5)")
-    params_args(ret)
-    ret.set_defaults(handler=_handle(retrieve_command))
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        help="model folder or MLflow URI, e.g. models:/dinoalign-talk2dino@champion",
-    )
-    p.add_argument(
-        "--device",
-        default=None,
-        choices=("auto", "cpu", "cuda"),
-        help="auto | cpu | cuda (default: evaluate.device)",
-    )
-    p.add_argument(
-        "--allow-unknown",
-        action="store_true",
-        help="accept class words the model's text encoder never saw in training",
-    )
-
-
-def _finite_float(text: str) -> float:
-    """argparse type: a float that is neither NaN nor infinite."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
-    return value
-
-
 def _check_output(path: Path | None, flag: str) -> None:
     """An output PNG path that is not a folder (refused before the model is loaded)."""
     if path is not None and path.is_dir():
@@ -154,16 +54,13 @@ def _check_output(path: Path | None, flag: str) -> None:
 def _handle(
     command: Callable[[argparse.Namespace, Params, Path], dict[str, Any]],
 ) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command: load params, run, print its JSON result; user errors -> exit 2."""
+    """Wrap a command: load params, run, print its JSON result. Its user errors
+    (:class:`~dinoalign.errors.UserError`) are one line and exit 2 in ``cli.main``."""
 
     def run(args: argparse.Namespace) -> int:
-        try:
-            params = load_params(args.params, args.overrides)
-            root = Path(args.params).resolve().parent
-            result = command(args, params, root)
-        except (InferenceError, ImageRejected, ConfigError, FileNotFoundError) as e:
-            print(f"dinoalign {args.command}: {e}", file=sys.stderr)
-            return 2
+        params = load_params(args.params, args.overrides)
+        root = Path(args.params).resolve().parent
+        result = command(args, params, root)
         print(json.dumps(result, indent=2))
         return 0
 
@@ -237,9 +134,12 @@ def training_vocabulary(params: Params, root: Path) -> set[str] | None:
 def check_known_classes(
     model: AlignedModel, classes: Sequence[str], params: Params, root: Path
 ) -> None:
-    """Refuse class words that the model's text encoder cannot know: dinotxt's text tower
-    and the demo teacher CLIP (``teacher.enabled``) learnt only the train captions."""
-    if model.name != "dinotxt" and not params.teacher.enabled:
+    """Refuse class words that the model's text encoder cannot know: a recipe's own text
+    tower (``text_input`` ``own``: dinotxt's) and the demo teacher CLIP
+    (``teacher.enabled``) learnt only the train captions."""
+    from dinoalign.recipes.base import OWN_TEXT
+
+    if model.recipe.text_input != OWN_TEXT and not params.teacher.enabled:
         return  # a pretrained CLIP text tower: open vocabulary
     vocabulary = training_vocabulary(params, root)
     if vocabulary is None:
@@ -287,7 +187,7 @@ def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dic
     # One image with a background threshold cleans as the demo world and VOC do (``auto``).
     clean = (
         params.evaluate.cleans_background(threshold is not None, DEMO_DATASET)
-        and model.name == "talk2dino"
+        and model.recipe.has_background_cleaning
     )
     embeddings = model.class_embeddings(classes, params.evaluate.dense_templates)
     logits_fn = model.dense_logits_fn(embeddings, clean, params.evaluate.cleaning_lambda)

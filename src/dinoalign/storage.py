@@ -13,11 +13,21 @@ environment (:func:`mlflow_server_env`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+from fsspec.asyn import sync
+
+from dinoalign.errors import ConfigError, DataFileMissing
 
 
 DEFAULT_MAX_ATTEMPTS = 5  # botocore "standard" mode: exponential backoff with jitter, <= 20 s apart
@@ -40,7 +50,7 @@ class S3Settings:
 def s3_settings() -> S3Settings:
     attempts = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
     if not attempts.isdigit() or int(attempts) < 1:
-        raise ValueError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a positive integer")
+        raise ConfigError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a positive integer")
     return S3Settings(
         endpoint_url=os.environ.get("DINOALIGN_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL"),
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
@@ -110,6 +120,44 @@ def open_uri(uri: str, mode: str = "rb") -> IO[Any]:
     return fs.open(path, mode)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh temporary name beside local ``path`` for a writer that wants a file name
+    (``pq.write_table``, ``Image.save``); renamed onto ``path`` when the block ends
+    normally and removed when it raises, so a reader or a crashed run never sees a
+    half-written file under the final name. The parent folder is created.
+
+    The temporary name, ``.<name>.<pid>-<random>.tmp``, is unique per writer (concurrent
+    writers of one file never share it) and hidden; the file gets the usual umask mode.
+    This is the one place in dinoalign that writes a temporary file and renames it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(uri: str | os.PathLike[str], data: bytes | str, *, fsync: bool = False) -> None:
+    """Write ``data`` (``str`` as UTF-8) to a local path or URI so that it appears whole or
+    not at all: locally through :func:`atomic_path` (``fsync`` also flushes it to disk
+    before the rename); on S3 as one PUT, which is atomic by itself."""
+    body = data.encode("utf-8") if isinstance(data, str) else data
+    uri = os.fspath(uri)
+    if is_remote(uri):
+        with open_uri(uri, "wb") as f:
+            f.write(body)
+        return
+    with atomic_path(uri.removeprefix("file://")) as tmp, open(tmp, "wb") as f:
+        f.write(body)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class ReadLimitExceeded(Exception):
     """A bounded :func:`read_bytes` gave up (not an ``OSError``: nothing failed to open)."""
 
@@ -158,10 +206,6 @@ def _too_large(uri: str, size: int, max_bytes: int, known: bool) -> ReadTooLarge
 
 
 def _read_http(fs: Any, url: str, max_bytes: int | None, timeout_s: float | None) -> bytes:
-    import asyncio
-
-    from fsspec.asyn import sync
-
     async def fetch() -> bytes:
         session = await fs.set_session()
         async with session.get(fs.encode_url(url), **fs.kwargs) as response:
@@ -188,9 +232,6 @@ def _read_http(fs: Any, url: str, max_bytes: int | None, timeout_s: float | None
 
 
 def _read_chunked(fs: Any, path: str, max_bytes: int | None, timeout_s: float | None) -> bytes:
-    import stat
-    import time
-
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with fs.open(path, "rb") as f:
         size = getattr(f, "size", None)
@@ -270,11 +311,11 @@ def configure_dvc_remote(repo: str | os.PathLike[str], name: str, url: str, *, d
     from dvc.config import Config
 
     if not url.startswith("s3://"):
-        raise ValueError(f"DVC remote url {url!r}: expected s3://bucket/prefix")
+        raise ConfigError(f"DVC remote url {url!r}: expected s3://bucket/prefix")
     s = settings or s3_settings()
     dvc_dir = os.path.join(os.fspath(repo), ".dvc")
     if not os.path.isdir(dvc_dir):
-        raise FileNotFoundError(f"{repo} is not a DVC repository (no .dvc/): run `dvc init` there first")
+        raise DataFileMissing(f"{repo} is not a DVC repository (no .dvc/): run `dvc init` there first")
     config = Config(dvc_dir=dvc_dir, validate=False)
     where = {"url": url, "region": s.region}
     if s.endpoint_url:

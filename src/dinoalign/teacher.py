@@ -20,10 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.transform import PreprocessCfg
+from safetensors.torch import save_file
 
 from dinoalign.config import TeacherConfig
+from dinoalign.data.images import image_limits, load_image, resize_crop
+from dinoalign.data.prepare import read_manifest
+from dinoalign.errors import DataError
+from dinoalign.evaluate.retrieval import retrieval_metrics
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,8 +76,6 @@ def resolve_clip_preprocess(preprocess: Mapping[str, Any]) -> dict[str, Any]:
     a checkpoint's ``preprocess_cfg``) completed the way open_clip completes it: keys it
     lacks take open_clip's ``PreprocessCfg`` defaults. JSON-friendly: ``size`` [h, w],
     ``mean``/``std`` 3 floats, ``interpolation``, ``resize_mode``, ``fill_color``."""
-    from open_clip.transform import PreprocessCfg
-
     known = {f.name for f in dataclasses.fields(PreprocessCfg)}
     cfg = dataclasses.asdict(PreprocessCfg(**{k: v for k, v in preprocess.items() if k in known}))
     size = cfg["size"]
@@ -149,9 +155,6 @@ def train_teacher(
     One random caption per image per epoch. AdamW, linear warmup then cosine.
     Returns (model in eval mode, per-epoch curve rows).
     """
-    import open_clip
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
     torch.manual_seed(seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(seed)
@@ -214,8 +217,6 @@ def train_teacher(
 
 def save_teacher(model: Any, cfg: TeacherConfig, out_dir: Path) -> Path:
     """Write an open_clip ``local-dir:`` checkpoint; returns the model folder."""
-    from safetensors.torch import save_file
-
     d = out_dir / MODEL_DIR
     d.mkdir(parents=True, exist_ok=True)
     config = {
@@ -254,11 +255,9 @@ def load_split_images(
 ) -> tuple[np.ndarray, list[list[str]], list[str]]:
     """uint8 images N×size×size×3, caption lists and uids of one split of a pairs manifest
     (already validated by prepare, so a decode failure here is a real error)."""
-    from dinoalign.data.images import load_image, resize_crop
-
     rows = [r for r in manifest.to_pylist() if r["split"] == split]
     if not rows:
-        raise ValueError(f"the pairs manifest has no {split!r} split: the teacher needs one")
+        raise DataError(f"the pairs manifest has no {split!r} split: the teacher needs one")
     images = np.stack([
         resize_crop(load_image(r["image_uri"], **limits), size, "bicubic")
         for r in rows
@@ -268,12 +267,6 @@ def load_split_images(
 
 def run_teacher(params: Any, root: Path, log: Any = None) -> dict[str, Any]:
     """Train, save and evaluate the teacher (train split -> test split retrieval)."""
-    import open_clip
-
-    from dinoalign.data.images import image_limits
-    from dinoalign.data.prepare import read_manifest
-    from dinoalign.evaluate.retrieval import retrieval_metrics
-
     cfg: TeacherConfig = params.teacher
     out = root / cfg.out_dir
     manifest = read_manifest(root / params.embed.pairs_dir)

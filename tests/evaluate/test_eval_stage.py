@@ -444,13 +444,15 @@ def test_clear_errors_for_missing_or_mismatched_models_and_bad_settings(
 ) -> None:
     empty = tmp_path / "models"
     empty.mkdir()
-    with pytest.raises(
-        ValueError, match="no trained model at .*talk2dino.*lacks config.json, model.safetensors"
-    ):
-        demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"align.out_dir={empty}")
+    # InferenceErrors: one line and exit 2 from `dinoalign evaluate` (they were tracebacks)
+    capsys.readouterr()
+    assert demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"align.out_dir={empty}") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dinoalign evaluate: no trained model at ") and "talk2dino" in err
+    assert "lacks config.json, model.safetensors" in err
     shutil.copytree(demo_models.model_dir("dinotxt"), empty / "talk2dino")
-    with pytest.raises(ValueError, match="holds a dinotxt model, not talk2dino"):
-        demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"align.out_dir={empty}")
+    assert demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"align.out_dir={empty}") == 2
+    assert "holds a dinotxt model, not talk2dino" in capsys.readouterr().err
     assert demo_models.main("evaluate", "evaluate.dataset=voc12") == 2
     assert "did you mean 'voc21'" in capsys.readouterr().err.lower()
     with pytest.raises(ConfigError, match="needs evaluate.root"):

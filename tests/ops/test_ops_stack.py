@@ -130,7 +130,9 @@ def test_infra_up_status_use_down(tmp_path: Path) -> None:
         shown = _cli(root, "status", env=env)
         assert shown.returncode == 0 and shown.stdout.count("healthy") == 3, shown.stdout
         again = _cli(root, "up", env=env)
-        assert again.returncode == 1 and "already up" in again.stderr
+        # a StackError is a UserError like any other: one line, exit 2 (it was exit 1)
+        assert again.returncode == 2 and "already up" in again.stderr
+        assert again.stderr.strip().splitlines() == [again.stderr.strip()], again.stderr
 
         # the env file is all a shell needs: Ray (token auth), MLflow (artifacts in the bucket), S3, DVC
         stack = stack_env(root)

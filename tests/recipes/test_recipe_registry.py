@@ -11,13 +11,33 @@ import torch
 
 from dinoalign.config import ConfigError
 from dinoalign.recipes import RECIPES, Recipe, Talk2DINOConfig, build, load_recipe
-from dinoalign.recipes.base import LogitScale, symmetric_infonce, to_grid
+from dinoalign.recipes.base import OWN_TEXT, TEXT_INPUTS, LogitScale, symmetric_infonce, to_grid
+from dinoalign.train.config import recipe_names
 
-NAMES = ["talk2dino", "dinotxt", "projector"]
+# Every registered recipe, as timm's tests go over list_models(): a new recipe is tested
+# by registering it.
+NAMES = RECIPES.names()
 
 
-def test_registry_lists_the_three_recipes() -> None:
-    assert RECIPES.names() == sorted(NAMES)
+@pytest.mark.parametrize("name", NAMES)
+def test_each_recipe_declares_what_the_pipeline_asks(name: str, repo_root) -> None:
+    """The class facts train/, evaluate/, serve and ops read instead of the name."""
+    from dinoalign.config import load_params
+
+    recipe = RECIPES.get(name)
+    assert recipe.name == name == recipe.config_class().name
+    assert recipe.text_input in TEXT_INPUTS
+    assert recipe.image_columns and all(isinstance(c, str) for c in recipe.image_columns)
+    assert recipe.promotion_metric.split(".")[0] in ("zeroshot", "retrieval", "segmentation")
+    assert not recipe.has_background_cleaning or recipe.has_dense_head
+    assert not recipe.averages_prompt_features or recipe.text_input != OWN_TEXT
+    # its params section: align.<name> exists, with the fields read from the features
+    section = getattr(load_params(repo_root / "params.yaml").align, name)
+    assert section.recipe == name and section.inferred_model_fields
+
+
+def test_the_params_schema_has_a_section_for_every_registered_recipe() -> None:
+    assert sorted(recipe_names()) == RECIPES.names()
 
 
 @pytest.mark.parametrize("name", NAMES)

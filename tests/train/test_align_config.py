@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from dinoalign.config import ConfigError, load_params
-from dinoalign.recipes import DinoTxtConfig, Talk2DINOConfig, build
-from dinoalign.train.config import INFERRED_MODEL_FIELDS, RECIPE_NAMES
-from dinoalign.train.data import EpochSampler, infer_model_fields, model_config
+from dinoalign.recipes import RECIPES, DinoTxtConfig, Talk2DINOConfig, build
+from dinoalign.train.data import EpochSampler, model_config
 from dinoalign.train.optim import WarmupSchedule, build_optimizer, build_scheduler
 
 MISSING = Path("/nonexistent-dinoalign/params.yaml")
@@ -35,10 +34,10 @@ SPEC = {
 def test_repo_params_have_an_align_section_for_every_recipe(repo_root: Path) -> None:
     params = load_params(repo_root / "params.yaml", ["align.recipe=dinotxt"])
     assert params.align.training is params.align.dinotxt
-    for name in RECIPE_NAMES:
+    for name in RECIPES.names():
         section = getattr(params.align, name)
         assert section.recipe == name
-        assert not set(section.model) & set(INFERRED_MODEL_FIELDS[name])
+        assert not set(section.model) & set(section.inferred_model_fields)
 
 
 def test_defaults_follow_the_papers() -> None:
@@ -88,7 +87,8 @@ def test_model_dims_come_from_the_features_spec() -> None:
     assert t2d == Talk2DINOConfig(text_dim=32, vision_dim=48, projection="linear")
     txt = model_config("dinotxt", align.dinotxt, SPEC)
     assert (txt.vision_dim, txt.vision_heads, txt.num_registers, txt.text_layers) == (48, 3, 4, 1)
-    assert infer_model_fields("projector", SPEC, None) == {"vision_dim": 48, "embed_dim": 32}
+    projector = RECIPES.get("projector")
+    assert projector.model_fields_from_features(SPEC, align.projector) == {"vision_dim": 48, "embed_dim": 32}
 
 
 def test_unknown_model_fields_and_missing_columns_are_clear_errors() -> None:
@@ -97,7 +97,7 @@ def test_unknown_model_fields_and_missing_columns_are_clear_errors() -> None:
         model_config("projector", align.projector, SPEC)
     no_patches = {**SPEC, "columns": {k: v for k, v in SPEC["columns"].items() if k != "registers"}}
     with pytest.raises(ValueError, match="embed.keep_patches: true"):
-        infer_model_fields("dinotxt", no_patches, None)
+        RECIPES.get("dinotxt").model_fields_from_features(no_patches, align.dinotxt)
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -27,6 +27,7 @@ from timm.models import eva, vision_transformer
 from torch import Tensor, nn
 
 from dinoalign.backbones._frozen import FrozenModule
+from dinoalign.errors import ConfigError, DataError, DataFileMissing, SetupError
 from dinoalign.storage import fs_for, open_uri, read_bytes
 
 # DINOv2's (and most timm models') normalisation; the backbone itself reads its model's
@@ -328,7 +329,7 @@ def read_state_dict(uri: str) -> dict[str, Tensor]:
     ``weights_only=True``) at a local path or any URI that :mod:`dinoalign.storage` opens."""
     fs, path = fs_for(uri)
     if not fs.exists(path):
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"backbone weights {uri!r} not found; give a local or s3:// .safetensors/.pth file, "
             "or a hub name 'hf-hub:org/repo' or 'timm/<model>.<tag>'"
         )
@@ -337,7 +338,7 @@ def read_state_dict(uri: str) -> dict[str, Tensor]:
     with open_uri(uri, "rb") as f:
         loaded = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(loaded, dict):
-        raise ValueError(f"{uri} holds a {type(loaded).__name__}, not a state dict")
+        raise DataError(f"{uri} holds a {type(loaded).__name__}, not a state dict")
     return loaded
 
 
@@ -353,7 +354,7 @@ def load_backbone_weights(vit: nn.Module, uri: str) -> None:
             state_dict = checkpoint_filter(state_dict, vit)
         vit.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:  # missing/unexpected keys, shapes, pos-embed grids
-        raise ValueError(
+        raise ConfigError(
             f"weights {uri} do not fit the model {vit.default_cfg.get('architecture')}: check that "
             f"backbone.name (size, registers) and model_kwargs match the checkpoint. {err}"
         ) from err
@@ -391,7 +392,7 @@ def build_backbone(
         vit = _create_from_hub(arch, hub_id, kwargs)
     elif weights is not None:
         if pretrained:
-            raise ValueError(
+            raise ConfigError(
                 f"pretrained=True would download timm's weights that the file {weights!r} "
                 "replaces; set pretrained to false when weights is a file"
             )
@@ -412,7 +413,7 @@ def _resolve_arch(name: str) -> str:
     if not timm.is_model(arch.split(".")[0]):
         close = difflib.get_close_matches(arch.split(".")[0], timm.list_models(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown timm backbone {name!r}.{hint} Made for: {', '.join(supported_backbones())}"
         )
     return arch
@@ -422,7 +423,7 @@ def _timm_kwargs(img_size: int, model_kwargs: dict[str, Any] | None) -> dict[str
     user = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
     clash = sorted(set(user) & set(_ADAPTER_KWARGS))
     if clash:
-        raise ValueError(
+        raise ConfigError(
             f"model_kwargs may not set {clash}: the adapter sets them (use build_backbone's "
             "img_size argument; dynamic image size and no classifier head are always on)"
         )
@@ -445,7 +446,7 @@ def _create_from_hub(arch: str, hub_id: str | None, kwargs: dict[str, Any]) -> n
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
         where = hub_id or f"timm's default source for {arch}"
-        raise RuntimeError(
+        raise SetupError(
             f"could not load pretrained backbone weights from {where} "
             f"({type(err).__name__}: {err}). Without network access, download the file elsewhere "
             "and set backbone.weights to its path (timm .safetensors or the official "

@@ -26,6 +26,7 @@ from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
 from dinoalign.backbones._frozen import FrozenModule
+from dinoalign.errors import ConfigError, SetupError
 from dinoalign.registry import Registry
 
 TEXT_ENCODERS: Registry = Registry("text encoder")
@@ -89,7 +90,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         # the custom-text layout keeps the text tower as one module (.text) for any source
         clip = _create_open_clip(name, pretrained, model_kwargs, force_custom_text=True)
         if not isinstance(clip.text, TextTransformer):
-            raise ValueError(
+            raise ConfigError(
                 f"open_clip model {name!r} has a Hugging Face text tower; use text kind 'hf' for it"
             )
         self.tower: TextTransformer = clip.text
@@ -142,7 +143,7 @@ def _resolve_open_clip_weights(name: str, pretrained: str | None) -> str | None:
     if pretrained is None:
         return None
     if name.startswith(_OPEN_CLIP_SCHEMAS):
-        raise ValueError(
+        raise ConfigError(
             f"open_clip model {name!r} already names its weights; leave pretrained empty "
             f"(got {pretrained!r})"
         )
@@ -155,13 +156,13 @@ def _resolve_open_clip_weights(name: str, pretrained: str | None) -> str | None:
             open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, pretrained))
             return pretrained
     except (OSError, ValueError, RuntimeError) as err:
-        raise RuntimeError(
+        raise SetupError(
             f"could not fetch open_clip weights {pretrained!r} for {name!r} ({err}). Without "
             "network access, copy the checkpoint here and set text.pretrained to its path"
         ) from err
     if os.path.isfile(pretrained):
         return pretrained
-    raise ValueError(
+    raise ConfigError(
         f"pretrained {pretrained!r} for open_clip model {name!r} is neither an existing file, "
         f"nor 'hf-hub:org/repo', nor one of its tags: {tags or 'none'}"
     )
@@ -176,7 +177,7 @@ def _open_clip_overrides(name: str, model_kwargs: dict[str, Any]) -> dict[str, A
     if base is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"model_kwargs need a built-in open_clip config; {name!r} is not one{hint}"
         )
     top_level = set(inspect.signature(open_clip.CLIP).parameters) - {"cast_dtype"}
@@ -198,7 +199,7 @@ def _check_key(key: str, valid: set[str], where: str) -> None:
     if key not in valid:
         close = difflib.get_close_matches(key, list(valid), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown key {key!r} in {where}{hint}; valid keys: {sorted(valid)}")
+        raise ConfigError(f"unknown key {key!r} in {where}{hint}; valid keys: {sorted(valid)}")
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -218,7 +219,7 @@ class HFSentenceEncoder(TextEncoder):
     ) -> None:
         super().__init__()
         if pretrained is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"text kind 'hf' loads its weights from the name ({name!r}); leave pretrained empty"
             )
         transformers = _import_transformers()

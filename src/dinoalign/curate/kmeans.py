@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-FAISS_MAX_POINTS_PER_CENTROID = 256  # FAISS's own default
+from dinoalign.curate.config import FAISS_MAX_POINTS_PER_CENTROID, check_level_params
 
 
 def faiss_sample_count(n_items: int, k: int, max_points_per_centroid: int) -> int:
@@ -209,23 +209,3 @@ def _kmeans_level(
         faiss_points=faiss_points,
         pool_sizes=pool_sizes,
     )
-
-
-def check_level_params(
-    levels: Sequence[int], resample_steps: Sequence[int], resample_points: Sequence[int]
-) -> None:
-    """Raise a ValueError that says what to change unless the per-level lists fit."""
-    if not levels:
-        raise ValueError("curate.levels is empty: give the clusters per level, e.g. [64, 8]")
-    if len(resample_steps) != len(levels) or len(resample_points) != len(levels):
-        raise ValueError(
-            f"curate.resample_steps ({len(resample_steps)} values) and "
-            f"curate.resample_points ({len(resample_points)} values) need one value per "
-            f"level of curate.levels ({len(levels)} levels: {list(levels)})"
-        )
-    if any(k < 1 for k in levels):
-        raise ValueError(f"curate.levels must all be >= 1, got {list(levels)}")
-    if any(r < 0 for r in resample_steps):
-        raise ValueError(f"curate.resample_steps must be >= 0, got {list(resample_steps)}")
-    if any(s < 1 for s in resample_points):
-        raise ValueError(f"curate.resample_points must be >= 1, got {list(resample_points)}")

@@ -15,9 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dinoalign.curate.config import LEAF_STRATEGIES
 from dinoalign.curate.kmeans import ClusterHierarchy, rank_within_groups
-
-LEAF_STRATEGIES = ("closest", "random")
 
 
 def water_fill(sizes: np.ndarray, target: int) -> np.ndarray:

@@ -25,7 +25,6 @@ import collections
 import csv
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ from dinoalign.config import Params
 from dinoalign.curate import cluster_column, curate
 from dinoalign.data.prepare import read_manifest
 from dinoalign.embed.store import FeatureStore, load_image_features
-from dinoalign.storage import is_remote
+from dinoalign.errors import ConfigError, DataError, DataFileMissing
+from dinoalign.storage import atomic_path, is_remote, write_atomic
 
 CURATED_SPLIT = "train"
 UIDS_FILE = "uids.parquet"
@@ -70,7 +70,7 @@ def run_curate(params: Params, root: Path) -> dict[str, Any]:
     missing = sorted(set(train_uids) - set(uids))
     missing_reasons = _embed_reject_reasons(features_uri, missing)
     if not uids:
-        raise ValueError(
+        raise DataError(
             f"none of the {len(train_uids)} train pairs has features in {features_uri}: "
             f"embed rejected them all ({missing_reasons}); see its rejects.parquet"
         )
@@ -99,7 +99,7 @@ def _train_pairs(pairs_dir: Path) -> pa.Table:
     train = manifest.filter(pc.equal(manifest.column("split"), CURATED_SPLIT))
     if train.num_rows == 0:
         splits = dict(collections.Counter(manifest.column("split").to_pylist()))
-        raise ValueError(
+        raise DataError(
             f"no {CURATED_SPLIT!r} pairs in {pairs_dir} (splits: {splits}): curate only "
             "curates the train split; val and test stay untouched"
         )
@@ -112,11 +112,11 @@ def _load_train_features(
     """(uids with features, sorted; their ``feature`` vectors N×D float32)."""
     manifest = FeatureStore(uri).read_manifest()
     if manifest is None:
-        raise FileNotFoundError(f"{uri}/manifest.json is missing: run the embed stage first")
+        raise DataFileMissing(f"{uri}/manifest.json is missing: run the embed stage first")
     columns = manifest["spec"]["columns"]
     vectors = sorted(c for c, shape in columns.items() if len(shape) == 1)
     if feature not in columns or len(columns[feature]) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"curate.feature={feature!r} is not a per-image vector of {uri}; "
             f"choose one of {vectors}"
         )
@@ -133,7 +133,7 @@ def _embed_reject_reasons(uri: str, missing: list[str]) -> dict[str, int]:
     reason_of = dict(zip(rejects.column("uid").to_pylist(), rejects.column("reason").to_pylist()))
     unexplained = [uid for uid in missing if uid not in reason_of]
     if unexplained:
-        raise ValueError(
+        raise DataError(
             f"{len(unexplained)} train pairs have neither features nor an embed reject in "
             f"{uri} (e.g. uid {unexplained[0]}): the features are older than the pairs "
             "manifest; run the embed stage (dvc repro embed) first"
@@ -164,11 +164,9 @@ def write_outputs(out_dir: Path, table: pa.Table, stats: dict[str, Any]) -> None
     """uids.parquet, stats.json and the plot CSVs (module docstring). Files are written
     to a temporary name and renamed; plots of an earlier run are removed first, so a
     change in the number of levels leaves no stale level file behind."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"{UIDS_FILE}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_dir / UIDS_FILE)
-    _atomic_text(out_dir / STATS_FILE, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    with atomic_path(out_dir / UIDS_FILE) as tmp:
+        pq.write_table(table, tmp)
+    write_atomic(out_dir / STATS_FILE, json.dumps(stats, indent=2, sort_keys=True) + "\n")
     plots = out_dir / PLOTS_DIR
     shutil.rmtree(plots, ignore_errors=True)
     for level in stats["kmeans"]["levels"]:
@@ -196,12 +194,6 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def stats_metrics(stats: dict[str, Any]) -> dict[str, float]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ from dinoalign.data.schema import REJECTS_SCHEMA, PairRecord, Reject, make_uid, 
 from dinoalign.data.sources import parent_uri
 from dinoalign.data.sources.pairs import TABLE_FORMATS, PairsSourceConfig, pairs_source
 from dinoalign.data.sources.webdataset import WebDatasetSourceConfig, webdataset_source
-from dinoalign.storage import ReadTimedOut, ReadTooLarge, fs_for, read_bytes
+from dinoalign.errors import DataError, DataFileMissing
+from dinoalign.storage import ReadTimedOut, ReadTooLarge, atomic_path, fs_for, read_bytes, write_atomic
 
 SOURCE = "incoming"
 STAGE = "retrain"
@@ -62,7 +62,7 @@ def read_incoming(folder: Path) -> Iterator[PairRecord | Reject]:
     if not table.exists():
         pointer = folder.with_name(folder.name + ".dvc")
         if pointer.exists():
-            raise FileNotFoundError(f"{pointer} tracks appended pairs but {folder}/{TABLE} is not checked out: "
+            raise DataFileMissing(f"{pointer} tracks appended pairs but {folder}/{TABLE} is not checked out: "
                                     f"run `dvc pull {pointer}` first")
         return iter(())
     cfg = PairsSourceConfig(path=str(table), image_column="image", caption_column="captions", key_column="key",
@@ -81,7 +81,7 @@ def fingerprint(uri: str) -> str:
     without reading it."""
     fs, path = fs_for(uri)
     if not fs.exists(path):
-        raise FileNotFoundError(f"no new data at {uri}")
+        raise DataFileMissing(f"no new data at {uri}")
     files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
     h = hashlib.sha256()
     for name in sorted(files):
@@ -109,13 +109,13 @@ def new_data_items(uri: str, workdir: Path, image_column: str = "image", caption
     if fs.isdir(path):
         shards = sorted(p for p in fs.find(path) if p.lower().endswith(_TAR_SUFFIXES))
         if not shards:
-            raise FileNotFoundError(f"{uri} holds no pairs table and no .tar shards")
+            raise DataFileMissing(f"{uri} holds no pairs table and no .tar shards")
         scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
         urls = tuple(f"{scheme}{p}" if scheme else p for p in shards)
     elif uri.lower().endswith(_TAR_SUFFIXES):
         urls = (uri,)
     else:
-        raise ValueError(f"{uri}: expected a pairs table ({'/'.join(TABLE_FORMATS)}), a webdataset .tar "
+        raise DataError(f"{uri}: expected a pairs table ({'/'.join(TABLE_FORMATS)}), a webdataset .tar "
                          "or a folder of .tar shards")
     return webdataset_source(WebDatasetSourceConfig(urls=urls, split=SPLIT, name="new"), workdir)
 
@@ -155,7 +155,7 @@ def append_batch(folder: Path, items: Iterator[PairRecord | Reject], batch: str)
         except (FileNotFoundError, OSError) as e:
             rejects.append(Reject(make_uid(SOURCE, key), STAGE, "missing", f"{item.image_uri}: {e}", key))
             continue
-        _atomic_bytes(folder / name, data)
+        write_atomic(folder / name, data)
         rows.append({"key": key, "image": name, "captions": list(item.captions), "split": SPLIT, "batch": batch})
         known.add(key)
     if rows:
@@ -176,16 +176,6 @@ def _suffix(uri: str) -> str:
     return suffix if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") else ".img"
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 600; these are shared data files
-    os.replace(tmp, path)
-
-
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    _atomic_bytes(path, sink.getvalue().to_pybytes())
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

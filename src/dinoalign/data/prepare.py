@@ -15,7 +15,6 @@ import collections
 import concurrent.futures as cf
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -40,6 +39,8 @@ from dinoalign.data.schema import (
     rejects_to_table,
 )
 from dinoalign.data.sources import build_source
+from dinoalign.errors import DataFileMissing
+from dinoalign.storage import atomic_path, write_atomic
 
 STAGE = "prepare"
 
@@ -124,9 +125,7 @@ def write_manifest(
         "sources": sorted({r.source for r in ordered}),
         "shards": shards,
     }
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
@@ -153,14 +152,17 @@ def _validate_stream(items: Iterable[PairRecord | Reject], params: Params) -> It
 
 
 def _atomic_parquet(table: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_manifest(pairs_dir: str | Path) -> Any:
     """All manifest shards of a prepare output as one pyarrow Table (sorted by uid)."""
     pairs_dir = Path(pairs_dir)
+    if not (pairs_dir / "summary.json").is_file():
+        raise DataFileMissing(
+            f"{pairs_dir}/summary.json is missing: run the prepare stage first (dvc repro prepare)"
+        )
     summary = json.loads((pairs_dir / "summary.json").read_text())
     tables = [pq.read_table(pairs_dir / s["file"]) for s in summary["shards"]]
     return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()

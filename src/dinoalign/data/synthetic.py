@@ -30,15 +30,17 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from dinoalign.data.config import MAX_CAPTIONS, MAX_OBJECTS, SPLITS, SyntheticWorldConfig  # noqa: F401
+from dinoalign.data.config import check_split as _check_split
 from dinoalign.data.schema import PairRecord, make_uid
+from dinoalign.errors import DataFileMissing
+from dinoalign.storage import atomic_path, write_atomic
 
 # Bump when a change to this file changes the pixels or captions of a sample, so that
 # files written by an older generator are re-rendered instead of being reused.
@@ -76,7 +78,6 @@ POSITION_PHRASES: dict[str, str] = {
 }
 RELATIONS: tuple[str, ...] = ("above", "below", "to the left of", "to the right of", "next to")
 BACKGROUNDS: dict[str, str] = {"gradient": "shaded", "stripes": "striped", "noise": "mottled"}
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 NUM_MASK_CLASSES = len(CLASSES) + 1
@@ -95,8 +96,9 @@ MULTI_TEMPLATES: tuple[str, ...] = (
     "{list_sized} on a {bg} background",
     "{list_where}",
 )
-MAX_CAPTIONS = min(len(SINGLE_TEMPLATES), len(MULTI_TEMPLATES))
-MAX_OBJECTS = 3
+# the config's bound on captions_per_image is the number of distinct templates
+if MAX_CAPTIONS != min(len(SINGLE_TEMPLATES), len(MULTI_TEMPLATES)):
+    raise ImportError("dinoalign.data.config.MAX_CAPTIONS must be the number of caption templates")
 
 _COUNT_WORDS = {2: "two", 3: "three"}
 _SPLIT_STREAMS = {"train": 1, "val": 2, "test": 3}
@@ -106,66 +108,6 @@ _HASH_KEY = "dinoalign.render_hash"
 # luminance to all channels, so the chroma stays ≤ 2 * _TINT (+1 for rounding).
 _GREY_RANGE = (80.0, 170.0)
 _TINT = 18.0
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticWorldConfig:
-    """Size and seed of the demo world; the defaults are the demo profile.
-
-    ``heldout_fraction``: share of the colour-shape compositions seen only in test.
-    ``single_object_fraction``: share of images with exactly one object (these carry a
-    class label, for classification). ``source``: the source name in uids.
-    """
-
-    n_train: int = 3000
-    n_val: int = 300
-    n_test: int = 600
-    image_size: int = 224
-    heldout_fraction: float = 0.2
-    captions_per_image: int = 3
-    seed: int = 0
-    max_objects: int = 3
-    single_object_fraction: float = 0.5
-    source: str = "synthetic"
-
-    def __post_init__(self) -> None:
-        for name in ("n_train", "n_val", "n_test", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
-        if self.image_size < 48:
-            raise ValueError(
-                f"synthetic.image_size must be >= 48 so a small object spans a few pixels, "
-                f"got {self.image_size}"
-            )
-        # Held-out selection keeps every colour and shape in train; up to half of the
-        # compositions that is always possible (see heldout_compositions).
-        if not 0.0 <= self.heldout_fraction <= 0.5:
-            raise ValueError(
-                f"synthetic.heldout_fraction must be in [0, 0.5] so every colour and shape "
-                f"stays in train, got {self.heldout_fraction}"
-            )
-        if not 1 <= self.captions_per_image <= MAX_CAPTIONS:
-            raise ValueError(
-                f"synthetic.captions_per_image must be in [1, {MAX_CAPTIONS}] (the number of "
-                f"distinct caption templates), got {self.captions_per_image}"
-            )
-        if not 1 <= self.max_objects <= MAX_OBJECTS:
-            raise ValueError(
-                f"synthetic.max_objects must be in [1, {MAX_OBJECTS}], got {self.max_objects}"
-            )
-        if not 0.0 <= self.single_object_fraction <= 1.0:
-            raise ValueError(
-                f"synthetic.single_object_fraction must be in [0, 1], "
-                f"got {self.single_object_fraction}"
-            )
-        if not self.source or "/" in self.source:
-            raise ValueError(
-                f"synthetic.source must be a non-empty name without '/', got {self.source!r}"
-            )
-
-    def count(self, split: str) -> int:
-        """Number of images in ``split``."""
-        return int(getattr(self, f"n_{_check_split(split)}"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,12 +163,6 @@ class Sample(Scene):
 
 
 # ----------------------------------------------------------------------------- compositions
-
-
-def _check_split(split: str) -> str:
-    if split not in _SPLIT_STREAMS:
-        raise ValueError(f"unknown split {split!r}; the synthetic world has {list(SPLITS)}")
-    return split
 
 
 def mask_value(composition: str) -> int:
@@ -502,24 +438,11 @@ def _mask_palette() -> list[int]:
     return palette + [0] * (768 - len(palette))
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a unique temporary name next to ``path``, then rename,
-    so that a reader (or a crashed run) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_png(path: Path, image: Image.Image, content_hash: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text(_HASH_KEY, content_hash)  # before the pixel data: readable without decoding
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1, pnginfo=info))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=1, pnginfo=info)
 
 
 def _has_hash(path: Path, content_hash: str) -> bool:
@@ -616,14 +539,14 @@ def generate(cfg: SyntheticWorldConfig, out_dir: Path) -> Iterator[PairRecord]:
         for index in range(cfg.count(split)):
             yield write_sample(cfg, out_dir, split, index)
     world = json.dumps(world_description(cfg), indent=1)
-    _atomic_write(out_dir / "world.json", lambda tmp: Path(tmp).write_text(world))
+    write_atomic(out_dir / "world.json", world)
 
 
 def load_world(out_dir: Path) -> dict[str, Any]:
     """The ``world.json`` that ``generate`` wrote under ``out_dir``."""
     path = Path(out_dir) / "world.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"{path} does not exist: generate the world first "
             f"(dinoalign.data.synthetic.generate(cfg, {str(out_dir)!r}), or the prepare stage)"
         )

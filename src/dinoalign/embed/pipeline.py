@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dinoalign.compute import TorchThreads
+from dinoalign.compute import TorchThreads, init_ray, require_resources
 from dinoalign.config import BackboneConfig, EmbedConfig, Params
 from dinoalign.data.images import (
     DEFAULT_MAX_ASPECT_RATIO,
@@ -38,9 +38,10 @@ from dinoalign.data.images import (
     load_image,
     resize_crop,
 )
-from dinoalign.data.schema import make_caption_id
+from dinoalign.data.schema import REJECTS_SCHEMA, make_caption_id
 from dinoalign.embed.features import image_features
 from dinoalign.embed.store import FeatureStore, vector_column
+from dinoalign.errors import ConfigError
 
 STAGE = "embed"
 SCHEMA_VERSION = 1
@@ -254,8 +255,6 @@ def _ray_stream(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from dinoalign.compute import init_ray, require_resources
-
     init_ray()
     cfg = params.embed
     require_resources(
@@ -393,7 +392,7 @@ def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float
     """Embed every manifest uid not yet embedded; return counts and throughput."""
     cfg = params.embed
     if cfg.engine not in ENGINES:
-        raise ValueError(f"embed.engine={cfg.engine!r}: choose one of {sorted(ENGINES)}")
+        raise ConfigError(f"embed.engine={cfg.engine!r}: choose one of {sorted(ENGINES)}")
     store = FeatureStore(cfg.out_dir)
     spec = feature_spec(params)
     # spec.json is written before any shard, so shards of a killed run are reusable
@@ -479,8 +478,6 @@ def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float
 
 
 def _save_rejects(store: FeatureStore, old: pa.Table, new: list[dict[str, str]]) -> None:
-    from dinoalign.data.schema import REJECTS_SCHEMA
-
     store.write_rejects(pa.concat_tables([old.cast(REJECTS_SCHEMA), pa.Table.from_pylist(new, schema=REJECTS_SCHEMA)]))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -34,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dinoalign.data.schema import REJECTS_SCHEMA
-from dinoalign.errors import PreprocessingMismatch
-from dinoalign.storage import fs_for
+from dinoalign.errors import DataFileMissing, PreprocessingMismatch
+from dinoalign.storage import fs_for, write_atomic
 
 KINDS = ("images", "captions")
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -99,7 +98,7 @@ class FeatureStore:
     def read_all(self, kind: str, columns: list[str] | None = None) -> pa.Table:
         tables = [self.read_table(kind, n, columns) for n in self.shards(kind)]
         if not tables:
-            raise FileNotFoundError(f"no {kind} shards under {self.uri}: run the embed stage first")
+            raise DataFileMissing(f"no {kind} shards under {self.uri}: run the embed stage first")
         return pa.concat_tables(tables)
 
     def write_shard(self, kind: str, table: pa.Table) -> dict[str, Any]:
@@ -115,12 +114,7 @@ class FeatureStore:
     def _atomic_write(self, path: str, data: bytes) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, data, fsync=True)
         else:  # an S3 PUT is atomic: the object appears only when complete
             with self.fs.open(path, "wb") as f:
                 f.write(data)
@@ -180,7 +174,7 @@ def load_image_features(uri: str, columns: Iterable[str], uids: Iterable[str] | 
     store = FeatureStore(uri)
     manifest = store.read_manifest()
     if manifest is None:
-        raise FileNotFoundError(f"{uri}/manifest.json is missing: the embed stage has not finished")
+        raise DataFileMissing(f"{uri}/manifest.json is missing: the embed stage has not finished")
     columns = list(columns)
     table = store.read_all("images", ["uid", *columns])
     table = table.sort_by("uid")

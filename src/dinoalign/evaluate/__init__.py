@@ -1,43 +1,46 @@
 """Evaluation library: exact metrics, zero-shot classification, retrieval and
 open-vocabulary segmentation over tensors; models come in as callables."""
 
-from dinoalign.evaluate.datasets import EVAL_DATASETS
-from dinoalign.evaluate.metrics import (
-    ConfusionMatrix,
-    chance_miou,
-    chance_recall_at_k,
-    chance_topk,
-    mean_per_class_recall,
-    positive_ranks,
-    recall_at_k,
-    topk_accuracy,
-)
-from dinoalign.evaluate.pamr import PAMR
-from dinoalign.evaluate.retrieval import evaluate_retrieval, percent_of_reference, retrieval_metrics
-from dinoalign.evaluate.segmentation import (
-    SegmentationConfig,
-    calibrate_bg_threshold,
-    evaluate_segmentation,
-    labels_from_scores,
-    make_predictor,
-    scored_class_names,
-    segment,
-    segment_scores,
-    short_side_resize,
-    sliding_window_logits,
-    window_boxes,
-)
-from dinoalign.evaluate.templates import (
-    OPENAI_IMAGENET_TEMPLATES,
-    TALK2DINO_TEMPLATES,
-    resolve_templates,
-)
-from dinoalign.evaluate.zeroshot import (
-    class_text_embeddings,
-    evaluate_zeroshot,
-    zeroshot_classify,
-    zeroshot_logits,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> the submodule that defines it, imported on first access (PEP 562), so that
+# ``dinoalign.evaluate.config`` (loaded with every params file) does not load torch
+_LAZY = {
+    "EVAL_DATASETS": "datasets",
+    "ConfusionMatrix": "metrics",
+    "chance_miou": "metrics",
+    "chance_recall_at_k": "metrics",
+    "chance_topk": "metrics",
+    "mean_per_class_recall": "metrics",
+    "positive_ranks": "metrics",
+    "recall_at_k": "metrics",
+    "topk_accuracy": "metrics",
+    "PAMR": "pamr",
+    "evaluate_retrieval": "retrieval",
+    "percent_of_reference": "retrieval",
+    "retrieval_metrics": "retrieval",
+    "SegmentationConfig": "config",
+    "calibrate_bg_threshold": "segmentation",
+    "evaluate_segmentation": "segmentation",
+    "labels_from_scores": "segmentation",
+    "make_predictor": "segmentation",
+    "scored_class_names": "segmentation",
+    "segment": "segmentation",
+    "segment_scores": "segmentation",
+    "short_side_resize": "segmentation",
+    "sliding_window_logits": "segmentation",
+    "window_boxes": "segmentation",
+    "OPENAI_IMAGENET_TEMPLATES": "templates",
+    "TALK2DINO_TEMPLATES": "templates",
+    "resolve_templates": "templates",
+    "class_text_embeddings": "zeroshot",
+    "evaluate_zeroshot": "zeroshot",
+    "zeroshot_classify": "zeroshot",
+    "zeroshot_logits": "zeroshot",
+}
 
 __all__ = [
     "EVAL_DATASETS",
@@ -72,3 +75,13 @@ __all__ = [
     "zeroshot_classify",
     "zeroshot_logits",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

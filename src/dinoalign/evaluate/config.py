@@ -11,11 +11,12 @@ templates for zero-shot, 7 for dense).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
-from dinoalign.evaluate.datasets import EVAL_DATASETS
-from dinoalign.evaluate.segmentation import SegmentationConfig
-from dinoalign.evaluate.templates import resolve_templates
+from dinoalign.errors import ConfigError
+from dinoalign.evaluate.templates import check_templates
+from dinoalign.train.config import recipe_names
 
 DEMO_DATASET = "demo"
 DEVICES = ("auto", "cpu", "cuda")
@@ -31,6 +32,39 @@ OFFICIAL_BACKGROUND_CLEANING: dict[str, bool] = {
     "context60": False,
     DEMO_DATASET: True,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationConfig:
+    """Inference settings. Defaults are the demo size; the papers use short_side 448,
+    max_long_side 2048, crop 448, stride 224, PAMR on for the "with refinement" rows and
+    bg_threshold 0.55 (Talk2DINO ViT-B; 0.54 ViT-L) on datasets with a background class.
+
+    The two bilinear resizes have their own corner setting, as in the official code:
+    ``window_align_corners`` for the patch grid -> window upsampling (Talk2DINO's
+    ``DINOText.generate_masks``: ``align_corners=True``) and ``output_align_corners`` for
+    the resize back to the original image (mmseg's ``EncoderDecoder.align_corners``,
+    False in the Talk2DINO/TCL evaluation configs)."""
+
+    short_side: int = 224
+    max_long_side: int = 1024
+    crop: int = 224
+    stride: int = 112
+    window_align_corners: bool = True
+    output_align_corners: bool = False
+    bg_threshold: float | None = 0.55  # None: background must be a scored text class
+    pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+
+    def __post_init__(self) -> None:
+        if min(self.short_side, self.max_long_side, self.crop, self.stride) < 1:
+            raise ValueError("short_side, max_long_side, crop and stride must be positive")
+        if self.stride > self.crop:
+            raise ValueError(
+                f"stride {self.stride} > crop {self.crop} would leave pixels no window covers; "
+                "use stride <= crop"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +100,7 @@ class EvaluateConfig:
       address its run links use when runs are in the embedded store (``make mlflow-ui``).
     """
 
-    recipes: list[str] = dataclasses.field(
-        default_factory=lambda: ["talk2dino", "dinotxt", "projector"]
-    )
+    recipes: list[str] = dataclasses.field(default_factory=lambda: list(recipe_names()))
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
     report_dir: str = "report"
@@ -95,50 +127,58 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if not self.recipes or len(set(self.recipes)) != len(self.recipes):
-            raise ValueError(
+            raise ConfigError(
                 f"evaluate.recipes must be a non-empty list without repeats, got {self.recipes}"
             )
+        unknown = [r for r in self.recipes if r not in recipe_names()]
+        if unknown:
+            raise ConfigError(
+                f"evaluate.recipes names {unknown}, which are not recipes: use some of "
+                f"{recipe_names()}"
+            )
         if self.dataset != DEMO_DATASET:
+            from dinoalign.evaluate.datasets import EVAL_DATASETS  # the adapters: numpy, PIL
+
             try:
                 EVAL_DATASETS.get(self.dataset)
             except KeyError as e:
-                raise ValueError(f"evaluate.dataset: {e.args[0]} (or {DEMO_DATASET!r})") from None
+                raise ConfigError(f"evaluate.dataset: {e.args[0]} (or {DEMO_DATASET!r})") from None
             if not self.root:
-                raise ValueError(
+                raise ConfigError(
                     f"evaluate.dataset={self.dataset!r} needs evaluate.root (its folder or URI)"
                 )
             _check_dataset_options(self.dataset, self.dataset_options)
         for name in ("zeroshot_templates", "dense_templates"):
             try:
-                resolve_templates(getattr(self, name))
+                check_templates(getattr(self, name))
             except (KeyError, ValueError) as e:
-                raise ValueError(f"evaluate.{name}: {e.args[0]}") from None
+                raise ConfigError(f"evaluate.{name}: {e.args[0]}") from None
         if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"evaluate.ks must be positive integers, got {self.ks}")
+            raise ConfigError(f"evaluate.ks must be positive integers, got {self.ks}")
         if self.batch_size < 1 or self.num_examples < 0 or self.torch_threads < 1:
-            raise ValueError(
+            raise ConfigError(
                 "evaluate.batch_size and torch_threads must be >= 1, num_examples >= 0"
             )
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"evaluate.max_images must be >= 1 or null, got {self.max_images}")
+            raise ConfigError(f"evaluate.max_images must be >= 1 or null, got {self.max_images}")
         if self.device not in DEVICES:
-            raise ValueError(f"evaluate.device must be one of {DEVICES}, got {self.device!r}")
+            raise ConfigError(f"evaluate.device must be one of {DEVICES}, got {self.device!r}")
         if self.bg_threshold_split is not None and self.bg_threshold_split == self.split:
-            raise ValueError(
+            raise ConfigError(
                 f"evaluate.bg_threshold_split is the evaluated split {self.split!r}: the "
                 "threshold must be chosen on other images (e.g. val)"
             )
         if self.bg_threshold_images < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"evaluate.bg_threshold_images must be >= 1, got {self.bg_threshold_images}"
             )
         if self.background_cleaning not in ("auto", True, False):
-            raise ValueError(
+            raise ConfigError(
                 "evaluate.background_cleaning must be auto (as the official configs set it "
                 f"per dataset), true or false, got {self.background_cleaning!r}"
             )
         if self.cleaning_lambda < 0:
-            raise ValueError(f"evaluate.cleaning_lambda must be >= 0, got {self.cleaning_lambda}")
+            raise ConfigError(f"evaluate.cleaning_lambda must be >= 0, got {self.cleaning_lambda}")
 
     def cleans_background(self, has_background: bool, dataset: str | None = None) -> bool:
         """Whether talk2dino's background cleaning runs on ``dataset`` (default: this
@@ -159,7 +199,7 @@ class EvaluateConfig:
 
 def _check_dataset_options(dataset: str, options: dict[str, Any]) -> None:
     """Unknown ``dataset_options`` keys fail when params load, naming the adapter's own."""
-    import inspect
+    from dinoalign.evaluate.datasets import EVAL_DATASETS
 
     accepted = [
         name
@@ -168,7 +208,7 @@ def _check_dataset_options(dataset: str, options: dict[str, Any]) -> None:
     ]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"evaluate.dataset_options: {dataset!r} takes {accepted or 'no options'}, not "
             f"{unknown}"
         )

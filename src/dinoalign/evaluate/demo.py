@@ -19,6 +19,7 @@ import numpy as np
 from dinoalign.data.images import load_image, load_mask
 from dinoalign.data.prepare import read_manifest
 from dinoalign.data.synthetic import load_world
+from dinoalign.errors import DataError
 
 BACKGROUND = "background"
 SUBSETS = ("seen", "heldout")
@@ -67,12 +68,12 @@ def load_demo(
         key=lambda r: r["uid"],
     )
     if not rows:
-        raise ValueError(f"the pairs manifest in {pairs_dir} has no {split!r} images to evaluate")
+        raise DataError(f"the pairs manifest in {pairs_dir} has no {split!r} images to evaluate")
     unknown = sorted(
         {r["label"] for r in rows if r["label"] is not None and r["label"] not in class_names}
     )
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"labels {unknown[:5]} of {pairs_dir} are not classes of {source}/world.json"
         )
     subsets = {}
@@ -110,7 +111,7 @@ class DemoSegmentation(Sequence):
     def __init__(self, images: DemoImages, image_limits: dict[str, Any]) -> None:
         without_mask = [u for u, m in zip(images.uids, images.mask_uris) if m is None]
         if without_mask:
-            raise ValueError(
+            raise DataError(
                 f"{len(without_mask)} demo images have no mask_uri (e.g. {without_mask[0]})"
             )
         self.images = images
@@ -124,11 +125,11 @@ class DemoSegmentation(Sequence):
         image = load_image(self.images.image_uris[index], **self._decode)
         label = load_mask(str(self.images.mask_uris[index])).astype(np.int64)
         if label.shape != image.shape[:2]:
-            raise ValueError(
+            raise DataError(
                 f"mask {self.images.mask_uris[index]} is {label.shape}, its image {image.shape[:2]}"
             )
         if label.max(initial=0) >= len(self.class_names):
-            raise ValueError(
+            raise DataError(
                 f"mask {self.images.mask_uris[index]} has ids beyond the {len(self.class_names)} classes"
             )
         return image, label, self.images.uids[index]

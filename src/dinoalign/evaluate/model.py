@@ -28,8 +28,15 @@ from torch import Tensor
 
 from dinoalign.config import Params
 from dinoalign.errors import InferenceError
-from dinoalign.recipes import Recipe, background_cleaning, load_recipe
-from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE, join_uri
+from dinoalign.recipes import Recipe, load_recipe
+from dinoalign.recipes.base import (
+    CLIP_TEXT,
+    CONFIG_FILE,
+    OWN_TEXT,
+    TEXT_ENCODER,
+    WEIGHTS_FILE,
+    join_uri,
+)
 from dinoalign.storage import fs_for, read_bytes, under_root
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -117,7 +124,9 @@ class AlignedModel:
     Image batches are ``dict[str, Tensor]`` with the keys the recipe reads
     (talk2dino ``head_embeddings`` B×H×D, projector ``token_mean`` B×D, dinotxt
     ``tokens_vision`` B×(1+R+P)×D); they come from raw images (:meth:`image_batch`) or
-    from the embed stage's feature store (:meth:`store_batch`).
+    from the embed stage's feature store (:meth:`store_batch`). What differs between
+    recipes is asked of the recipe class (``image_columns``, ``text_input``,
+    ``has_clip_reference`` ... in :class:`~dinoalign.recipes.Recipe`), never its name.
     """
 
     def __init__(
@@ -170,22 +179,28 @@ class AlignedModel:
 
     @functools.cached_property
     def text_tower(self) -> Any:
-        """The frozen text encoder whose features the recipe reads: for talk2dino the
-        embed text encoder it was trained on (``align.talk2dino.text_encoder``, a key of
-        ``embed.text_encoders``), for the projector the text tower of its CLIP
-        (``params.clip``). dinotxt has its own text transformer."""
+        """The frozen text encoder whose features the recipe reads (its ``text_input``):
+        ``text_encoder`` (talk2dino) the embed text encoder it was trained on
+        (``align.<recipe>.text_encoder``, a key of ``embed.text_encoders``), ``clip_text``
+        (the projector) the text tower of its CLIP (``params.clip``). A recipe with its
+        own text tower (dinotxt) has none."""
         from dinoalign.backbones.text import build_text_encoder
 
-        if self.name == "projector":
+        text_input = self.recipe.text_input
+        if text_input == CLIP_TEXT:
             clip = self.params.clip
             return build_text_encoder(
                 "open_clip", self._under_root(clip.name), pretrained=clip.pretrained
             ).to(self.device)
-        key = self.params.align.talk2dino.text_encoder
+        if text_input != TEXT_ENCODER:
+            raise InferenceError(
+                f"{self.name} encodes strings with its own text tower: it has no frozen one"
+            )
+        key = getattr(self.params.align, self.name).text_encoder
         configs = {t.key: t for t in self.params.embed.text_encoders}
         if key not in configs:
             raise InferenceError(
-                f"align.talk2dino.text_encoder is {key!r} but embed.text_encoders has only {sorted(configs)}"
+                f"align.{self.name}.text_encoder is {key!r} but embed.text_encoders has only {sorted(configs)}"
             )
         t = configs[key]
         return build_text_encoder(
@@ -223,8 +238,8 @@ class AlignedModel:
 
     def check_store_preprocessing(self, store_uri: str) -> None:
         """Refuse features whose recorded preprocessing is not what this model's towers
-        apply to the images they embed here: the backbone's, and for the projector (whose
-        reference is the store's ``clip_image``) CLIP's."""
+        apply to the images they embed here: the backbone's, and for a recipe with a CLIP
+        reference (the projector: the store's ``clip_image``) CLIP's."""
         from dinoalign.embed.pipeline import clip_preprocessing
         from dinoalign.embed.store import FeatureStore, check_preprocessing
         from dinoalign.errors import PreprocessingMismatch
@@ -236,7 +251,7 @@ class AlignedModel:
         try:
             check_preprocessing(spec, "backbone", self.preprocessing, features=store_uri,
                                 user=f"{self.name}'s backbone here (params backbone + embed)")
-            if self.name == "projector" and "clip_image" in spec["columns"]:
+            if self.recipe.has_clip_reference and "clip_image" in spec["columns"]:
                 check_preprocessing(spec, "clip", clip_preprocessing(self.clip[1]),
                                     features=store_uri, user="the CLIP of params.clip")
         except PreprocessingMismatch as err:
@@ -275,23 +290,16 @@ class AlignedModel:
         return self._batch_from_backbone(x)
 
     def _batch_from_backbone(self, x: Tensor) -> dict[str, Tensor]:
-        """Normalised images B×3×H×W -> the recipe's image batch (on the CPU)."""
-        from dinoalign.embed.features import image_features
-
+        """Normalised images B×3×H×W -> the recipe's image batch (on the CPU), by
+        :meth:`~dinoalign.recipes.Recipe.batch_from_images`."""
         with torch.no_grad():
-            if self.name == "dinotxt":
-                return {"tokens_vision": self.recipe.forward_images(x, self.backbone).float().cpu()}
-            features = image_features(self.backbone(x))
-        keys = {"talk2dino": ("head_embeddings",), "projector": ("token_mean",)}[self.name]
-        return {k: features[k].float().cpu() for k in keys}
+            batch = self.recipe.batch_from_images(x, self.backbone)
+        return {k: v.float().cpu() for k, v in batch.items()}
 
     def store_columns(self) -> tuple[str, ...]:
-        """The feature-store columns :meth:`store_batch` reads for this recipe."""
-        return {
-            "talk2dino": ("head_embeddings",),
-            "projector": ("token_mean",),
-            "dinotxt": ("cls", "registers", "patches"),
-        }[self.name]
+        """The feature-store columns :meth:`store_batch` reads for this recipe (its
+        ``image_columns``)."""
+        return self.recipe.image_columns
 
     def store_batch(self, store_uri: str, uids: Sequence[str]) -> dict[str, Tensor]:
         """The image batch of ``uids`` (in that order) from the embed stage's features.
@@ -310,12 +318,7 @@ class AlignedModel:
             )
         order = np.asarray([row[u] for u in uids], dtype=np.int64)
         arrays = {c: torch.from_numpy(loaded[c][order].astype(np.float32)) for c in columns}
-        if self.name == "dinotxt":
-            tokens = torch.cat(
-                [arrays["cls"][:, None], arrays["registers"], arrays["patches"]], dim=1
-            )
-            return {"tokens_vision": tokens}
-        return arrays
+        return self.recipe.batch_from_features(arrays)
 
     def store_has_columns(self, store_uri: str) -> bool:
         """Whether the feature store holds every column :meth:`store_batch` needs."""
@@ -329,15 +332,15 @@ class AlignedModel:
     # ------------------------------------------------------------------ texts
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
-        """N strings -> N×E normalised text embeddings (CLIP text tower first for
-        talk2dino and the projector, the recipe's own text transformer for dinotxt)."""
+        """N strings -> N×E normalised text embeddings (the frozen :attr:`text_tower`
+        first, unless the recipe has its own text tower: ``text_input`` ``own``)."""
         if not texts:
             raise InferenceError("no text to encode")
         chunks = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 part = list(texts[start : start + self.batch_size])
-                if self.name == "dinotxt":
+                if self.recipe.text_input == OWN_TEXT:
                     chunks.append(self.recipe.encode_text(part))
                 else:
                     raw = self.text_tower.encode(part, batch_size=self.batch_size)
@@ -347,13 +350,14 @@ class AlignedModel:
     def class_embeddings(
         self, class_names: Sequence[str], templates: str | Sequence[str]
     ) -> Tensor:
-        """N×E class embeddings from names × templates. talk2dino as its paper does: the
-        raw CLIP features of the templates are averaged, then ψ, then normalised; the
-        other recipes by the CLIP protocol (normalise, average, re-normalise)."""
+        """N×E class embeddings from names × templates. Recipes that average prompt
+        features (``averages_prompt_features``: talk2dino, as its paper does): the raw
+        text features of the templates are averaged, then ``encode_text`` (ψ, normalise);
+        the others by the CLIP protocol (normalise, average, re-normalise)."""
         from dinoalign.evaluate.templates import resolve_templates
         from dinoalign.evaluate.zeroshot import class_text_embeddings
 
-        if self.name != "talk2dino":
+        if not self.recipe.averages_prompt_features:
             return class_text_embeddings(self.encode_texts, class_names, templates, self.batch_size)
         prompts_per_class = resolve_templates(templates)
         prompts = [t.replace("{}", name) for name in class_names for t in prompts_per_class]
@@ -385,14 +389,13 @@ class AlignedModel:
         return torch.cat([self.scores(text_embeddings, b) for b in batches], dim=1)
 
     def index_vectors(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
-        """(V×E unit vectors for a nearest-neighbour index, vectors per image). talk2dino
-        indexes each image's H normalised head embeddings, so that the best inner product
-        over an image's vectors is its best-head score; the others index encode_image."""
+        """(V×E unit vectors for a nearest-neighbour index, vectors per image), on the CPU:
+        the recipe's :meth:`~dinoalign.recipes.Recipe.index_vectors` (talk2dino indexes
+        each image's H normalised head embeddings, so that the best inner product over an
+        image's vectors is its best-head score; the others index encode_image)."""
         with torch.no_grad():
-            if self.name == "talk2dino":
-                heads = F.normalize(batch["head_embeddings"].float(), dim=-1)
-                return heads.flatten(0, 1), heads.shape[1]
-            return self.recipe.encode_image(batch).float().cpu(), 1
+            vectors, per_image = self.recipe.index_vectors(batch)
+        return vectors.float().cpu(), per_image
 
     # ------------------------------------------------------------------ dense
 
@@ -403,9 +406,11 @@ class AlignedModel:
         N×E: crop B×3×h×w (RGB 0–255) -> B×N×h'×w' scores on the patch grid.
 
         Crops whose sides are not multiples of the patch size are resized to the nearest
-        multiples first. talk2dino: sigmoid maps, with background cleaning if asked;
-        dinotxt: cosines of its dense features with the second half of the text
-        embedding. The projector has no dense head."""
+        multiples first, then go through the recipe's
+        :meth:`~dinoalign.recipes.Recipe.dense_logits_from_images`. talk2dino: sigmoid
+        maps, with background cleaning if asked (``has_background_cleaning``); dinotxt:
+        cosines of its dense features with the second half of the text embedding. The
+        projector has no dense head."""
         if not self.recipe.has_dense_head:
             raise InferenceError(
                 f"{self.name} has no dense head (it maps one global feature per image): it "
@@ -426,16 +431,8 @@ class AlignedModel:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             x = (x / 255.0 - backbone.mean[:, None, None]) / backbone.std[:, None, None]
             with torch.no_grad():
-                if self.name == "dinotxt":
-                    tokens = self.recipe.forward_images(x, backbone)
-                    grid = (size[0] // patch, size[1] // patch)
-                    return self.recipe.dense_logits({"tokens_vision": tokens}, text, grid)
-                out = backbone(x)
-                if clean_background:
-                    cleaned = background_cleaning(
-                        out.patches, out.attn_logits, text, cleaning_lambda
-                    )
-                    return cleaned.unflatten(-1, out.grid)
-                return self.recipe.dense_logits({"patches": out.patches}, text, out.grid)
+                return self.recipe.dense_logits_from_images(
+                    x, backbone, text, clean_background, cleaning_lambda
+                )
 
         return logits

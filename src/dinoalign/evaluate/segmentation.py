@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from dinoalign.evaluate.config import SegmentationConfig
 from dinoalign.evaluate.datasets.base import IGNORE_INDEX, SegmentationDataset
 from dinoalign.evaluate.metrics import ConfusionMatrix, chance_miou
 from dinoalign.evaluate.pamr import PAMR
@@ -41,39 +42,6 @@ RefineFn = Callable[[Tensor, Tensor], Tensor]
 
 Predictor = Callable[[np.ndarray], Tensor]
 """Image uint8 H×W×3 -> label map H×W (int64)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentationConfig:
-    """Inference settings. Defaults are the demo size; the papers use short_side 448,
-    max_long_side 2048, crop 448, stride 224, PAMR on for the "with refinement" rows and
-    bg_threshold 0.55 (Talk2DINO ViT-B; 0.54 ViT-L) on datasets with a background class.
-
-    The two bilinear resizes have their own corner setting, as in the official code:
-    ``window_align_corners`` for the patch grid -> window upsampling (Talk2DINO's
-    ``DINOText.generate_masks``: ``align_corners=True``) and ``output_align_corners`` for
-    the resize back to the original image (mmseg's ``EncoderDecoder.align_corners``,
-    False in the Talk2DINO/TCL evaluation configs)."""
-
-    short_side: int = 224
-    max_long_side: int = 1024
-    crop: int = 224
-    stride: int = 112
-    window_align_corners: bool = True
-    output_align_corners: bool = False
-    bg_threshold: float | None = 0.55  # None: background must be a scored text class
-    pamr: bool = False
-    pamr_iterations: int = 10
-    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
-
-    def __post_init__(self) -> None:
-        if min(self.short_side, self.max_long_side, self.crop, self.stride) < 1:
-            raise ValueError("short_side, max_long_side, crop and stride must be positive")
-        if self.stride > self.crop:
-            raise ValueError(
-                f"stride {self.stride} > crop {self.crop} would leave pixels no window covers; "
-                "use stride <= crop"
-            )
 
 
 def resized_size(height: int, width: int, short: int, max_long: int) -> tuple[int, int]:

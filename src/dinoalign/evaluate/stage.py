@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -69,7 +68,7 @@ from dinoalign.evaluate.visualize import (
     with_legend,
 )
 from dinoalign.evaluate.zeroshot import classification_metrics
-from dinoalign.storage import under_root
+from dinoalign.storage import under_root, write_atomic
 
 STAGE = "evaluate"
 PREDICTIONS_CSV = "zeroshot_predictions.csv"
@@ -217,7 +216,7 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
                 for i, p in zip(single.tolist(), predicted)
             ]
         reference = None
-        if model.name == "projector":
+        if model.recipe.has_clip_reference:
             reference = _clip_image_features(model, images, features_uri, params, use_store)
         block["retrieval"] = retrieval_block(model, batch, images.captions, cfg.ks, reference)
         if head is not None:
@@ -293,7 +292,7 @@ def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evalua
     text = model.encode_texts([c for caps in captions for c in caps])
     scores = model.score_batches(text, _online_batches(model, images, cfg.batch_size))
     reference = None
-    if model.name == "projector":
+    if model.recipe.has_clip_reference:
         reference = torch.cat(
             [
                 model.clip_image_features(chunk)
@@ -369,11 +368,11 @@ class DenseHead:
     @classmethod
     def build(cls, model: AlignedModel, dataset: Any, cfg: EvaluateConfig) -> DenseHead:
         """Class embeddings of ``dataset``'s scored class names (``dense_templates``) and
-        ``model``'s dense scores; talk2dino cleans the background where
-        :meth:`EvaluateConfig.cleans_background` says so."""
+        ``model``'s dense scores; a recipe with background cleaning (talk2dino) cleans
+        where :meth:`EvaluateConfig.cleans_background` says so."""
         seg_cfg = cfg.segmentation_for(model.name)
         names = scored_class_names(dataset, seg_cfg)
-        clean = cfg.cleans_background(dataset.has_background) and model.name == "talk2dino"
+        clean = cfg.cleans_background(dataset.has_background) and model.recipe.has_background_cleaning
         classes = model.class_embeddings(names, cfg.dense_templates)
         return cls(model.dense_logits_fn(classes, clean, cfg.cleaning_lambda), seg_cfg, clean)
 
@@ -558,10 +557,7 @@ def write_outputs(evaluation: Evaluation, metrics_path: Path, plots_dir: Path) -
     for name, picture in evaluation.examples.items():
         (plots_dir / EXAMPLES_DIR).mkdir(exist_ok=True)
         (plots_dir / EXAMPLES_DIR / name).write_bytes(png_bytes(picture))
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(evaluation.metrics), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, metrics_path)
+    write_atomic(metrics_path, json.dumps(jsonable(evaluation.metrics), indent=2, sort_keys=True) + "\n")
 
 
 def _csv_number(value: float) -> str:

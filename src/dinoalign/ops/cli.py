@@ -58,14 +58,10 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def _infra_up(args: argparse.Namespace) -> int:
-    from dinoalign.ops.stack import StackError, StackOptions, up
+    from dinoalign.ops.stack import StackOptions, up
 
-    try:
-        state = up(_root(args), StackOptions(bucket=args.bucket, backend=args.backend, ray=args.ray,
-                                             ray_cpus=args.ray_cpus, dvc_remote=args.dvc_remote))
-    except StackError as e:
-        print(f"dinoalign infra: {e}", file=sys.stderr)
-        return 1
+    state = up(_root(args), StackOptions(bucket=args.bucket, backend=args.backend, ray=args.ray,
+                                         ray_cpus=args.ray_cpus, dvc_remote=args.dvc_remote))
     for s in state["services"]:
         print(f"infra: {s['name']:<9} pid {s['pid']:<7} {s['url']}   (log {s['log']})")
     print(f"infra: bucket s3://{state['bucket']} (MLflow artifacts under mlflow/, DVC remote under dvc/); "
@@ -102,11 +98,7 @@ def _infra_dvc_remote(args: argparse.Namespace) -> int:
     from dinoalign.storage import configure_dvc_remote, s3_settings
 
     settings = s3_settings()
-    try:
-        configure_dvc_remote(_root(args), args.name, args.url, default=args.default, shared=args.shared)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dinoalign infra: {e}", file=sys.stderr)
-        return 2
+    configure_dvc_remote(_root(args), args.name, args.url, default=args.default, shared=args.shared)
     keys = "keys in .dvc/config.local" if settings.access_key else "no keys in the environment (DVC will use its own)"
     print(f"infra: DVC remote {args.name!r} -> {args.url} via {settings.endpoint_url or 'AWS'}; {keys}"
           + ("; default for this checkout" if args.default else ""))
@@ -115,28 +107,19 @@ def _infra_dvc_remote(args: argparse.Namespace) -> int:
 
 def _retrain(args: argparse.Namespace) -> int:
     from dinoalign.config import ConfigError, load_params
-    from dinoalign.ops.retrain import RetrainError, retrain
+    from dinoalign.ops.retrain import retrain
 
     outside = [o for o in args.overrides if not o.startswith("retrain.")]
     if outside:
-        print(f"dinoalign retrain: {outside[0]!r}: only retrain.* may be overridden here; the pipeline "
-              "that `dvc repro` runs reads params.yaml (edit it, or `dvc exp run -S`)", file=sys.stderr)
-        return 2
-    try:
-        params = load_params(args.params, args.overrides)
-    except ConfigError as e:
-        print(f"dinoalign: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{outside[0]!r}: only retrain.* may be overridden here; the pipeline "
+                          "that `dvc repro` runs reads params.yaml (edit it, or `dvc exp run -S`)")
+    params = load_params(args.params, args.overrides)
     root = Path(args.params).resolve().parent
     os.environ.setdefault("DINOALIGN_ROOT", str(root))  # the embedded MLflow store of this checkout
-    try:
-        # stdout carries exactly one JSON record (cron jobs and tests parse it): whatever the
-        # libraries print meanwhile (MLflow writes "View run ... at: URL" to sys.stdout when
-        # it talks to a tracking server) goes to stderr with the progress messages
-        with contextlib.redirect_stdout(sys.stderr):
-            result = retrain(params, root, args.new)
-    except RetrainError as e:
-        print(f"dinoalign retrain: {e}", file=sys.stderr)
-        return e.exit_code
+    # stdout carries exactly one JSON record (cron jobs and tests parse it): whatever the
+    # libraries print meanwhile (MLflow writes "View run ... at: URL" to sys.stdout when
+    # it talks to a tracking server) goes to stderr with the progress messages
+    with contextlib.redirect_stdout(sys.stderr):
+        result = retrain(params, root, args.new)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-RECIPES = ("talk2dino", "dinotxt", "projector")
+from dinoalign.errors import ConfigError
+from dinoalign.train.config import recipe_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +14,9 @@ class RetrainConfig:
 
     - ``recipes``: the models compared and promoted, registered as ``<model_prefix><recipe>``.
     - ``metrics``: per recipe, the key of its evaluation (the evaluate stage's
-      ``metrics/<recipe>.json`` layout, dotted) that decides; higher is better.
+      ``metrics/<recipe>.json`` layout, dotted) that decides; higher is better. A recipe
+      not listed uses its own default, the ``promotion_metric`` of its class in
+      ``dinoalign.recipes``.
     - ``tolerance``: ``@champion`` moves to the candidate when
       ``candidate >= champion - tolerance`` on the fixed evaluation set (``evaluate.split``
       of the demo world or ``evaluate.dataset``; appended pairs never join it).
@@ -24,9 +27,8 @@ class RetrainConfig:
     - ``push`` / ``push_attempts``: ``dvc push`` before the champion moves.
     """
 
-    recipes: list[str] = dataclasses.field(default_factory=lambda: list(RECIPES))
-    metrics: dict[str, str] = dataclasses.field(default_factory=lambda: {
-        "talk2dino": "segmentation.miou", "dinotxt": "zeroshot.top1", "projector": "retrieval.t2i.r1"})
+    recipes: list[str] = dataclasses.field(default_factory=lambda: list(recipe_names()))
+    metrics: dict[str, str] = dataclasses.field(default_factory=dict)
     tolerance: float = 0.02
     model_prefix: str = "dinoalign-"
     targets: list[str] = dataclasses.field(default_factory=list)
@@ -39,14 +41,14 @@ class RetrainConfig:
     push_attempts: int = 3
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.recipes if r not in RECIPES]
+        unknown = [r for r in self.recipes if r not in recipe_names()]
         if unknown or not self.recipes:
-            raise ValueError(f"retrain.recipes must be a non-empty subset of {RECIPES}, got {self.recipes}")
-        missing = [r for r in self.recipes if r not in self.metrics]
-        if missing:
-            raise ValueError(f"retrain.metrics names no metric for {missing}: add e.g. "
-                             f"retrain.metrics.{missing[0]}=zeroshot.top1")
+            raise ConfigError(f"retrain.recipes must be a non-empty subset of {recipe_names()}, got {self.recipes}")
+        strays = sorted(set(self.metrics) - set(recipe_names()))
+        if strays:
+            raise ConfigError(f"retrain.metrics names {strays}, which are not recipes (one of "
+                              f"{recipe_names()}); a recipe not listed uses its promotion_metric")
         if self.tolerance < 0:
-            raise ValueError(f"retrain.tolerance must be >= 0 (how much worse a candidate may be), got {self.tolerance}")
+            raise ConfigError(f"retrain.tolerance must be >= 0 (how much worse a candidate may be), got {self.tolerance}")
         if self.push_attempts < 1:
-            raise ValueError(f"retrain.push_attempts must be >= 1, got {self.push_attempts}")
+            raise ConfigError(f"retrain.push_attempts must be >= 1, got {self.push_attempts}")

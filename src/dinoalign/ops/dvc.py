@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-
-class DvcError(RuntimeError):
-    """A DVC command failed; the message names the command and DVC's own error lines."""
+from dinoalign.errors import DvcError
 
 
 def dvc(root: Path, *args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> str:

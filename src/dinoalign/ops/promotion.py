@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dinoalign.config import Params
+from dinoalign.errors import ConfigError, DataError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 PROMOTE, KEEP = "promote", "keep"
@@ -58,7 +59,7 @@ def metric_value(metrics: Mapping[str, Any], key: str) -> float:
             raise KeyError(f"metric {key!r} is not in the evaluation (top-level keys: {sorted(metrics)})")
         node = node[part]
     if isinstance(node, bool) or not isinstance(node, (int, float)) or math.isnan(node):
-        raise ValueError(f"metric {key!r} is {node!r}, not a number: choose another retrain.metrics entry")
+        raise ConfigError(f"metric {key!r} is {node!r}, not a number: choose another retrain.metrics entry")
     return float(node)
 
 
@@ -67,7 +68,7 @@ def eval_set_fingerprint(manifest: Any, split: str) -> str:
     uids = sorted(u for u, s in zip(manifest.column("uid").to_pylist(), manifest.column("split").to_pylist())
                   if s == split)
     if not uids:
-        raise ValueError(f"the pairs manifest has no {split!r} split to evaluate on")
+        raise DataError(f"the pairs manifest has no {split!r} split to evaluate on")
     return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
 
 
@@ -99,13 +100,23 @@ def _pipeline_run(client: Any, version: Any) -> str | None:
     return client.get_run(version.run_id).data.tags.get("dinoalign.pipeline_run_id")
 
 
+def promotion_metric(params: Params, recipe: str) -> str:
+    """The metric that decides ``recipe``'s promotion: ``retrain.metrics.<recipe>``, else
+    the recipe class's ``promotion_metric``."""
+    if recipe in params.retrain.metrics:
+        return params.retrain.metrics[recipe]
+    from dinoalign.recipes import RECIPES
+
+    return RECIPES.get(recipe).promotion_metric
+
+
 def decide(client: Any, recipe: str, params: Params, pipeline_run_id: str, eval_set: str,
            evaluate: Evaluate) -> Decision:
     """The decision for ``recipe``: its ``@candidate`` must come from this pipeline run
     (``dinoalign.pipeline_run_id``); it and ``@champion`` are evaluated with ``evaluate``."""
     cfg = params.retrain
     model = f"{cfg.model_prefix}{recipe}"
-    metric = cfg.metrics[recipe]
+    metric = promotion_metric(params, recipe)
     base = dict(recipe=recipe, model=model, metric=metric, tolerance=cfg.tolerance, eval_set=eval_set)
     candidate = _version(client, model, CANDIDATE)
     if candidate is None:

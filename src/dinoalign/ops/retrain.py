@@ -38,21 +38,20 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import mlflow
+from mlflow import MlflowClient
+
 from dinoalign.config import Params
 from dinoalign.data import incoming
+from dinoalign.data.prepare import read_manifest
+from dinoalign.errors import ConfigError, DataError, RetrainError
 from dinoalign.ops import dvc as ops_dvc
 from dinoalign.ops import promotion
+from dinoalign.storage import write_atomic
+from dinoalign.tracking import run_url, stage_run, tracking_uri
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
 DECISION_FILE, HISTORY_FILE, LEDGER_FILE = "decision.json", "history.jsonl", "batches.json"
-
-
-class RetrainError(RuntimeError):
-    """Retraining stopped; ``exit_code`` is what ``dinoalign retrain`` returns."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @contextlib.contextmanager
@@ -81,7 +80,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 def retrain(params: Params, root: Path, new_uri: str) -> dict[str, Any]:
     """One scheduled retraining of the checkout at ``root`` (see the module docstring)."""
     if not params.data.incoming:
-        raise RetrainError("data.incoming is null: retraining appends new pairs there; set it (e.g. incoming/pairs)")
+        raise ConfigError("data.incoming is null: retraining appends new pairs there; set it (e.g. incoming/pairs)")
     root = Path(root).resolve()
     with exclusive_lock(root / params.retrain.lock_file):
         folder = root / params.data.incoming
@@ -99,10 +98,7 @@ def load_ledger(path: Path) -> list[dict[str, Any]]:
 
 
 def _save_ledger(path: Path, ledger: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(ledger, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(ledger, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -118,7 +114,7 @@ def _ingest(params: Params, root: Path, folder: Path, ledger_path: Path, new_uri
     try:
         fp = incoming.fingerprint(new_uri)
     except FileNotFoundError as e:
-        raise RetrainError(str(e)) from None
+        raise DataError(str(e)) from None
     ledger = load_ledger(ledger_path)
     if any(b["fingerprint"] == fp for b in ledger):
         _say(f"retrain: no new data: {new_uri} is unchanged since batch "
@@ -132,7 +128,7 @@ def _ingest(params: Params, root: Path, folder: Path, ledger_path: Path, new_uri
         try:
             counts = incoming.append_batch(folder, items, batch_id)
         except (FileNotFoundError, ValueError) as e:
-            raise RetrainError(f"cannot read new data at {new_uri}: {e}") from None
+            raise DataError(f"cannot read new data at {new_uri}: {e}") from None
     if counts["appended"] == 0:
         _say(f"retrain: no new data: {counts['records']} pairs at {new_uri}, {counts['already_present']} already "
               f"appended, {counts['rejected']} rejected")
@@ -147,12 +143,6 @@ def _ingest(params: Params, root: Path, folder: Path, ledger_path: Path, new_uri
 
 # ----------------------------------------------------------------------------- run
 def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batch: dict[str, Any]) -> dict[str, Any]:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from dinoalign.data.prepare import read_manifest
-    from dinoalign.tracking import run_url, stage_run, tracking_uri
-
     cfg = params.retrain
     env = {"DINOALIGN_PIPELINE_RUN_ID": batch["id"]}
     record: dict[str, Any] = {"batch": batch["id"], "source": batch["source"], "appended": batch["appended"],
@@ -207,11 +197,7 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
 def _record(root: Path, decisions_dir: str, record: dict[str, Any]) -> None:
     """``decision.json`` (this run) and one line of ``history.jsonl`` in the repo."""
     out = root / decisions_dir
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    tmp = out / f".{DECISION_FILE}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / DECISION_FILE)
+    write_atomic(out / DECISION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     with (out / HISTORY_FILE).open("a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dinoalign import infra
+from dinoalign.errors import StackError
 from dinoalign.storage import (
     S3Settings,
     client_env,
@@ -42,10 +43,6 @@ ENV_FILE = "stack.env"
 CREDENTIALS_FILE = "credentials.env"
 DVC_REMOTE = "stack"
 BACKENDS = ("sqlite", "postgresql")
-
-
-class StackError(RuntimeError):
-    """The stack cannot be started, found or stopped as asked."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,12 @@ Notation: B images, N texts, D vision width, E joint embedding width, P patches 
 writes (``head_embeddings``, ``token_mean``, ``text``, ``tokens`` ...); each recipe
 declares the keys and shapes it reads in :meth:`Recipe.input_spec`, and the same spec
 validates batches and is written to ``config.json``.
+
+Everything the pipeline needs to know about a recipe is a class-level fact or hook here
+(the feature-store columns it reads, how its config's widths follow from the features,
+its training samples, its text input, its dense path ...): train/, evaluate/, serve and
+ops call these and never compare recipe names, so a new recipe is one module plus its
+``align.<name>`` params section.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinoalign.config import from_dict
+from dinoalign.embed.features import image_features
+from dinoalign.errors import DataError
 from dinoalign.storage import fs_for, open_uri
 
 WEIGHTS_FILE = "model.safetensors"
@@ -31,11 +40,19 @@ SAVE_FORMAT_VERSION = 1
 # A shape spec: ints are fixed sizes, strings name free sizes ("B", "P", "1+4+P").
 ShapeSpec = tuple[int | str, ...]
 
+# What a recipe's encode_text takes (Recipe.text_input):
+TEXT_ENCODER = "text_encoder"  # N×T features of a frozen embed text encoder: the key of
+#   embed.text_encoders named by the recipe's align.<name>.text_encoder
+CLIP_TEXT = "clip_text"  # N×E features of the teacher CLIP's frozen text tower (params.clip)
+OWN_TEXT = "own"  # strings, through the recipe's own text tower (trained on the train captions)
+TEXT_INPUTS = (TEXT_ENCODER, CLIP_TEXT, OWN_TEXT)
+
 
 class Recipe(nn.Module, abc.ABC):
     """Base class of the three recipes (``talk2dino``, ``dinotxt``, ``projector``).
 
-    Subclasses set ``config_class`` (a frozen dataclass with a ``name`` field) and are
+    Subclasses set ``config_class`` (a frozen dataclass with a ``name`` field) and the
+    class facts and hooks (image batches, training) the pipeline asks for, and are
     registered in :data:`dinoalign.recipes.registry.RECIPES`. Everything in
     ``state_dict()`` is trained or needed to encode; frozen backbones and text towers
     stay outside the module and are rebuilt by name.
@@ -43,6 +60,24 @@ class Recipe(nn.Module, abc.ABC):
 
     config_class: ClassVar[type]
     has_dense_head: ClassVar[bool] = True
+
+    # What the pipeline asks of a recipe (set by every subclass; see the hooks below).
+    name: ClassVar[str]  # registered name = config_class().name = its align.<name> section
+    image_columns: ClassVar[tuple[str, ...]]  # feature-store image columns it reads
+    text_input: ClassVar[str]  # one of TEXT_INPUTS
+    # Class names from prompt templates: True averages the frozen text features of the
+    # prompts, then encode_text (Talk2DINO's paper); False is the CLIP protocol
+    # (encode_text every prompt, average, re-normalise).
+    averages_prompt_features: ClassVar[bool] = False
+    # Whether its retrieval is reported against the teacher CLIP's own (the store's
+    # ``clip_image`` column, made with params.clip's preprocessing).
+    has_clip_reference: ClassVar[bool] = False
+    # Whether Talk2DINO's background cleaning of the dense map applies (needs the
+    # backbone's ``attn_logits``; see dense_logits_from_images).
+    has_background_cleaning: ClassVar[bool] = False
+    # The evaluate-stage metric (dotted key of metrics/<recipe>.json, higher is better)
+    # that decides retrain promotion unless retrain.metrics.<name> overrides it.
+    promotion_metric: ClassVar[str]
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -91,6 +126,83 @@ class Recipe(nn.Module, abc.ABC):
         grid: tuple[int, int] | None = None,
     ) -> Tensor:
         """B×N×h×w per-patch class scores from N×E ``encode_text`` outputs."""
+
+    # ------------------------------------------------------------------ image batches
+
+    @classmethod
+    def batch_from_features(cls, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """This recipe's image batch from feature columns (the store's
+        :attr:`image_columns`, or :func:`dinoalign.embed.features.image_features` of a
+        backbone forward), B rows each: by default the columns themselves."""
+        return {k: features[k] for k in cls.image_columns}
+
+    def batch_from_images(self, images: Tensor, backbone: Any) -> dict[str, Tensor]:
+        """Normalised images B×3×H×W through the frozen ``backbone`` (the DINOv2 adapter)
+        -> this recipe's image batch, made as the embed stage makes its feature columns.
+        Call it under ``torch.no_grad()``."""
+        keep_patches = bool({"registers", "patches"} & set(self.image_columns))
+        return self.batch_from_features(image_features(backbone(images), keep_patches))
+
+    def index_vectors(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+        """(V×E unit vectors for a nearest-neighbour index, vectors per image) of an image
+        batch: by default B :meth:`encode_image` rows, one per image."""
+        return self.encode_image(batch), 1
+
+    def dense_logits_from_images(
+        self,
+        images: Tensor,
+        backbone: Any,
+        class_text_embeddings: Tensor,
+        clean_background: bool = False,
+        cleaning_lambda: float = 0.2,
+    ) -> Tensor:
+        """B×N×h×w per-patch class scores of normalised images B×3×H×W (sides multiples
+        of the patch size) through the frozen ``backbone``, from N×E ``encode_text``
+        outputs. ``clean_background`` applies only where :attr:`has_background_cleaning`.
+        Call it under ``torch.no_grad()``."""
+        raise NotImplementedError(
+            f"{self.name} has no dense head (has_dense_head is False): skip segmentation for it"
+        )
+
+    # ------------------------------------------------------------------ training
+
+    @classmethod
+    def model_fields_from_features(
+        cls, spec: Mapping[str, Any], training: Any
+    ) -> dict[str, Any]:
+        """The config fields read from the feature store's manifest ``spec`` (its
+        ``columns`` shapes and ``backbone``): exactly the ``inferred_model_fields`` of
+        the recipe's ``align.<name>`` section ``training``, which params may not set."""
+        raise NotImplementedError(f"{cls.__name__} does not say how its widths follow from the features")
+
+    @classmethod
+    def config_from_features(cls, training: Any, spec: Mapping[str, Any]) -> Any:
+        """The recipe's config dataclass: ``align.<name>.model`` (free choices, checked
+        like params) plus the widths :meth:`model_fields_from_features` reads."""
+        fields = cls.model_fields_from_features(spec, training)
+        if set(fields) != set(training.inferred_model_fields):
+            raise TypeError(
+                f"{cls.__name__}.model_fields_from_features gives {sorted(fields)} but "
+                f"align.{cls.name} declares {sorted(training.inferred_model_fields)} as "
+                f"inferred (inferred_model_fields): make the two agree"
+            )
+        return from_dict(cls.config_class, {**training.model, **fields}, where=f"align.{cls.name}.model")
+
+    @classmethod
+    def training_data(
+        cls,
+        training: Any,
+        model_cfg: Any,
+        source: Any,
+        *,
+        image_limits: dict[str, Any],
+        seed: int,
+    ) -> Any:
+        """The :class:`dinoalign.train.data.TrainingData` of this recipe over the train
+        uids of ``source`` (a :class:`dinoalign.train.data.FeatureSource`) that have
+        features, for its ``align.<name>`` section ``training`` and config ``model_cfg``;
+        ``image_limits`` bound image decodes, ``seed`` rebuilds a frozen backbone."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to build its training samples")
 
     # ------------------------------------------------------------------ shared helpers
 
@@ -218,6 +330,19 @@ def to_grid(scores: Tensor, grid: tuple[int, int] | None) -> Tensor:
     if grid[0] * grid[1] != num_patches:
         raise ValueError(f"grid {grid} does not hold {num_patches} patches")
     return scores.unflatten(-1, grid)
+
+
+def feature_width(spec: Mapping[str, Any], column: str, recipe: str, axis: int = -1) -> int:
+    """Size ``axis`` of feature-store column ``column`` in the manifest ``spec``; a clear
+    error naming ``recipe`` when the store lacks it."""
+    columns = spec["columns"]
+    if column not in columns:
+        raise DataError(
+            f"{recipe} trains on the {column!r} feature, which the feature store does "
+            f"not have (it has {sorted(columns)}); re-run embed with it"
+            + (" (embed.keep_patches: true)" if column in ("patches", "registers") else "")
+        )
+    return int(columns[column][axis])
 
 
 def join_uri(directory: str, name: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import open_clip
 import torch
@@ -28,10 +28,12 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
 from dinoalign.recipes.base import (
+    OWN_TEXT,
     LogitScale,
     Recipe,
     ShapeSpec,
     check_positive,
+    feature_width,
     retrieval_accuracy,
     symmetric_infonce,
     to_grid,
@@ -107,6 +109,45 @@ class DinoTxt(Recipe):
     """
 
     config_class = DinoTxtConfig
+    name = "dinotxt"
+    image_columns = ("cls", "registers", "patches")  # stitched by batch_from_features
+    text_input = OWN_TEXT
+    promotion_metric = "zeroshot.top1"
+
+    @classmethod
+    def model_fields_from_features(cls, spec: Mapping[str, Any], training: Any) -> dict[str, Any]:
+        """The frozen backbone (name, width, heads) of the manifest, R from ``registers``."""
+        backbone = spec["backbone"]
+        return {
+            "backbone": backbone["name"],
+            "vision_dim": int(backbone["embed_dim"]),
+            "vision_heads": int(backbone["num_heads"]),
+            "num_registers": feature_width(spec, "registers", cls.name, axis=0),
+        }
+
+    @classmethod
+    def training_data(
+        cls, training: Any, model_cfg: Any, source: Any, *, image_limits: dict[str, Any], seed: int
+    ) -> Any:
+        """One sample per image with a caption drawn per epoch; ``inputs: images`` first
+        checks that the backbone rebuilt with ``seed`` is the one that made the features."""
+        from dinoalign.train.data import check_backbone, dinotxt_data
+
+        if training.inputs == "images":
+            check_backbone(source.spec, seed, source.features)
+        return dinotxt_data(training, model_cfg, source, image_limits=image_limits)
+
+    @classmethod
+    def batch_from_features(cls, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``tokens_vision`` B×(1+R+P)×D = [cls B×D; registers B×R×D; patches B×P×D]."""
+        tokens = torch.cat(
+            [features["cls"][:, None], features["registers"], features["patches"]], dim=1
+        )
+        return {"tokens_vision": tokens}
+
+    def batch_from_images(self, images: Tensor, backbone: Any) -> dict[str, Tensor]:
+        """``tokens_vision`` of normalised images B×3×H×W (:meth:`forward_images`)."""
+        return {"tokens_vision": self.forward_images(images, backbone)}
 
     def __init__(self, cfg: DinoTxtConfig) -> None:
         super().__init__(cfg)
@@ -236,6 +277,21 @@ class DinoTxt(Recipe):
         patches = F.normalize(self.vision_features(self._vision_tokens(batch))[1], dim=-1)
         scores = torch.einsum("bpd,nd->bnp", patches, F.normalize(text[:, d:], dim=-1))
         return to_grid(scores, grid)
+
+    def dense_logits_from_images(
+        self,
+        images: Tensor,
+        backbone: Any,
+        class_text_embeddings: Tensor,
+        clean_background: bool = False,
+        cleaning_lambda: float = 0.2,
+    ) -> Tensor:
+        """B×N×h×w :meth:`dense_logits` of normalised images B×3×H×W through
+        :meth:`forward_images`, on their patch grid (no background cleaning)."""
+        tokens = self.forward_images(images, backbone)
+        patch = backbone.patch_size
+        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+        return self.dense_logits({"tokens_vision": tokens}, class_text_embeddings, grid)
 
 
 def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinoalign.recipes.base import Recipe, ShapeSpec, check_positive
+from dinoalign.recipes.base import CLIP_TEXT, Recipe, ShapeSpec, check_positive, feature_width
 from dinoalign.recipes.registry import RECIPES
 
 
@@ -80,6 +81,28 @@ class Projector(Recipe):
 
     config_class = ProjectorConfig
     has_dense_head = False
+    name = "projector"
+    image_columns = ("token_mean",)
+    text_input = CLIP_TEXT
+    has_clip_reference = True
+    promotion_metric = "retrieval.t2i.r1"
+
+    @classmethod
+    def model_fields_from_features(cls, spec: Mapping[str, Any], training: Any) -> dict[str, Any]:
+        """D from ``token_mean``, E from the teacher's ``clip_image``."""
+        return {
+            "vision_dim": feature_width(spec, "token_mean", cls.name),
+            "embed_dim": feature_width(spec, "clip_image", cls.name),
+        }
+
+    @classmethod
+    def training_data(
+        cls, training: Any, model_cfg: Any, source: Any, *, image_limits: dict[str, Any], seed: int
+    ) -> Any:
+        """One sample per image: ``token_mean`` -> ``clip_image``."""
+        from dinoalign.train.data import projector_data
+
+        return projector_data(source)
 
     def __init__(self, cfg: ProjectorConfig) -> None:
         super().__init__(cfg)

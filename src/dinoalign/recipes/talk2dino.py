@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoalign.recipes.base import (
+    TEXT_ENCODER,
     LogitScale,
     Recipe,
     ShapeSpec,
     check_positive,
+    feature_width,
     retrieval_accuracy,
     symmetric_infonce,
     to_grid,
@@ -64,6 +67,29 @@ class Talk2DINO(Recipe):
     """
 
     config_class = Talk2DINOConfig
+    name = "talk2dino"
+    image_columns = ("head_embeddings",)
+    text_input = TEXT_ENCODER  # align.talk2dino.text_encoder
+    averages_prompt_features = True
+    has_background_cleaning = True
+    promotion_metric = "segmentation.miou"
+
+    @classmethod
+    def model_fields_from_features(cls, spec: Mapping[str, Any], training: Any) -> dict[str, Any]:
+        """T from the ``text_<align.talk2dino.text_encoder>`` column, D from ``head_embeddings``."""
+        return {
+            "text_dim": feature_width(spec, f"text_{training.text_encoder}", cls.name),
+            "vision_dim": feature_width(spec, "head_embeddings", cls.name),
+        }
+
+    @classmethod
+    def training_data(
+        cls, training: Any, model_cfg: Any, source: Any, *, image_limits: dict[str, Any], seed: int
+    ) -> Any:
+        """One sample per caption: its ``text_<encoder>`` row with its image's ``head_embeddings``."""
+        from dinoalign.train.data import talk2dino_data
+
+        return talk2dino_data(training, source)
 
     def __init__(self, cfg: Talk2DINOConfig) -> None:
         super().__init__(cfg)
@@ -113,6 +139,12 @@ class Talk2DINO(Recipe):
         text_hat = text_embeddings.to(self.param_device)
         return torch.einsum("nd,bhd->nbh", text_hat, heads).amax(dim=-1)
 
+    def index_vectors(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+        """(B·H×D normalised head embeddings, H): the best inner product over an image's
+        vectors is its best-head score (:meth:`similarity`). On the batch's device."""
+        heads = F.normalize(batch["head_embeddings"].float(), dim=-1)
+        return heads.flatten(0, 1), heads.shape[1]
+
     def loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Best-head symmetric InfoNCE.
 
@@ -154,6 +186,25 @@ class Talk2DINO(Recipe):
             class_text_embeddings, "class_text_embeddings", ("N", self.cfg.vision_dim)
         )
         return to_grid(patch_similarity(self.feature(batch, "patches"), text_hat), grid)
+
+    def dense_logits_from_images(
+        self,
+        images: Tensor,
+        backbone: Any,
+        class_text_embeddings: Tensor,
+        clean_background: bool = False,
+        cleaning_lambda: float = 0.2,
+    ) -> Tensor:
+        """B×N×h×w sigmoid maps of the backbone's ``patches`` B×P×D for normalised images
+        B×3×H×W; with ``clean_background``, :func:`background_cleaning` (λ =
+        ``cleaning_lambda``) using its ``attn_logits`` B×H×P."""
+        out = backbone(images)
+        if clean_background:
+            cleaned = background_cleaning(
+                out.patches, out.attn_logits, class_text_embeddings, cleaning_lambda
+            )
+            return cleaned.unflatten(-1, out.grid)
+        return self.dense_logits({"patches": out.patches}, class_text_embeddings, out.grid)
 
 
 def select_best_heads(text_hat: Tensor, heads_hat: Tensor) -> tuple[Tensor, Tensor]:

@@ -100,6 +100,17 @@ class ReleasedImport:
     model: Talk2DINO
     summary: dict[str, object]
 
+    def save(self, out: str) -> None:
+        """Write the recipe folder to ``out`` (path or URI); a folder that cannot be
+        written (not a folder, no permission, disk full) is an
+        :class:`~dinoalign.errors.InferenceError` with the OS's message."""
+        from dinoalign.errors import InferenceError
+
+        try:
+            self.model.save(out)
+        except OSError as e:
+            raise InferenceError(" ".join(str(e).split()) or type(e).__name__) from None
+
 
 def read_talk2dino_config(uri: str) -> ReleasedConfig:
     """The ``model:`` section of an official ``configs/<name>.yaml`` (path or URI), as

@@ -10,21 +10,19 @@ Only the config is imported here, so that loading params stays free of torch and
 """
 
 from dinoalign.train.config import (
-    INFERRED_MODEL_FIELDS,
-    RECIPE_NAMES,
     AlignConfig,
     DinoTxtTrainingConfig,
     ProjectorTrainingConfig,
     RecipeTrainingConfig,
     Talk2DINOTrainingConfig,
+    recipe_names,
 )
 
 __all__ = [
-    "INFERRED_MODEL_FIELDS",
-    "RECIPE_NAMES",
     "AlignConfig",
     "DinoTxtTrainingConfig",
     "ProjectorTrainingConfig",
     "RecipeTrainingConfig",
     "Talk2DINOTrainingConfig",
+    "recipe_names",
 ]

@@ -4,8 +4,13 @@ Shared run settings (workers, checkpoint storage, failures) sit at the top; each
 has its own section with the optimisation settings and ``model``, the *free* choices of
 the recipe's own config dataclass (``Talk2DINOConfig``, ``DinoTxtConfig``,
 ``ProjectorConfig``). The widths, head and register counts are never set here: the align
-stage reads them from the feature store's ``manifest.json`` (:data:`INFERRED_MODEL_FIELDS`),
-so a model always fits the features it is trained on.
+stage reads them from the feature store's ``manifest.json`` (each section's
+``inferred_model_fields``, filled by the recipe's ``model_fields_from_features``), so a
+model always fits the features it is trained on.
+
+The recipes params can name are the training sections of :class:`AlignConfig`
+(:func:`recipe_names`); each is named as its recipe is registered in
+``dinoalign.recipes.RECIPES`` (tests check that the two agree).
 
 Kept import-light (no torch): ``dinoalign.config`` imports it for every command.
 """
@@ -15,17 +20,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-RECIPE_NAMES: tuple[str, ...] = ("talk2dino", "dinotxt", "projector")
+from dinoalign.errors import ConfigError
+
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "onecycle")
 DINOTXT_INPUTS: tuple[str, ...] = ("images", "tokens")
-
-# Recipe config fields the align stage fills in from the features' manifest spec.
-INFERRED_MODEL_FIELDS: dict[str, tuple[str, ...]] = {
-    "talk2dino": ("text_dim", "vision_dim"),
-    "dinotxt": ("backbone", "vision_dim", "vision_heads", "num_registers"),
-    "projector": ("vision_dim", "embed_dim"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,8 @@ class RecipeTrainingConfig:
     """Optimisation of one recipe; subclasses set the recipe's defaults (its paper's).
 
     - ``model``: free fields of the recipe's config (e.g. ``projection: linear``); the
-      widths come from the features (:data:`INFERRED_MODEL_FIELDS`).
+      widths come from the features (``inferred_model_fields``: the recipe config fields
+      the align stage fills in from the features' manifest spec).
     - ``batch_size``: the global batch, split evenly over ``align.num_workers``.
     - ``schedule``: ``constant`` (after warmup), ``cosine`` (linear warmup then cosine to
       0) or ``onecycle`` (``torch.optim.lr_scheduler.OneCycleLR`` peaking at ``lr``;
@@ -43,6 +43,7 @@ class RecipeTrainingConfig:
     """
 
     recipe: ClassVar[str]
+    inferred_model_fields: ClassVar[tuple[str, ...]]
 
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     epochs: int = 10
@@ -60,26 +61,26 @@ class RecipeTrainingConfig:
         name = f"align.{self.recipe}"
         for field in ("epochs", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, field) < 1:
-                raise ValueError(f"{name}.{field} must be >= 1, got {getattr(self, field)}")
+                raise ConfigError(f"{name}.{field} must be >= 1, got {getattr(self, field)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: lr must be > 0 and weight_decay, warmup_steps >= 0, got "
                 f"{self.lr}, {self.weight_decay}, {self.warmup_steps}"
             )
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{name}.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"{name}.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"{name}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ConfigError(f"{name}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"{name}.betas must be two numbers in [0, 1), got {self.betas}")
+            raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {self.betas}")
         if self.checkpoint_every % self.log_every:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}.checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                 f"log_every ({self.log_every}), so that a resumed run logs the same rows"
             )
-        inferred = sorted(set(self.model) & set(INFERRED_MODEL_FIELDS[self.recipe]))
+        inferred = sorted(set(self.model) & set(self.inferred_model_fields))
         if inferred:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}.model sets {inferred}, which the align stage reads from the "
                 f"features' manifest.json (the backbone and text encoder that made them); "
                 f"remove them from params"
@@ -92,6 +93,7 @@ class Talk2DINOTrainingConfig(RecipeTrainingConfig):
     ``text_encoder``: the embed text encoder key whose ``text_<key>`` column is ψ's input."""
 
     recipe: ClassVar[str] = "talk2dino"
+    inferred_model_fields: ClassVar[tuple[str, ...]] = ("text_dim", "vision_dim")
 
     epochs: int = 100
     optimizer: str = "adam"
@@ -110,6 +112,9 @@ class DinoTxtTrainingConfig(RecipeTrainingConfig):
     """
 
     recipe: ClassVar[str] = "dinotxt"
+    inferred_model_fields: ClassVar[tuple[str, ...]] = (
+        "backbone", "vision_dim", "vision_heads", "num_registers"
+    )
 
     betas: tuple[float, ...] = (0.9, 0.99)
     weight_decay: float = 1e-4
@@ -123,9 +128,9 @@ class DinoTxtTrainingConfig(RecipeTrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.inputs not in DINOTXT_INPUTS:
-            raise ValueError(f"align.dinotxt.inputs must be one of {DINOTXT_INPUTS}, got {self.inputs!r}")
+            raise ConfigError(f"align.dinotxt.inputs must be one of {DINOTXT_INPUTS}, got {self.inputs!r}")
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"align.dinotxt.crop_scale must be [min, max] with 0 < min <= max <= 1, "
                 f"got {list(self.crop_scale)}"
             )
@@ -137,6 +142,7 @@ class ProjectorTrainingConfig(RecipeTrainingConfig):
     16 epochs over CC12M)."""
 
     recipe: ClassVar[str] = "projector"
+    inferred_model_fields: ClassVar[tuple[str, ...]] = ("vision_dim", "embed_dim")
 
     epochs: int = 16
     lr: float = 1e-3
@@ -184,19 +190,19 @@ class AlignConfig:
     projector: ProjectorTrainingConfig = dataclasses.field(default_factory=ProjectorTrainingConfig)
 
     def __post_init__(self) -> None:
-        if self.recipe is not None and self.recipe not in RECIPE_NAMES:
-            raise ValueError(f"align.recipe must be one of {RECIPE_NAMES}, got {self.recipe!r}")
+        if self.recipe is not None and self.recipe not in recipe_names():
+            raise ConfigError(f"align.recipe must be one of {recipe_names()}, got {self.recipe!r}")
         if self.num_workers < 1 or not self.cpus_per_worker > 0 or self.keep_checkpoints < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"align: num_workers and keep_checkpoints must be >= 1 and cpus_per_worker "
                 f"> 0, got {self.num_workers}, {self.keep_checkpoints}, {self.cpus_per_worker}"
             )
         if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"align.torch_threads must be >= 1 or null, got {self.torch_threads}")
+            raise ConfigError(f"align.torch_threads must be >= 1 or null, got {self.torch_threads}")
         if self.max_failures < -1:
-            raise ValueError(f"align.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+            raise ConfigError(f"align.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.recipe is not None and self.training.batch_size % self.num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"align.{self.recipe}.batch_size ({self.training.batch_size}) must be a "
                 f"multiple of align.num_workers ({self.num_workers}): every worker takes an "
                 f"equal share of the global batch"
@@ -206,9 +212,21 @@ class AlignConfig:
     def training(self) -> RecipeTrainingConfig:
         """The section of the selected ``recipe``."""
         if self.recipe is None:
-            raise ValueError(
+            raise ConfigError(
                 "align.recipe is not set: run one recipe with `dinoalign align "
-                f"align.recipe=<name>` (one of {', '.join(RECIPE_NAMES)}), as the DVC "
+                f"align.recipe=<name>` (one of {', '.join(recipe_names())}), as the DVC "
                 "stages align@<name> do"
             )
         return getattr(self, self.recipe)
+
+
+def recipe_names() -> tuple[str, ...]:
+    """The recipes params can name (``align.recipe``, ``evaluate.recipes``,
+    ``retrain.recipes``): one per training section of :class:`AlignConfig`, in its field
+    order. Import-light, unlike ``dinoalign.recipes.RECIPES.names()``, which lists the
+    same names (checked by tests/test_architecture.py)."""
+    return tuple(
+        f.name
+        for f in dataclasses.fields(AlignConfig)
+        if isinstance(f.default_factory, type) and issubclass(f.default_factory, RecipeTrainingConfig)
+    )

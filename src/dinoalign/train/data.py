@@ -40,9 +40,9 @@ from dinoalign.embed.store import (
     load_image_features,
     recorded_preprocessing,
 )
+from dinoalign.errors import ConfigError, DataError, DataFileMissing
 from dinoalign.storage import fs_for, is_remote, open_uri
 from dinoalign.train.config import (
-    INFERRED_MODEL_FIELDS,
     DinoTxtTrainingConfig,
     RecipeTrainingConfig,
     Talk2DINOTrainingConfig,
@@ -75,7 +75,7 @@ def train_uids(manifest: pa.Table, curated: str | None) -> TrainSelection:
     the curate stage's ``uids.parquet`` when ``curated`` names an existing file."""
     train = manifest.filter(pc.equal(manifest.column("split"), "train")).column("uid").to_pylist()
     if not train:
-        raise ValueError("the pairs manifest has no 'train' split: nothing to align on")
+        raise DataError("the pairs manifest has no 'train' split: nothing to align on")
     selected = set(train)
     used = None
     if curated is not None and _exists(curated):
@@ -83,7 +83,7 @@ def train_uids(manifest: pa.Table, curated: str | None) -> TrainSelection:
             table = pq.read_table(f)
         missing = {"uid", "kept"} - set(table.column_names)
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{curated} lacks the columns {sorted(missing)}; it must be the curate "
                 f"stage's uids.parquet (uid, kept, ...)"
             )
@@ -91,7 +91,7 @@ def train_uids(manifest: pa.Table, curated: str | None) -> TrainSelection:
         selected &= set(kept)
         used = curated
         if not selected:
-            raise ValueError(f"{curated} keeps none of the {len(train)} train uids")
+            raise DataError(f"{curated} keeps none of the {len(train)} train uids")
     return TrainSelection(sorted(selected), len(train), used)
 
 
@@ -111,46 +111,13 @@ def uids_digest(uids: list[str]) -> str:
 # ----------------------------------------------------------------------------- model dims
 
 
-def infer_model_fields(recipe: str, spec: Mapping[str, Any], text_encoder: str | None) -> dict[str, Any]:
-    """The recipe config fields that :data:`INFERRED_MODEL_FIELDS` lists, read from the
-    feature store's manifest ``spec`` (its ``columns`` shapes and ``backbone``)."""
-    columns = spec["columns"]
-
-    def width(column: str, axis: int = -1) -> int:
-        if column not in columns:
-            raise ValueError(
-                f"{recipe} trains on the {column!r} feature, which the feature store does "
-                f"not have (it has {sorted(columns)}); re-run embed with it"
-                + (" (embed.keep_patches: true)" if column in ("patches", "registers") else "")
-            )
-        return int(columns[column][axis])
-
-    if recipe == "talk2dino":
-        fields = {"text_dim": width(f"text_{text_encoder}"), "vision_dim": width("head_embeddings")}
-    elif recipe == "projector":
-        fields = {"vision_dim": width("token_mean"), "embed_dim": width("clip_image")}
-    elif recipe == "dinotxt":
-        backbone = spec["backbone"]
-        fields = {
-            "backbone": backbone["name"],
-            "vision_dim": int(backbone["embed_dim"]),
-            "vision_heads": int(backbone["num_heads"]),
-            "num_registers": width("registers", 0),
-        }
-    else:
-        raise ValueError(f"no feature binding for recipe {recipe!r}")
-    assert set(fields) == set(INFERRED_MODEL_FIELDS[recipe])
-    return fields
-
-
 def model_config(recipe: str, training: RecipeTrainingConfig, spec: Mapping[str, Any]) -> Any:
     """The recipe's config dataclass: ``align.<recipe>.model`` (free choices, checked like
-    params) plus the widths inferred from the features."""
+    params) plus the widths the recipe reads from the features' manifest ``spec``
+    (:meth:`dinoalign.recipes.Recipe.config_from_features`)."""
     from dinoalign.recipes import RECIPES
 
-    text_encoder = training.text_encoder if isinstance(training, Talk2DINOTrainingConfig) else None
-    fields = {**training.model, **infer_model_fields(recipe, spec, text_encoder)}
-    return from_dict(RECIPES.get(recipe).config_class, fields, where=f"align.{recipe}.model")
+    return RECIPES.get(recipe).config_from_features(training, spec)
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -174,7 +141,7 @@ class EpochSampler:
                 f"batch size {self.batch_size} does not split over {self.world_size} workers"
             )
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.num_samples} training samples do not fill one batch of "
                 f"{self.batch_size}: lower the recipe's batch_size or add data"
             )
@@ -410,7 +377,7 @@ def read_spec(features: str) -> dict[str, Any]:
     """The feature store's manifest spec; a clear error when embed has not finished."""
     manifest = FeatureStore(features).read_manifest()
     if manifest is None:
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"{features}/manifest.json is missing: run the embed stage first (dvc repro embed)"
         )
     return manifest["spec"]
@@ -423,49 +390,71 @@ def build_training_data(
     source: FeatureSource,
     *,
     image_limits: dict[str, Any],
+    seed: int,
 ) -> TrainingData:
     """The recipe's training samples over ``source.uids`` that have features (uids the
-    embed stage rejected are skipped; :meth:`TrainingData.describe` counts what is left)."""
-    if recipe == "talk2dino":
-        assert isinstance(training, Talk2DINOTrainingConfig)
-        images = load_image_features(source.features, ["head_embeddings"], source.uids)
-        column = f"text_{training.text_encoder}"
-        captions = _captions(source, images["uid"], [column])
-        return Talk2DINOData(
-            text=column_to_numpy(captions.column(column), tuple(source.spec["columns"][column])),
-            image_index=np.searchsorted(images["uid"], np.asarray(captions.column("uid").to_pylist())),
-            head_embeddings=images["head_embeddings"],
+    embed stage rejected are skipped; :meth:`TrainingData.describe` counts what is left),
+    as the recipe builds them (:meth:`dinoalign.recipes.Recipe.training_data`, which calls
+    one of the builders below)."""
+    from dinoalign.recipes import RECIPES
+
+    return RECIPES.get(recipe).training_data(
+        training, model_cfg, source, image_limits=image_limits, seed=seed
+    )
+
+
+def talk2dino_data(training: Talk2DINOTrainingConfig, source: FeatureSource) -> Talk2DINOData:
+    """One sample per caption: its ``text_<align.talk2dino.text_encoder>`` row and the
+    index of its image into ``head_embeddings``."""
+    images = load_image_features(source.features, ["head_embeddings"], source.uids)
+    column = f"text_{training.text_encoder}"
+    captions = _captions(source, images["uid"], [column])
+    return Talk2DINOData(
+        text=column_to_numpy(captions.column(column), tuple(source.spec["columns"][column])),
+        image_index=np.searchsorted(images["uid"], np.asarray(captions.column("uid").to_pylist())),
+        head_embeddings=images["head_embeddings"],
+    )
+
+
+def projector_data(source: FeatureSource) -> ProjectorData:
+    """One sample per image: ``token_mean`` and its target ``clip_image``."""
+    images = load_image_features(source.features, ["token_mean", "clip_image"], source.uids)
+    return ProjectorData(token_mean=images["token_mean"], clip_image=images["clip_image"])
+
+
+def dinotxt_data(
+    training: DinoTxtTrainingConfig,
+    model_cfg: Any,
+    source: FeatureSource,
+    *,
+    image_limits: dict[str, Any],
+) -> DinoTxtTokenData | DinoTxtImageData:
+    """One sample per image with its captions' tokens (``model_cfg``'s tokenizer): the
+    cached tokens for ``inputs: tokens``, the decoded images for ``inputs: images``."""
+    if training.inputs == "tokens":
+        images = load_image_features(
+            source.features, ["cls", "registers", "patches"], source.uids
         )
-    if recipe == "projector":
-        images = load_image_features(source.features, ["token_mean", "clip_image"], source.uids)
-        return ProjectorData(token_mean=images["token_mean"], clip_image=images["clip_image"])
-    if recipe == "dinotxt":
-        assert isinstance(training, DinoTxtTrainingConfig)
-        if training.inputs == "tokens":
-            images = load_image_features(
-                source.features, ["cls", "registers", "patches"], source.uids
-            )
-            return DinoTxtTokenData(
-                cls=images["cls"],
-                registers=images["registers"],
-                patches=images["patches"],
-                captions=_caption_tokens(source, images["uid"], model_cfg),
-            )
-        # Only the uids that have features: the backbone must see what evaluation sees.
-        uids = load_image_features(source.features, [], source.uids)["uid"]
-        return DinoTxtImageData(
-            image_uris=_image_uris(source, uids),
-            captions=_caption_tokens(source, uids, model_cfg),
-            backbone_config=features_backbone(source.spec),
-            img_size=int(source.spec["img_size"]),
-            crop_scale=training.crop_scale,
-            hflip=training.hflip,
-            image_limits=image_limits,
-            interpolation=(recorded_preprocessing(source.spec, "backbone") or {}).get(
-                "interpolation", "bicubic"
-            ),
+        return DinoTxtTokenData(
+            cls=images["cls"],
+            registers=images["registers"],
+            patches=images["patches"],
+            captions=_caption_tokens(source, images["uid"], model_cfg),
         )
-    raise ValueError(f"no training data for recipe {recipe!r}")
+    # Only the uids that have features: the backbone must see what evaluation sees.
+    uids = load_image_features(source.features, [], source.uids)["uid"]
+    return DinoTxtImageData(
+        image_uris=_image_uris(source, uids),
+        captions=_caption_tokens(source, uids, model_cfg),
+        backbone_config=features_backbone(source.spec),
+        img_size=int(source.spec["img_size"]),
+        crop_scale=training.crop_scale,
+        hflip=training.hflip,
+        image_limits=image_limits,
+        interpolation=(recorded_preprocessing(source.spec, "backbone") or {}).get(
+            "interpolation", "bicubic"
+        ),
+    )
 
 
 def _captions(source: FeatureSource, image_uids: np.ndarray, columns: list[str]) -> pa.Table:
@@ -484,7 +473,7 @@ def _caption_tokens(source: FeatureSource, image_uids: np.ndarray, model_cfg: An
     owners = np.searchsorted(image_uids, np.asarray(table.column("uid").to_pylist()))
     count = np.bincount(owners, minlength=len(image_uids))
     if (count == 0).any():
-        raise ValueError(f"{int((count == 0).sum())} train images have no embedded caption")
+        raise DataError(f"{int((count == 0).sum())} train images have no embedded caption")
     tokenizer = open_clip.get_tokenizer(model_cfg.tokenizer, context_length=model_cfg.context_length)
     tokens = tokenizer(table.column("caption").to_pylist()).numpy().astype(np.int32)
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
@@ -524,7 +513,7 @@ def check_backbone(spec: Mapping[str, Any], seed: int, features: str = "the feat
                         user="dinotxt's online images (the backbone rebuilt from the manifest)")
     got = state_hash(backbone)
     if got != expected:
-        raise ValueError(
+        raise DataError(
             f"the backbone rebuilt from the features' manifest with seed {seed} has weights "
             f"{got}, but the features were made with {expected}: train with the seed (and "
             f"weights) the embed stage used, or re-run embed"

@@ -36,8 +36,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from dinoalign.compute import init_ray, require_resources
 from dinoalign.recipes import Recipe, build
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
+from dinoalign.storage import pyarrow_fs
 from dinoalign.train.config import AlignConfig, RecipeTrainingConfig
 from dinoalign.train.data import STEP_STREAM, Draw, EpochSampler, TrainingData, derive_seed
 from dinoalign.train.optim import build_optimizer, build_scheduler
@@ -299,9 +301,6 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dinoalign.compute import init_ray, require_resources
-    from dinoalign.storage import pyarrow_fs
-
     init_ray()
     require_resources(
         f"align ({align.num_workers} worker(s) of {align.cpus_per_worker:g} CPU{', 1 GPU' if align.use_gpu else ''})",
@@ -338,8 +337,6 @@ def latest_checkpoint(storage_path: str, run_name: str) -> Any:
     """The latest Ray Train checkpoint of run ``run_name`` under ``storage_path``, or None
     when the run has none (never started, or stopped before its first checkpoint)."""
     from ray.train import Result
-
-    from dinoalign.storage import pyarrow_fs
 
     filesystem, path = pyarrow_fs(storage_path)
     try:

@@ -23,23 +23,29 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from dinoalign.config import Params
 from dinoalign.data.images import image_limits
 from dinoalign.data.prepare import read_manifest
+from dinoalign.recipes import load_recipe
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
 from dinoalign.storage import is_remote
-from dinoalign.train.config import DinoTxtTrainingConfig, RecipeTrainingConfig
+from dinoalign.tracking import run_url, stage_run, tracking_uri
+from dinoalign.train.config import RecipeTrainingConfig
 from dinoalign.train.data import (
     FeatureSource,
     TrainingData,
     TrainSelection,
     build_training_data,
-    check_backbone,
     model_config,
     read_spec,
     train_uids,
     uids_digest,
 )
+from dinoalign.train.loop import TrainJob, fit, latest_checkpoint, read_trainer_state
 
 MODEL_ALIAS = "candidate"
 MODEL_ARTIFACT = "model"
@@ -77,8 +83,6 @@ def plan_align(params: Params, root: Path) -> AlignPlan:
     manifest = read_manifest(root / params.embed.pairs_dir)
     selection = train_uids(manifest, _resolve(root, cfg.curated) if cfg.curated else None)
     model_cfg = model_config(recipe, training, spec)
-    if isinstance(training, DinoTxtTrainingConfig) and training.inputs == "images":
-        check_backbone(spec, params.seed, features)
     source = FeatureSource(features, spec, manifest, selection.uids, root)
     data = build_training_data(
         recipe,
@@ -86,6 +90,7 @@ def plan_align(params: Params, root: Path) -> AlignPlan:
         model_cfg,
         source,
         image_limits=image_limits(params.data),
+        seed=params.seed,
     )
     identity = {
         "recipe": recipe,
@@ -112,12 +117,6 @@ def run_align(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict
     """Train ``align.recipe`` (resuming its run when a checkpoint exists), export the
     model, write the curve and metrics, log and register it. ``callbacks``: Ray Train
     ``UserCallback``s passed to the trainer."""
-    import mlflow
-
-    from dinoalign.recipes import load_recipe
-    from dinoalign.tracking import run_url, stage_run
-    from dinoalign.train.loop import TrainJob, fit, latest_checkpoint
-
     plan = plan_align(params, root)
     previous = latest_checkpoint(plan.storage_path, plan.run_name)
     resume_id = _resumable_mlflow_run(params, previous)
@@ -211,10 +210,6 @@ def write_curve(curve: list[dict[str, float]], path: Path) -> None:
 def register_model(recipe: str, run_id: str, run_name: str) -> str:
     """Register the active run's ``model`` artifact folder as a new version of
     ``dinoalign-<recipe>`` and point the ``candidate`` alias at it; returns the version."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient()
     name = registered_model_name(recipe)
     try:
@@ -239,12 +234,6 @@ def _resumable_mlflow_run(params: Params, checkpoint: Any) -> str | None:
     experiment (the tracking store may have been reset since)."""
     if checkpoint is None:
         return None
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from dinoalign.tracking import tracking_uri
-    from dinoalign.train.loop import read_trainer_state
-
     with checkpoint.as_directory() as directory:
         run_id = read_trainer_state(directory)["mlflow_run_id"]
     if not run_id:

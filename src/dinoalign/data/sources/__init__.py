@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dinoalign.data.config import check_name
 from dinoalign.data.schema import PairRecord, Reject
 from dinoalign.registry import Registry
 from dinoalign.storage import is_remote
@@ -61,13 +62,6 @@ def parent_uri(uri: str) -> str:
     if is_remote(uri) or uri.startswith("file://"):
         return uri.rsplit("/", 1)[0]
     return os.path.dirname(uri) or "."
-
-
-def check_name(kind: str, **values: str) -> None:
-    """Raise a clear error for an empty source name or split in a source config."""
-    for field, value in values.items():
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{kind}.{field} must be a non-empty string, got {value!r}")
 
 
 # Importing the modules registers their sources; they import the names defined above.

@@ -36,9 +36,7 @@ all-background mask.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,32 +45,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dinoalign.data.config import CocoSourceConfig
 from dinoalign.data.schema import PairRecord, Reject, make_uid
-from dinoalign.data.sources import SOURCES, STAGE, check_name, clean_caption, join_uri
-from dinoalign.storage import open_uri
+from dinoalign.data.sources import SOURCES, STAGE, clean_caption, join_uri
+from dinoalign.errors import DataError, DataFileMissing
+from dinoalign.storage import atomic_path, open_uri
 
 BACKGROUND_INDEX = 0
 IGNORE_INDEX = 255
-
-
-@dataclasses.dataclass(frozen=True)
-class CocoSourceConfig:
-    """Where the COCO files are; defaults follow the official layout under ``data/coco``."""
-
-    captions_json: str = "data/coco/annotations/captions_train2017.json"
-    image_dir: str = "data/coco/train2017"
-    instances_json: str | None = None  # set to write semantic masks and labels
-    split: str = "train"
-    name: str = "coco"  # source name in uids and manifests
-
-    def __post_init__(self) -> None:
-        check_name("coco", name=self.name, split=self.split)
-        if not self.captions_json or not self.image_dir:
-            raise ValueError(
-                "coco: captions_json and image_dir must be set, e.g. "
-                "captions_json=data/coco/annotations/captions_train2017.json "
-                "image_dir=data/coco/train2017"
-            )
 
 
 class InvalidAnnotation(ValueError):
@@ -177,7 +157,7 @@ def category_index(categories: Sequence[dict[str, Any]]) -> dict[int, int]:
     (``0`` is background): COCO's ids 1..90 (with gaps) become 1..80."""
     ids = sorted({c["id"] for c in categories})
     if len(ids) >= IGNORE_INDEX:
-        raise ValueError(
+        raise DataError(
             f"{len(ids)} categories do not fit a uint8 mask next to background 0 and "
             f"ignore {IGNORE_INDEX}: at most {IGNORE_INDEX - 1} are supported"
         )
@@ -322,11 +302,11 @@ def _load_coco_json(uri: str, required: tuple[str, ...]) -> dict[str, Any]:
         with open_uri(uri, "rb") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"COCO annotation file {uri} not found: check data.coco paths"
         ) from None
     if not isinstance(data, dict) or any(key not in data for key in required):
-        raise ValueError(f"{uri} is not a COCO annotation file: it needs the keys {list(required)}")
+        raise DataError(f"{uri} is not a COCO annotation file: it needs the keys {list(required)}")
     return data
 
 
@@ -334,7 +314,7 @@ def _images_by_id(images: list[dict[str, Any]], uri: str) -> dict[Any, dict[str,
     by_id: dict[Any, dict[str, Any]] = {}
     for image in images:
         if "id" not in image or "file_name" not in image:
-            raise ValueError(
+            raise DataError(
                 f"{uri}: every entry of 'images' needs 'id' and 'file_name', got {image}"
             )
         by_id[image["id"]] = image
@@ -343,6 +323,5 @@ def _images_by_id(images: list[dict[str, Any]], uri: str) -> dict[Any, dict[str,
 
 def _save_png_atomically(label_map: np.ndarray, path: Path) -> None:
     # a crash mid-write must not leave a half PNG under the final name
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(label_map).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(label_map).save(temporary, format="PNG")

@@ -24,7 +24,6 @@ A key whose rows are all rejected yields no record.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import posixpath
@@ -37,58 +36,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dinoalign.errors import ConfigError
+from dinoalign.errors import ConfigError, DataFileMissing
+from dinoalign.data.config import TABLE_FORMATS, PairsSourceConfig
 from dinoalign.data.schema import PairRecord, Reject, make_uid
-from dinoalign.data.sources import SOURCES, STAGE, check_name, clean_caption, join_uri, parent_uri
+from dinoalign.data.sources import SOURCES, STAGE, clean_caption, join_uri, parent_uri
 from dinoalign.storage import open_uri
-
-TABLE_FORMATS: dict[str, str] = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class PairsSourceConfig:
-    """A table of (image, caption) rows."""
-
-    path: str = "data/pairs.csv"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    key_column: str | None = None  # rows sharing a key are one image; default: the image cell
-    split_column: str | None = None
-    default_split: str = "train"
-    format: str | None = None  # "csv", "tsv" or "parquet"; None: from the file suffix
-    separator: str | None = None  # csv/tsv field separator; None: "," (csv) or tab (tsv)
-    encoding: str = "utf-8"  # csv/tsv text encoding, e.g. latin-1 or cp1252
-    name: str = "pairs"  # source name in uids and manifests
-    # folders/prefixes every image must resolve under (local paths, s3://bucket/prefix,
-    # http(s)://host/path); None: anywhere. ``data.allowed_roots`` sets it for the source.
-    allowed_roots: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        import codecs
-
-        if self.allowed_roots is not None and (
-                isinstance(self.allowed_roots, str)
-                or not all(isinstance(r, str) and r.strip() for r in self.allowed_roots)):
-            raise ConfigError(f"pairs.allowed_roots must be a list of folders or URL prefixes, "
-                              f"got {self.allowed_roots!r}")
-
-        check_name("pairs", name=self.name, default_split=self.default_split, path=self.path)
-        if self.separator is not None and len(self.separator) != 1:
-            raise ConfigError(f"pairs.separator must be one character, got {self.separator!r}")
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
-            raise ConfigError(f"pairs.encoding {self.encoding!r} is not a known codec") from None
-        if self.format is not None and self.format not in set(TABLE_FORMATS.values()):
-            raise ConfigError(
-                f"pairs.format {self.format!r} is not one of {sorted(set(TABLE_FORMATS.values()))}"
-            )
-
 
 @SOURCES.register("pairs")
 def pairs_source(cfg: PairsSourceConfig, workdir: Path) -> Iterator[PairRecord | Reject]:
@@ -177,7 +129,7 @@ def read_pairs_table(cfg: PairsSourceConfig) -> dict[str, list[Any]]:
     try:
         table_file = open_uri(cfg.path, "rb")
     except FileNotFoundError:
-        raise FileNotFoundError(f"pairs table {cfg.path} not found: check pairs.path") from None
+        raise DataFileMissing(f"pairs table {cfg.path} not found: check pairs.path") from None
     separator = cfg.separator or ("\t" if table_format == "tsv" else ",")
     with table_file as f:
         if table_format == "parquet":

@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from dinoalign.errors import ConfigError
+from dinoalign.data.config import WebDatasetSourceConfig
 from dinoalign.data.schema import PairRecord, Reject, make_uid
-from dinoalign.data.sources import SOURCES, STAGE, check_name, clean_caption
+from dinoalign.data.sources import SOURCES, STAGE, clean_caption
 from dinoalign.storage import fs_for, open_uri
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -54,26 +55,6 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _NUMERIC_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 _SAFE_STEM = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-@dataclasses.dataclass(frozen=True)
-class WebDatasetSourceConfig:
-    """Tar shards of (image, txt/json) samples, as written by img2dataset."""
-
-    urls: tuple[str, ...] = ("data/webdataset/{00000..00009}.tar",)
-    split: str = "train"
-    name: str = "webdataset"  # source name in uids and manifests
-
-    def __post_init__(self) -> None:
-        # params.yaml may give one pattern as a plain string, or a list
-        urls = (self.urls,) if isinstance(self.urls, str) else tuple(self.urls)
-        object.__setattr__(self, "urls", urls)
-        if not urls or not all(isinstance(u, str) and u for u in urls):
-            raise ConfigError(
-                "webdataset.urls must list shard paths or URLs, e.g. "
-                f"['data/shards/{{00000..00009}}.tar'], got {self.urls!r}"
-            )
-        check_name("webdataset", name=self.name, split=self.split)
 
 
 @dataclasses.dataclass
