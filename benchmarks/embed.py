@@ -1,6 +1,6 @@
 """Embed-stage throughput and memory: the Ray Data pipeline vs a plain PyTorch loop.
 
-Both engines run the same code path (``dinoalign.embed.pipeline.run_embed``): decode
+Both engines run the same code path (``dinoalign.embed.engine.run_embed``): decode
 (PNG -> short-side resize + centre crop) -> backbone forward -> per-image features ->
 parquet shards, with the same batch size; only the engine differs (``embed.engine=ray``:
 Ray Data tasks + an actor pool; ``local``: a DataLoader with worker processes feeding the
@@ -91,7 +91,7 @@ def manifest_of(world: Path, n: int) -> "object":
 def run_one(world: Path, n: int, engine: str, model: str, batch_size: int, out: Path) -> dict:
     """Embed ``n`` images with one engine in this process; return the summary."""
     from dinoalign.config import load_params
-    from dinoalign.embed.pipeline import run_embed
+    from dinoalign.embed.engine import run_embed
 
     params = load_params("/nonexistent.yaml", [
         f"embed.out_dir={out}", f"embed.engine={engine}", "embed.img_size=224", "backbone.img_size=224",
@@ -216,7 +216,7 @@ def gpu(args: argparse.Namespace) -> None:
     import torch
 
     from dinoalign.config import load_params
-    from dinoalign.embed.pipeline import ImageEmbedder
+    from dinoalign.embed.engine import ImageEmbedder
     from dinoalign.flops import counted_flops, peak_bf16_tflops, vit_forward_flops
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoalign.config import load_params
-from dinoalign.evaluate.model import AlignedModel
+from dinoalign.model import AlignedModel
 from dinoalign.evaluate.segmentation import SegmentationConfig, segment
 from dinoalign.recipes import Talk2DINOConfig, background_cleaning, build
 

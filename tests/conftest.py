@@ -67,7 +67,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
     AWS_* variables point every client at it for the session. Stopped by PID."""
     import secrets
 
-    from dinoalign import infra
+    from dinoalign.ops import services as infra
 
     keys = {"AWS_ACCESS_KEY_ID": "dinoalign-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
     svc = infra.start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), keys["AWS_ACCESS_KEY_ID"],

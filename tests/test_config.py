@@ -90,6 +90,6 @@ def test_params_that_would_fail_minutes_later_are_refused_at_load(
 
 def test_config_engine_names_are_the_embed_engines() -> None:
     from dinoalign.config import EMBED_ENGINES
-    from dinoalign.embed.pipeline import ENGINES
+    from dinoalign.embed.engine import ENGINES
 
     assert set(EMBED_ENGINES) == set(ENGINES)

@@ -4,7 +4,7 @@
     dinoalign params  [-p params.yaml] [section.key=value ...]   print the resolved params
     dinoalign infra up|down|status                               the local stack (docs/operations.md)
     dinoalign retrain --new URI [section.key=value ...]          scheduled retraining with promotion
-    dinoalign segment|classify --model M --image I --classes "a,b"   inference (dinoalign.serve)
+    dinoalign segment|classify --model M --image I --classes "a,b"   inference (dinoalign.infer)
     dinoalign index --model M --out DIR; dinoalign retrieve --model M --index DIR --text T
     dinoalign import-talk2dino --weights W [--config Y] --out DIR   the released Talk2DINO ψ
 """
@@ -23,7 +23,7 @@ from dinoalign.config import load_params, to_dict
 from dinoalign.errors import UserError
 from dinoalign.ops.cli import add_ops_commands
 from dinoalign.pipeline import STAGES
-from dinoalign.serve_cli import add_inference_commands
+from dinoalign.infer_cli import add_inference_commands
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:

@@ -84,7 +84,7 @@ def embed(params: Params, root: Path) -> dict[str, Any]:
     import mlflow
 
     from dinoalign.data.prepare import read_manifest
-    from dinoalign.embed.pipeline import run_embed
+    from dinoalign.embed.engine import run_embed
 
     manifest = read_manifest(root / params.embed.pairs_dir)
     with stage_run("embed", params) as run:

@@ -165,7 +165,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> t
     """A tiny world through prepare + embed (local engine) with the default preprocessing."""
     from dinoalign.cli import main
     from dinoalign.data.prepare import read_manifest
-    from dinoalign.embed.pipeline import run_embed
+    from dinoalign.embed.engine import run_embed
 
     root = tmp_path_factory.mktemp("preprocessing")
     ov = tiny_overrides(root, tiny_clip_dir, **{"embed.engine": "local", "data.synthetic.n_train": "8",
@@ -180,7 +180,7 @@ def _spec(root: Path) -> dict[str, Any]:
 
 
 def test_manifest_records_both_preprocessings(embedded: tuple[Path, list[str]]) -> None:
-    from dinoalign.embed.pipeline import feature_spec
+    from dinoalign.embed.engine import feature_spec
 
     root, ov = embedded
     spec = _spec(root)
@@ -199,7 +199,7 @@ def test_manifest_records_both_preprocessings(embedded: tuple[Path, list[str]]) 
 
 
 def _projector(root: Path, ov: list[str], *extra: str) -> Any:
-    from dinoalign.evaluate.model import AlignedModel
+    from dinoalign.model import AlignedModel
     from dinoalign.recipes import build
 
     recipe = build("projector", {"vision_dim": 48, "embed_dim": TINY_CLIP.embed_dim})

@@ -295,7 +295,7 @@ def test_segment_and_classify_image_read_is_one_line_not_a_runtime_error(
     """`dinoalign segment` on a 14×100000 image used to reach the segmentation resize
     (a 0-pixel side) and raise a RuntimeError; now the read refuses it: InferenceError,
     which the CLI prints as one line with exit 2 (cli.main)."""
-    from dinoalign.serve import InferenceError, _read_image
+    from dinoalign.infer import InferenceError, _read_image
 
     path = tmp_path / "strip.png"
     path.write_bytes(_png((100_000, 14), "L"))

@@ -23,7 +23,7 @@ from dinoalign.config import ConfigError
 from dinoalign.data.images import image_limits, load_image, load_mask
 from dinoalign.data.prepare import read_manifest
 from dinoalign.embed.store import load_image_features
-from dinoalign.evaluate.model import AlignedModel
+from dinoalign.model import AlignedModel
 from dinoalign.evaluate.templates import TALK2DINO_TEMPLATES
 from dinoalign.recipes import load_recipe
 

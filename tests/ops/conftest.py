@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from dinoalign import infra
+from dinoalign.ops import services as infra
 from dinoalign.storage import S3Settings, mlflow_server_env
 
 

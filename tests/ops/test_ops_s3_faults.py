@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from dinoalign import infra
+from dinoalign.ops import services as infra
 from dinoalign.ops import dvc as ops_dvc
 from dinoalign.storage import boto3_client, configure_dvc_remote, fs_for, pyarrow_fs
 

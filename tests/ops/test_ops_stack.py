@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dinoalign import infra
+from dinoalign.ops import services as infra
 from dinoalign.ops.stack import (
     CREDENTIALS_FILE,
     ENV_FILE,

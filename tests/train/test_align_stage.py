@@ -126,7 +126,7 @@ def test_talk2dino_stage_trains_logs_registers_and_beats_chance(
     argv = [*demo_features.overrides, *_align_overrides("talk2dino", tmp_path)]
     assert main(["align", "-p", str(demo_features.params_file), *argv]) == 0
     # the local Ray has no State API: Ray Train's placement-group cleaner would log a
-    # failed query every second of the run (dinoalign.compute.quiet_worker_logs), and its
+    # failed query every second of the run (dinoalign.ray_runtime.quiet_worker_logs), and its
     # preemption watcher (off on one node) an error about its constructor arguments
     console = capfd.readouterr()
     assert "Failed to query Ray Train Controller actor state" not in console.out + console.err

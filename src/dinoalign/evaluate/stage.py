@@ -46,7 +46,7 @@ from dinoalign.data.images import image_limits
 from dinoalign.errors import InferenceError
 from dinoalign.evaluate.config import DEMO_DATASET, EvaluateConfig
 from dinoalign.evaluate.demo import DemoImages, DemoSegmentation, load_demo
-from dinoalign.evaluate.model import AlignedModel
+from dinoalign.model import AlignedModel
 from dinoalign.evaluate.retrieval import (
     percent_of_reference,
     retrieval_metrics,

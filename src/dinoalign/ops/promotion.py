@@ -76,7 +76,7 @@ def evaluate_with_stage_code(params: Params, root: Path) -> Evaluate:
     """Evaluate a model URI exactly as the evaluate stage does (same dataset and split)."""
 
     def evaluate(reference: str) -> Mapping[str, Any]:
-        from dinoalign.evaluate.model import AlignedModel
+        from dinoalign.model import AlignedModel
         from dinoalign.evaluate.stage import evaluate_model
 
         model = AlignedModel.load(reference, params, root, params.evaluate.device, params.evaluate.batch_size)

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dinoalign import infra
+from dinoalign.ops import services as infra
 from dinoalign.errors import StackError
 from dinoalign.storage import (
     S3Settings,

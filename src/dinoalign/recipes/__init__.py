@@ -8,7 +8,7 @@
 from dinoalign.recipes.base import Recipe
 from dinoalign.recipes.dinotxt import DinoTxt, DinoTxtConfig
 from dinoalign.recipes.projector import Projector, ProjectorConfig, ProjectorWithResiduals
-from dinoalign.recipes.registry import RECIPES, build, load_recipe
+from dinoalign.recipes._registry import RECIPES, build, load_recipe
 from dinoalign.recipes.talk2dino import Talk2DINO, Talk2DINOConfig, background_cleaning
 from dinoalign.recipes.talk2dino_release import (
     import_talk2dino_checkpoint,

@@ -53,7 +53,7 @@ class Recipe(nn.Module, abc.ABC):
 
     Subclasses set ``config_class`` (a frozen dataclass with a ``name`` field) and the
     class facts and hooks (image batches, training) the pipeline asks for, and are
-    registered in :data:`dinoalign.recipes.registry.RECIPES`. Everything in
+    registered in :data:`dinoalign.recipes._registry.RECIPES`. Everything in
     ``state_dict()`` is trained or needed to encode; frozen backbones and text towers
     stay outside the module and are rebuilt by name.
     """

@@ -38,7 +38,7 @@ from dinoalign.recipes.base import (
     symmetric_infonce,
     to_grid,
 )
-from dinoalign.recipes.registry import RECIPES
+from dinoalign.recipes._registry import RECIPES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoalign.recipes.base import CLIP_TEXT, Recipe, ShapeSpec, check_positive, feature_width
-from dinoalign.recipes.registry import RECIPES
+from dinoalign.recipes._registry import RECIPES
 
 
 @dataclasses.dataclass(frozen=True)

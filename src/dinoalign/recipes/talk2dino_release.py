@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from dinoalign.recipes.registry import build
+from dinoalign.recipes._registry import build
 from dinoalign.recipes.talk2dino import Talk2DINO, Talk2DINOConfig
 from dinoalign.storage import read_bytes
 

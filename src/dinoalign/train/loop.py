@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dinoalign.compute import init_ray, require_resources
+from dinoalign.ray_runtime import init_ray, require_resources
 from dinoalign.recipes import Recipe, build
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
 from dinoalign.storage import pyarrow_fs

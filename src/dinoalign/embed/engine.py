@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dinoalign.compute import TorchThreads, init_ray, require_resources
+from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
 from dinoalign.config import BackboneConfig, EmbedConfig, Params
 from dinoalign.data.images import (
     DEFAULT_MAX_ASPECT_RATIO,

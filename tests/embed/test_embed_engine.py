@@ -24,7 +24,7 @@ from dinoalign.config import load_params
 from dinoalign.data.prepare import read_manifest
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import head_embeddings, image_features
-from dinoalign.embed.pipeline import decode_batch, run_embed
+from dinoalign.embed.engine import decode_batch, run_embed
 from dinoalign.embed.store import FeatureStore, load_image_features
 
 
@@ -143,7 +143,7 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
 def test_resources_ray_cannot_give_fail_fast_instead_of_waiting_forever(
     world: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dinoalign.compute import require_resources
+    from dinoalign.ray_runtime import require_resources
     from dinoalign.errors import ConfigError
 
     root, ov = world
@@ -206,7 +206,7 @@ def test_real_coco_images_reach_the_shards_at_the_papers_preprocessing(
     from PIL import Image
 
     from dinoalign.data.schema import make_uid
-    from dinoalign.embed.pipeline import build_backbone_from
+    from dinoalign.embed.engine import build_backbone_from
 
     ov = _prepare(tmp_path, tiny_clip_dir, **{
         "data.source": "coco", "data.coco.captions_json": str(coco_mini / "annotations-full" / "captions_val2017.json"),
@@ -277,7 +277,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path, tiny_clip_dir: Pa
 
 @pytest.mark.integration
 def test_s3_round_trip_against_real_seaweedfs(world: tuple[Path, list[str]], s3_server) -> None:
-    from dinoalign.infra import ensure_bucket
+    from dinoalign.ops.services import ensure_bucket
     from dinoalign.storage import boto3_client
 
     root, ov = world

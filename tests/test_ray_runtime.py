@@ -14,7 +14,7 @@ PROBE = r"""
 import ctypes, json, os, threading
 from concurrent.futures import ThreadPoolExecutor
 import torch
-from dinoalign.compute import TorchThreads
+from dinoalign.ray_runtime import TorchThreads
 
 maps = open(f"/proc/{os.getpid()}/maps").read().split()
 gomp = ctypes.CDLL(next(p for p in maps if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp"))))

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dinoalign.data.prepare import read_manifest
 from dinoalign.embed.store import load_image_features
-from dinoalign.evaluate.model import AlignedModel
+from dinoalign.model import AlignedModel
 
 
 def _run(models: DemoModels, capsys, *args: str) -> tuple[int, dict | str]:

@@ -1,7 +1,7 @@
 """The arguments of the inference commands of ``dinoalign`` (segment, classify, index,
-retrieve); the commands themselves are :mod:`dinoalign.serve`.
+retrieve); the commands themselves are :mod:`dinoalign.infer`.
 
-Import-light, like every module ``dinoalign --help`` reads: :mod:`dinoalign.serve` (numpy,
+Import-light, like every module ``dinoalign --help`` reads: :mod:`dinoalign.infer` (numpy,
 and torch once a model loads) is imported only when one of its commands runs.
 """
 
@@ -110,12 +110,12 @@ def _finite_float(text: str) -> float:
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
-    """The handler of ``dinoalign <name>``: ``serve.<name>_command`` run by ``serve._handle``
-    (params loaded, JSON result printed), with :mod:`dinoalign.serve` imported only then."""
+    """The handler of ``dinoalign <name>``: ``infer.<name>_command`` run by ``infer._handle``
+    (params loaded, JSON result printed), with :mod:`dinoalign.infer` imported only then."""
 
     def run(args: argparse.Namespace) -> int:
-        from dinoalign import serve
+        from dinoalign import infer
 
-        return serve._handle(getattr(serve, f"{name}_command"))(args)
+        return infer._handle(getattr(infer, f"{name}_command"))(args)
 
     return run

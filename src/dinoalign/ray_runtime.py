@@ -29,7 +29,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         configure_logging=True,
         logging_level="WARNING",
         runtime_env={
-            "worker_process_setup_hook": "dinoalign.compute.quiet_worker_logs",
+            "worker_process_setup_hook": "dinoalign.ray_runtime.quiet_worker_logs",
             # Ray Train's preemption watcher follows node draining (spot instances) on a
             # cluster; on one local node it has nothing to watch, and each train run logged
             # an error-level line about its constructor arguments.

@@ -1,5 +1,5 @@
 """The inference commands of ``dinoalign``: segment, classify, index and retrieve (their
-arguments: :mod:`dinoalign.serve_cli`, which imports this module only when one runs).
+arguments: :mod:`dinoalign.infer_cli`, which imports this module only when one runs).
 
     dinoalign segment  --model M --image I --classes "cat,dog,sky" --out mask.png [--overlay overlay.png]
     dinoalign classify --model M --image I --classes "cat,dog,sky" [--top-k 5]
@@ -36,7 +36,7 @@ from dinoalign.errors import InferenceError
 from dinoalign.storage import under_root
 
 if TYPE_CHECKING:
-    from dinoalign.evaluate.model import AlignedModel
+    from dinoalign.model import AlignedModel
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
@@ -70,7 +70,7 @@ def _handle(
 def _load(args: argparse.Namespace, params: Params, root: Path) -> AlignedModel:
     import torch
 
-    from dinoalign.evaluate.model import AlignedModel
+    from dinoalign.model import AlignedModel
 
     reference = args.model
     if "://" not in reference and not reference.startswith(("models:/", "runs:/")):
