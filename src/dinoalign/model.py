@@ -3,7 +3,7 @@
 A saved recipe (``model.safetensors`` + ``config.json``) holds only what was trained;
 the frozen DINOv2 backbone and, for talk2dino and the projector, the CLIP text tower
 are rebuilt from params exactly as the embed stage builds them
-(:func:`dinoalign.embed.engine.build_backbone_from`: ``backbone`` + ``seed``; the
+(:func:`dinoalign.backbones.dinov2.build_backbone_from`: ``backbone`` + ``seed``; the
 images resized and centre-cropped to ``embed.img_size``), so evaluation, the inference
 commands and the training features all see the same image path.
 
@@ -158,7 +158,7 @@ class AlignedModel:
     @functools.cached_property
     def backbone(self) -> Any:
         """The frozen DINOv2 of ``params.backbone``, seeded as the embed stage seeds it."""
-        from dinoalign.embed.engine import build_backbone_from
+        from dinoalign.backbones.dinov2 import build_backbone_from
 
         cfg = self.params.backbone
         recipe_backbone = getattr(self.recipe.cfg, "backbone", cfg.name)
@@ -222,7 +222,7 @@ class AlignedModel:
     def preprocessing(self) -> dict[str, Any]:
         """How images reach the backbone, as the embed stage records it (the model's data
         config at ``embed.img_size``, ``embed.interpolation`` overriding when set)."""
-        from dinoalign.embed.engine import backbone_preprocessing
+        from dinoalign.backbones.dinov2 import backbone_preprocessing
 
         return backbone_preprocessing(self.backbone, self.params.embed)
 
@@ -240,7 +240,7 @@ class AlignedModel:
         """Refuse features whose recorded preprocessing is not what this model's towers
         apply to the images they embed here: the backbone's, and for a recipe with a CLIP
         reference (the projector: the store's ``clip_image``) CLIP's."""
-        from dinoalign.embed.engine import clip_preprocessing
+        from dinoalign.backbones.text import clip_preprocessing
         from dinoalign.embed.store import FeatureStore, check_preprocessing
         from dinoalign.errors import PreprocessingMismatch
 
@@ -261,7 +261,7 @@ class AlignedModel:
         """B×E normalised CLIP image embeddings of raw uint8 images, made as the embed
         stage makes its ``clip_image`` column (resize + crop to ``embed.img_size``, then
         CLIP's own resize and normalisation)."""
-        from dinoalign.teacher import to_clip_input
+        from dinoalign.backbones.text import to_clip_input
 
         model, preprocess = self.clip
         pixels = self._resize_crop(images)

@@ -148,7 +148,7 @@ def _run_row(label: str, run: Any, run_id: str | None) -> dict[str, Any]:
 def run_link(params: Params, experiment_id: str, run_id: str) -> str:
     """The MLflow UI address of a run: the tracking server's when it is one, otherwise
     ``evaluate.mlflow_ui`` (``make mlflow-ui`` serves the embedded store there)."""
-    from dinoalign.evaluate.stage import without_credentials
+    from dinoalign.tracking import without_credentials
     from dinoalign.tracking import tracking_uri
 
     uri = tracking_uri(params)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -114,3 +115,13 @@ def run_url(run: Any) -> str:
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     return f"{uri} (run {run.info.run_id}; browse with `make mlflow-ui`)"
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` with any ``user:password@`` removed (tracking URIs end up in reports)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri

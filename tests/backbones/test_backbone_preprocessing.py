@@ -23,7 +23,8 @@ from dinoalign.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, loa
 from dinoalign.config import ConfigError, TeacherConfig, load_params
 from dinoalign.data.images import resize_crop
 from dinoalign.errors import InferenceError, PreprocessingMismatch
-from dinoalign.teacher import OPENAI_MEAN, OPENAI_STD, model_cfg, preprocess_cfg, save_teacher, to_clip_input
+from dinoalign.backbones.text import to_clip_input
+from dinoalign.teacher import OPENAI_MEAN, OPENAI_STD, model_cfg, preprocess_cfg, save_teacher
 
 MISSING = "/nonexistent-dinoalign/params.yaml"
 SAT493M = "vit_large_patch16_dinov3.sat493m"

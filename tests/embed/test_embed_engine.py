@@ -206,7 +206,7 @@ def test_real_coco_images_reach_the_shards_at_the_papers_preprocessing(
     from PIL import Image
 
     from dinoalign.data.schema import make_uid
-    from dinoalign.embed.engine import build_backbone_from
+    from dinoalign.backbones.dinov2 import build_backbone_from
 
     ov = _prepare(tmp_path, tiny_clip_dir, **{
         "data.source": "coco", "data.coco.captions_json": str(coco_mini / "annotations-full" / "captions_val2017.json"),

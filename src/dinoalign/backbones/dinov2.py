@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -452,3 +453,31 @@ def _create_from_hub(arch: str, hub_id: str | None, kwargs: dict[str, Any]) -> n
             "and set backbone.weights to its path (timm .safetensors or the official "
             "dinov2_*_pretrain.pth)"
         ) from err
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, shapes, bytes): identifies the weights used."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        t = v.detach().cpu().contiguous().reshape(-1)
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def build_backbone_from(cfg: Any, seed: int) -> DinoBackbone:
+    """The frozen backbone of a ``backbone:`` params section (a ``BackboneConfig``), with
+    the torch seed set first so that random-init backbones are the same in every process."""
+    torch.manual_seed(seed)  # random-init backbones are identical in every actor
+    return build_backbone(
+        cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
+        model_kwargs=cfg.model_kwargs,
+    )
+
+
+def backbone_preprocessing(backbone: Any, embed: Any) -> dict[str, Any]:
+    """How the embed stage feeds ``backbone`` (a :class:`~dinoalign.backbones.DinoBackbone`):
+    its model's data config at ``embed.img_size``, ``embed.interpolation`` (when set)
+    overriding the model's interpolation. JSON-friendly; recorded in the spec."""
+    return backbone.preprocessing(embed.img_size, embed.interpolation)

@@ -16,12 +16,15 @@ import difflib
 import importlib
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.pretrained import download_pretrained_from_hf
+from open_clip.transform import PreprocessCfg
 from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
@@ -278,3 +281,95 @@ def build_text_encoder(
 ) -> TextEncoder:
     """The frozen text encoder registered as ``kind`` (``open_clip``, ``hf``)."""
     return TEXT_ENCODERS.build(kind, name, pretrained=pretrained, model_kwargs=model_kwargs)
+
+
+# ----------------------------------------------------------------------------- CLIP pixels
+
+
+def resolve_clip_preprocess(preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """An open_clip model's preprocess config (``open_clip.get_model_preprocess_cfg``, or
+    a checkpoint's ``preprocess_cfg``) completed the way open_clip completes it: keys it
+    lacks take open_clip's ``PreprocessCfg`` defaults. JSON-friendly: ``size`` [h, w],
+    ``mean``/``std`` 3 floats, ``interpolation``, ``resize_mode``, ``fill_color``."""
+    known = {f.name for f in dataclasses.fields(PreprocessCfg)}
+    cfg = dataclasses.asdict(PreprocessCfg(**{k: v for k, v in preprocess.items() if k in known}))
+    size = cfg["size"]
+    cfg["size"] = [int(s) for s in size] if isinstance(size, (list, tuple)) else [int(size)] * 2
+    cfg["mean"], cfg["std"] = [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+    if len(cfg["mean"]) != 3 or len(cfg["std"]) != 3:
+        raise ValueError(
+            f"CLIP preprocess config has mean {cfg['mean']} and std {cfg['std']}: RGB images "
+            "need 3 values each"
+        )
+    if cfg["interpolation"] not in _CLIP_INTERPOLATIONS:
+        raise ValueError(
+            f"CLIP preprocess interpolation {cfg['interpolation']!r} is not one of "
+            f"{list(_CLIP_INTERPOLATIONS)} (open_clip's 'random' is for training only)"
+        )
+    if cfg["resize_mode"] not in _CLIP_RESIZE_MODES:
+        raise ValueError(
+            f"CLIP preprocess resize_mode {cfg['resize_mode']!r} is not one of {list(_CLIP_RESIZE_MODES)}"
+        )
+    return cfg
+
+
+_CLIP_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+_CLIP_RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+def to_clip_input(
+    images: np.ndarray, preprocess: Mapping[str, Any], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """uint8 B×H×W×3 -> float B×3×h×w on ``device`` with the CLIP's own preprocess config
+    (see :func:`resolve_clip_preprocess`): resize to ``size`` by ``resize_mode`` with its
+    ``interpolation`` (antialiased), then its ``mean``/``std``. On square images (what the
+    pipeline passes: embed's crops) every resize mode is one resize to h×w; otherwise
+    ``shortest`` resizes the short side and centre-crops, ``longest`` resizes the long
+    side and pads with ``fill_color``, ``squash`` resizes both sides.
+    The uint8 pixels cross to the device first; the work happens there."""
+    cfg = resolve_clip_preprocess(preprocess)
+    height, width = cfg["size"]
+    mode = cfg["interpolation"]
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+    def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if t.shape[-2:] == size:
+            return t
+        return F.interpolate(t, size=size, mode=mode, antialias=mode != "nearest",
+                             **({} if mode == "nearest" else {"align_corners": False}))
+
+    h, w = x.shape[-2:]
+    if cfg["resize_mode"] == "squash" or (h == w and height == width):
+        x = resize(x, (height, width))
+    elif cfg["resize_mode"] == "shortest":  # short side to the target's, centre crop
+        scale = max(height / h, width / w)
+        x = resize(x, (max(height, int(h * scale)), max(width, int(w * scale))))
+        top, left = round((x.shape[-2] - height) / 2), round((x.shape[-1] - width) / 2)
+        x = x[..., top : top + height, left : left + width]
+    else:  # longest: long side to the target's, centred on a fill_color canvas
+        scale = min(height / h, width / w)
+        x = resize(x, (min(height, max(1, int(h * scale))), min(width, max(1, int(w * scale)))))
+        canvas = x.new_full((x.shape[0], 3, height, width), cfg["fill_color"] / 255)
+        top, left = (height - x.shape[-2]) // 2, (width - x.shape[-1]) // 2
+        canvas[..., top : top + x.shape[-2], left : left + x.shape[-1]] = x
+        x = canvas
+    mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
+    return (x.clamp_(0, 1) - mean) / std
+
+
+def clip_image_size(pre: Any) -> int:
+    """The square input side of a CLIP preprocess config (or transform with ``size``)."""
+    size = pre["size"] if isinstance(pre, dict) else getattr(pre, "size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def clip_preprocessing(preprocess: Any) -> dict[str, Any]:
+    """A CLIP's open_clip preprocess config as recorded in the spec: ``mean``, ``std``,
+    ``interpolation``, ``resize_mode``, ``fill_color``, ``input_size`` [3, h, w]."""
+    cfg = resolve_clip_preprocess(preprocess)
+    cfg.pop("mode")  # always RGB (open_clip's PreprocessCfg allows nothing else)
+    height, width = cfg.pop("size")
+    return {**cfg, "input_size": [3, height, width]}

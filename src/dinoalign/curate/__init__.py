@@ -12,9 +12,7 @@ The names below other than the config are imported on first use, so that loading
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from dinoalign._lazy import lazy_exports
 from dinoalign.curate.config import COMBINE_MODES, CurateConfig
 
 __all__ = [
@@ -51,11 +49,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -18,18 +18,19 @@ records both (``spec["preprocessing"]``, see :mod:`dinoalign.embed.store`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
-from dinoalign.config import BackboneConfig, EmbedConfig, Params
+from dinoalign.config import Params
 from dinoalign.data.images import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_BYTES,
@@ -88,31 +89,14 @@ def _device(num_gpus: float) -> torch.device:
     return torch.device("cuda")
 
 
-def state_hash(module: torch.nn.Module) -> str:
-    """sha256 over the state dict (names, shapes, bytes): identifies the weights used."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        t = v.detach().cpu().contiguous().reshape(-1)
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def build_backbone_from(cfg: BackboneConfig, seed: int) -> Any:
-    from dinoalign.backbones import build_backbone
-
-    torch.manual_seed(seed)  # random-init backbones are identical in every actor
-    return build_backbone(
-        cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, img_size=cfg.img_size,
-        model_kwargs=cfg.model_kwargs,
-    )
-
-
 class ImageEmbedder:
     """Callable model holder (one per actor): decoded batch -> feature batch."""
 
     def __init__(self, params: Params) -> None:
+        # backbones (timm, open_clip) are imported where a model is built, not at module
+        # import: Ray Data's decode workers import this module and need neither
+        from dinoalign.backbones.dinov2 import build_backbone_from
+
         cfg = params.embed
         self.threads = TorchThreads(cfg.torch_threads)
         self.device = _device(cfg.actor_num_gpus)
@@ -140,7 +124,7 @@ class ImageEmbedder:
                 res = image_features(self.backbone(x), keep_patches=self.keep_patches)
             feats = {k: v.float().cpu().numpy() for k, v in res.items()}
             if self.clip is not None:
-                from dinoalign.teacher import to_clip_input
+                from dinoalign.backbones.text import to_clip_input
 
                 clip_x = to_clip_input(images, self.clip_preprocess, self.device)
                 feats["clip_image"] = self.clip.encode_image(clip_x, normalize=True).float().cpu().numpy()
@@ -175,33 +159,13 @@ class TextEmbedder:
         return out
 
 
-def _preprocess_size(pre: Any) -> int:
-    size = pre["size"] if isinstance(pre, dict) else getattr(pre, "size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def backbone_preprocessing(backbone: Any, embed: EmbedConfig) -> dict[str, Any]:
-    """How the embed stage feeds ``backbone`` (a :class:`~dinoalign.backbones.DinoBackbone`):
-    its model's data config at ``embed.img_size``, ``embed.interpolation`` (when set)
-    overriding the model's interpolation. JSON-friendly; recorded in the spec."""
-    return backbone.preprocessing(embed.img_size, embed.interpolation)
-
-
-def clip_preprocessing(preprocess: Any) -> dict[str, Any]:
-    """A CLIP's open_clip preprocess config as recorded in the spec: ``mean``, ``std``,
-    ``interpolation``, ``resize_mode``, ``fill_color``, ``input_size`` [3, h, w]."""
-    from dinoalign.teacher import resolve_clip_preprocess
-
-    cfg = resolve_clip_preprocess(preprocess)
-    cfg.pop("mode")  # always RGB (open_clip's PreprocessCfg allows nothing else)
-    height, width = cfg.pop("size")
-    return {**cfg, "input_size": [3, height, width]}
-
-
 # ----------------------------------------------------------------------------- spec
 def feature_spec(params: Params) -> dict[str, Any]:
     """What the features depend on. Builds each model once (cheap next to embedding) so
     that weight hashes, not just names, decide whether existing shards are reusable."""
+    from dinoalign.backbones.dinov2 import backbone_preprocessing, build_backbone_from, state_hash
+    from dinoalign.backbones.text import clip_image_size, clip_preprocessing
+
     backbone = build_backbone_from(params.backbone, params.seed)
     with torch.no_grad():
         s = params.embed.img_size
@@ -230,7 +194,7 @@ def feature_spec(params: Params) -> dict[str, Any]:
         from dinoalign.backbones.text import load_open_clip
 
         model, pre, _ = load_open_clip(params.clip.name, params.clip.pretrained)
-        spec["clip"] = {**asdict(params.clip), "weights_sha": state_hash(model), "image_size": _preprocess_size(pre)}
+        spec["clip"] = {**asdict(params.clip), "weights_sha": state_hash(model), "image_size": clip_image_size(pre)}
         spec["preprocessing"]["clip"] = clip_preprocessing(pre)
         size = spec["clip"]["image_size"]
         with torch.no_grad():
@@ -388,7 +352,7 @@ class ShardWriter:
 
 
 # ----------------------------------------------------------------------------- driver
-def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
     """Embed every manifest uid not yet embedded; return counts and throughput."""
     cfg = params.embed
     if cfg.engine not in ENGINES:
@@ -472,7 +436,7 @@ def run_embed(params: Params, manifest: pa.Table, log: Callable[[dict[str, float
         "spec": spec,
         "shards": entries,
         "counts": {k: summary[k] for k in ("images_total", "captions_total", "rejects_total")},
-        "rejects_by_reason": _count(all_rejects.column("reason").to_pylist()),
+        "rejects_by_reason": dict(sorted(collections.Counter(all_rejects.column("reason").to_pylist()).items())),
     })
     return summary
 
@@ -489,12 +453,8 @@ def _caption_rows(manifest: pa.Table, embedded: set[str], done: set[str]) -> pa.
         for i, cap in enumerate(caps):
             cid = make_caption_id(uid, i)
             if cid not in done:
-                uids.append(uid), cids.append(cid), idxs.append(i), texts.append(cap)
+                uids.append(uid)
+                cids.append(cid)
+                idxs.append(i)
+                texts.append(cap)
     return pa.table({"caption_id": cids, "uid": uids, "caption_index": pa.array(idxs, pa.int32()), "caption": texts})
-
-
-def _count(values: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return dict(sorted(out.items()))

@@ -3,8 +3,7 @@ open-vocabulary segmentation over tensors; models come in as callables."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dinoalign._lazy import lazy_exports
 
 # name -> the submodule that defines it, imported on first access (PEP 562), so that
 # ``dinoalign.evaluate.config`` (loaded with every params file) does not load torch
@@ -77,11 +76,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

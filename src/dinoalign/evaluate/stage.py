@@ -32,7 +32,6 @@ import math
 import re
 import shutil
 import time
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from dinoalign.evaluate.visualize import (
 )
 from dinoalign.evaluate.zeroshot import classification_metrics
 from dinoalign.storage import under_root, write_atomic
+from dinoalign.tracking import without_credentials
 
 STAGE = "evaluate"
 PREDICTIONS_CSV = "zeroshot_predictions.csv"
@@ -142,16 +142,6 @@ def evaluate_and_record(params: Params, root: Path, recipe: str) -> dict[str, An
 def model_reference(params: Params, recipe: str) -> str:
     """Where ``recipe``'s model is read: ``<align.out_dir>/<recipe>``, where align writes it."""
     return f"{params.align.out_dir.rstrip('/')}/{recipe}"
-
-
-def without_credentials(uri: str) -> str:
-    """``uri`` with any ``user:password@`` removed (tracking URIs end up in reports)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 # ----------------------------------------------------------------------------- evaluation

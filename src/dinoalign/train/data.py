@@ -312,7 +312,7 @@ class DinoTxtImageData(TrainingData):
 
     def attach(self, device: torch.device, seed: int) -> None:
         """Build the frozen backbone exactly as the embed stage did (same config, seed)."""
-        from dinoalign.embed.engine import build_backbone_from
+        from dinoalign.backbones.dinov2 import build_backbone_from
 
         self.backbone = build_backbone_from(self.backbone_config, seed).to(device)
 
@@ -503,7 +503,7 @@ def check_backbone(spec: Mapping[str, Any], seed: int, features: str = "the feat
     """Raise unless the backbone rebuilt from the features' spec with ``seed`` has the
     weights and the preprocessing (mean/std, crop) that made the features at ``features``
     (dinotxt's online mode must see what evaluation sees)."""
-    from dinoalign.embed.engine import build_backbone_from, state_hash
+    from dinoalign.backbones.dinov2 import build_backbone_from, state_hash
 
     expected = spec["backbone"]["weights_sha"]
     backbone = build_backbone_from(features_backbone(spec), seed)
