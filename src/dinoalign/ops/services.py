@@ -320,6 +320,38 @@ def start_ray_head(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: in
     /tmp/ray is shared with every other Ray of the machine). ``temp_dir`` must be a short
     path: Ray puts unix sockets under it. ``env`` adds to the head's environment (the S3
     settings that Ray Train and Ray Data workers inherit)."""
+    log = log_dir / "ray.log"
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        offset = log.stat().st_size if log.exists() else 0  # this attempt's lines only
+        svc = _start_ray_head_once(log_dir, token_path, temp_dir, num_cpus, env)
+        try:
+            return _started(svc, lambda: _wait_ray(svc, log))
+        except StackError:
+            # `ray start` gives the raylet a fixed 30 s to register with the GCS (ray
+            # _private/node.py); on an overloaded machine (two stacks starting beside a
+            # training run) it misses that and exits: try again on fresh ports.
+            missed = RAY_REGISTRATION_TIMEOUT in log.read_bytes()[offset:].decode(errors="replace")
+            _kill_group(svc.pid)
+            if attempt == RAY_START_ATTEMPTS or not missed:
+                raise
+    raise AssertionError("unreachable")
+
+
+RAY_START_ATTEMPTS = 3
+RAY_REGISTRATION_TIMEOUT = "The current node timed out during startup"
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group whose leader has exited (Ray's GCS and
+    raylet outlive a failed `ray start`)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _start_ray_head_once(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: int | None,
+                         env: dict[str, str] | None) -> Service:
     ports = {k: free_port() for k in RAY_PORTS}
     cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={ports['gcs']}",
@@ -333,8 +365,7 @@ def start_ray_head(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: in
     log = log_dir / "ray.log"
     pid, started = _spawn(cmd, log, {**(env or {}), **ray_client_env(token_path)})
     # a SIGTERMed raylet drains for up to 30 s; the head keeps nothing worth waiting for
-    svc = Service("ray", pid, f"127.0.0.1:{ports['gcs']}", str(log), ports, started, grace=3.0)
-    return _started(svc, lambda: _wait_ray(svc, log))
+    return Service("ray", pid, f"127.0.0.1:{ports['gcs']}", str(log), ports, started, grace=3.0)
 
 
 def _wait_ray(svc: Service, log: Path, timeout: float = 120) -> None:
