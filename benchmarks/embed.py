@@ -61,12 +61,13 @@ MODELS = {
 def build_world(root: Path, n_unique: int) -> Path:
     """Render ``n_unique`` demo-world train images at 224 px; return the image folder."""
     from dinoalign.config import load_params
-    from dinoalign.data.prepare import run_prepare
+    from dinoalign.data.prepare import prepare_pairs
 
     params = load_params("/nonexistent.yaml", [
-        f"prepare.out_dir={root / 'world'}", f"data.synthetic.n_train={n_unique}", "data.synthetic.n_val=0",
+        f"paths.pairs={root / 'world'}", f"data.synthetic.n_train={n_unique}", "data.synthetic.n_val=0",
         "data.synthetic.n_test=0", "data.synthetic.image_size=224", "prepare.validate_images=false"])
-    run_prepare(params, root)
+    prepare_pairs(params.data, params.prepare.shard_size, params.prepare.validate_images,
+        root / params.paths.pairs, root)
     return root / "world"
 
 
@@ -94,7 +95,7 @@ def run_one(world: Path, n: int, engine: str, model: str, batch_size: int, out: 
     from dinoalign.embed.engine import run_embed
 
     params = load_params("/nonexistent.yaml", [
-        f"embed.out_dir={out}", f"embed.engine={engine}", "embed.img_size=224", "backbone.img_size=224",
+        f"paths.features={out}", f"embed.engine={engine}", "embed.img_size=224", "backbone.img_size=224",
         f"backbone.model_kwargs={MODELS[model]}", f"embed.batch_size={batch_size}",
         f"embed.decode_batch_size={batch_size}", "clip.image_features=false", "embed.text_encoders=[]",
         "embed.shard_rows=2048", "embed.loader_workers=1", "embed.actor_num_cpus=1", "embed.decode_num_cpus=0.5",
@@ -217,7 +218,7 @@ def gpu(args: argparse.Namespace) -> None:
 
     from dinoalign.config import load_params
     from dinoalign.embed.engine import ImageEmbedder
-    from dinoalign.flops import counted_flops, peak_bf16_tflops, vit_forward_flops
+    from flops import counted_flops, peak_bf16_tflops, vit_forward_flops  # benchmarks/flops.py
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"

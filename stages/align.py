@@ -1,4 +1,4 @@
-"""DVC stage ``align@<recipe>``: see dvc.yaml and dinoalign.pipeline.align.
+"""DVC stage ``align@<recipe>``: see dvc.yaml and dinoalign.stages.align.
 
     python stages/align.py align.recipe=talk2dino [section.key=value ...]
 """

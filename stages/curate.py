@@ -1,4 +1,4 @@
-"""DVC stage ``curate``: see dvc.yaml and dinoalign.pipeline.curate.
+"""DVC stage ``curate``: see dvc.yaml and dinoalign.stages.curate.
 
     python stages/curate.py [section.key=value ...]
 """

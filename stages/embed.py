@@ -1,4 +1,4 @@
-"""DVC stage ``embed``: see dvc.yaml and dinoalign.pipeline.embed.
+"""DVC stage ``embed``: see dvc.yaml and dinoalign.stages.embed.
 
     python stages/embed.py [section.key=value ...]
 """

@@ -1,4 +1,4 @@
-"""DVC stage ``evaluate@<recipe>``: see dvc.yaml and dinoalign.evaluate.stage.
+"""DVC stage ``evaluate@<recipe>``: see dvc.yaml and dinoalign.stages.evaluate.
 
 python stages/evaluate.py [section.key=value ...]   e.g. "evaluate.recipes=[talk2dino]"
 """

@@ -1,4 +1,4 @@
-"""DVC stage ``teacher``: see dvc.yaml and dinoalign.pipeline.teacher.
+"""DVC stage ``teacher``: see dvc.yaml and dinoalign.stages.teacher.
 
     python stages/teacher.py [section.key=value ...]
 """

@@ -4,8 +4,10 @@ not importable by name once several conftest.py files exist)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +19,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-TINY_BACKBONE = "{embed_dim: 48, depth: 2, num_heads: 3}"
+# The tiny DINOv2 of the unit tests and smoke runs (3 heads of 16 channels, 2 blocks): as
+# timm model_kwargs, and as the value of a ``backbone.model_kwargs=`` override.
+TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 3}
+TINY_BACKBONE = json.dumps(TINY_VIT)
+
+
+def tiny_backbone(
+    name: str = "vit_small_patch14_reg4_dinov2", img_size: int = 56, **model_kwargs: Any
+) -> Any:
+    """A ``DinoBackbone`` of :data:`TINY_VIT` (``model_kwargs`` override or add keys),
+    timm's random init from the current torch seed."""
+    from dinoalign.backbones import build_backbone
+
+    return build_backbone(name, img_size=img_size, model_kwargs={**TINY_VIT, **model_kwargs})
 
 
 def tiny_overrides(root: Path, clip_dir: Path, **extra: str) -> list[str]:
@@ -29,19 +44,17 @@ def tiny_overrides(root: Path, clip_dir: Path, **extra: str) -> list[str]:
         "data.synthetic.n_val": "4",
         "data.synthetic.n_test": "12",
         "data.synthetic.image_size": "112",
-        "prepare.out_dir": str(root / "pairs"),
+        "paths.pairs": str(root / "pairs"),
         "backbone.model_kwargs": TINY_BACKBONE,
         "backbone.img_size": "56",
         "clip.name": clip,
-        "embed.pairs_dir": str(root / "pairs"),
-        "embed.out_dir": str(root / "features"),
+        "paths.features": str(root / "features"),
         "embed.img_size": "56",
         "embed.batch_size": "8",
         "embed.decode_batch_size": "8",
         "embed.shard_rows": "10",
         "embed.loader_workers": "0",
         "embed.keep_patches": "true",
-        "embed.text_encoders": f"[{{key: clip, kind: open_clip, name: '{clip}'}}]",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -194,7 +194,7 @@ def test_retrain_keeps_its_documented_lock_exit_code(params: Path, capsys) -> No
     from dinoalign.config import load_params
     from dinoalign.ops.retrain import exclusive_lock
 
-    lock = params.parent / load_params(params).retrain.lock_file
+    lock = params.parent / load_params(params).paths.retrain_lock
     with exclusive_lock(lock):
         code, line = _one_line(["retrain", "--new", "x.csv", "-p", str(params)], capsys)
     assert code == 75 and line.startswith("dinoalign retrain: another retrain (pid ")
@@ -215,12 +215,12 @@ def test_a_stack_that_cannot_start_is_exit_2(tmp_path: Path, monkeypatch, capsys
 
 
 def test_a_multi_line_message_is_printed_on_one_line(params: Path, monkeypatch, capsys) -> None:
-    import dinoalign.pipeline as pipeline
+    import dinoalign.cli as cli
 
-    def build(name, params, root):
+    def run_stage(name, params, root):
         raise DataError("first line\n   second   line")
 
-    monkeypatch.setattr(pipeline.STAGES, "build", build)
+    monkeypatch.setattr(cli, "run_stage", run_stage)
     code, line = _one_line(["embed", "-p", str(params)], capsys)
     assert (code, line) == (2, "dinoalign embed: first line second line")
 
@@ -229,12 +229,12 @@ def test_a_multi_line_message_is_printed_on_one_line(params: Path, monkeypatch, 
 
 
 def test_a_bug_is_not_a_user_error_and_keeps_its_traceback(params: Path, monkeypatch) -> None:
-    import dinoalign.pipeline as pipeline
+    import dinoalign.cli as cli
 
-    def build(name, params, root):
+    def run_stage(name, params, root):
         return {}["no such key"]  # a bug
 
-    monkeypatch.setattr(pipeline.STAGES, "build", build)
+    monkeypatch.setattr(cli, "run_stage", run_stage)
     with pytest.raises(KeyError, match="no such key"):
         main(["embed", "-p", str(params)])
 
@@ -248,9 +248,9 @@ def test_real_processes_one_line_for_a_user_error_a_traceback_for_a_bug(params: 
         "run the prepare stage first (dvc repro prepare)"
     ]
     bug = (
-        "import sys; import dinoalign.pipeline as p; "
-        "p.STAGES.build = lambda *a: [][1]; "
-        "from dinoalign.cli import main; sys.exit(main(sys.argv[1:]))"
+        "import sys; import dinoalign.cli as cli; "
+        "cli.run_stage = lambda *a: [][1]; "
+        "sys.exit(cli.main(sys.argv[1:]))"
     )
     done = subprocess.run([sys.executable, "-c", bug, "embed", "-p", str(params)],
                           capture_output=True, text=True, cwd=params.parent)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dinoalign.config import ConfigError, Params, apply_overrides, flatten, load_params, to_dict
+from dinoalign.config import MOVED_KEYS, ConfigError, Params, apply_overrides, flatten, load_params, to_dict
 
 
 def test_repo_params_load_and_are_typed(repo_root: Path) -> None:
@@ -93,3 +93,48 @@ def test_config_engine_names_are_the_embed_engines() -> None:
     from dinoalign.embed.engine import ENGINES
 
     assert set(EMBED_ENGINES) == set(ENGINES)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_KEYS))
+def test_a_moved_key_is_an_error_naming_its_new_place(tmp_path: Path, old: str) -> None:
+    """The migration of the README (Params migration): every key that moved into
+    ``paths:`` (or went away) fails at load with one line that names what to set, in the
+    file and as an override alike."""
+    section, key = old.split(".")
+    (tmp_path / "params.yaml").write_text(f"{section}:\n  {key}: somewhere\n")
+    for args in ((tmp_path / "params.yaml", []), (tmp_path / "none.yaml", [f"{old}=somewhere"])):
+        with pytest.raises(ConfigError, match=re.escape(f"{old} has moved: set {MOVED_KEYS[old]} instead")):
+            load_params(*args)
+
+
+def test_every_location_is_named_once_under_paths(repo_root: Path) -> None:
+    """No section but ``paths`` holds a field that names a folder or file the pipeline
+    writes (the keys that moved are gone from their sections), and the repo params set
+    each location once."""
+    params = load_params(repo_root / "params.yaml")
+    flat = flatten(to_dict(params))
+    # inputs a data source or dataset reads are that source's own choice, not pipeline locations
+    inputs = {"data.coco.image_dir"}
+    outside = sorted(k for k in flat if not k.startswith("paths.") and k not in inputs
+                     and re.search(r"(_dir|(?<!drop)_path|_file)$", k))
+    assert outside == [], outside
+    for old in MOVED_KEYS:
+        assert old not in flat
+    raw = (repo_root / "params.yaml").read_text()
+    for value in ("artifacts/pairs", "artifacts/features", "artifacts/curated", "artifacts/teacher/model"):
+        assert len(re.findall(rf"(?<![\w/]){re.escape(value)}\b", raw)) <= 1, value
+
+
+def test_the_clip_is_named_once_and_text_encoders_of_kind_clip_take_it() -> None:
+    params = load_params("/nonexistent.yaml", ["clip.name=ViT-B-16", "clip.pretrained=openai",
+                                              "embed.text_encoders=[{key: clip, kind: clip}]"])
+    (encoder,) = params.embed.text_encoders
+    assert (encoder.kind, encoder.name, encoder.pretrained) == ("open_clip", "ViT-B-16", "openai")
+    assert load_params("/nonexistent.yaml").embed.text_encoders[0].name == load_params("/nonexistent.yaml").clip.name
+    with pytest.raises(ConfigError, match="kind clip takes the clip section's model"):
+        load_params("/nonexistent.yaml", ["embed.text_encoders=[{key: clip, kind: clip, name: ViT-L-14}]"])
+    with pytest.raises(ConfigError, match="kind open_clip needs a name"):
+        load_params("/nonexistent.yaml", ["embed.text_encoders=[{key: c2, kind: open_clip}]"])

@@ -21,9 +21,9 @@ import yaml
 
 from dinoalign.config import load_params, to_dict
 from dinoalign.errors import UserError
-from dinoalign.ops.cli import add_ops_commands
-from dinoalign.pipeline import STAGES
 from dinoalign.infer_cli import add_inference_commands
+from dinoalign.ops.cli import add_ops_commands
+from dinoalign.stages import STAGE_NAMES, run_stage
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="dinoalign", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    for name in STAGES.names():
+    for name in STAGE_NAMES:
         _params_args(sub.add_parser(name, help=f"run the {name} stage"))
     _params_args(sub.add_parser("params", help="print the resolved params as YAML"))
     add_ops_commands(sub, _params_args)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             yaml.safe_dump(to_dict(params), sys.stdout, sort_keys=False)
             return 0
         root = Path(args.params).resolve().parent
-        STAGES.build(args.command, params, root)
+        run_stage(args.command, params, root)
         return 0
     except UserError as e:
         message = " ".join(str(e).split()) or type(e).__name__

@@ -21,6 +21,7 @@ import yaml
 from dinoalign.errors import ConfigError
 
 EMBED_ENGINES = ("ray", "local")  # embed.engine: Ray Data, or a plain in-process loop
+CLIP_SECTION_KIND = "clip"  # embed.text_encoders kind: the clip section's text tower
 
 from dinoalign.curate.config import CurateConfig
 from dinoalign.data.config import (
@@ -56,8 +57,6 @@ class DataConfig:
     coco: CocoSourceConfig = dataclasses.field(default_factory=CocoSourceConfig)
     pairs: PairsSourceConfig = dataclasses.field(default_factory=PairsSourceConfig)
     webdataset: WebDatasetSourceConfig = dataclasses.field(default_factory=WebDatasetSourceConfig)
-    # pairs appended by `dinoalign retrain` (DVC-tracked, added to any source; null: none)
-    incoming: str | None = "incoming/pairs"
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_side: int = 14  # one patch
     # folders/prefixes the images a pairs table names must resolve under (null: anywhere);
@@ -91,8 +90,52 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PathsConfig:
+    """Every location the pipeline reads or writes, each named once: a path relative to
+    the checkout (where params.yaml lives), an absolute path, or an ``s3://`` URI where
+    the stage supports one (features, checkpoints). Stages resolve them with
+    :func:`dinoalign.storage.under_root`; dvc.yaml lists the ``paths.*`` keys each
+    stage reads."""
+
+    pairs: str = "artifacts/pairs"            # prepare -> manifest, rejects, summary
+    incoming: str | None = "incoming/pairs"   # pairs `dinoalign retrain` appends (null: none)
+    teacher: str = "artifacts/teacher"        # the demo's tiny CLIP, its curve and metrics
+    features: str = "artifacts/features"      # the embed store (or s3://bucket/prefix)
+    curated: str = "artifacts/curated"        # uids.parquet, stats.json, plots/
+    models: str = "artifacts/models"          # <models>/<recipe>/: safetensors + config.json
+    curves: str = "artifacts/align"           # <curves>/<recipe>/: curve.csv + metrics.json
+    checkpoints: str = "artifacts/checkpoints"  # Ray Train checkpoints (or s3://)
+    metrics: str = "metrics"                  # <metrics>/<recipe>.json
+    plots: str = "plots"                      # <plots>/<recipe>/
+    report: str = "report"                    # index.html
+    decisions: str = "retrain"                # retrain's decision.json + history.jsonl
+    retrain_lock: str = "infra/run/retrain.lock"
+
+
+# Keys that moved, old dotted key -> what to write instead (README, "Params migration").
+MOVED_KEYS = {
+    "prepare.out_dir": "paths.pairs",
+    "embed.pairs_dir": "paths.pairs",
+    "embed.out_dir": "paths.features",
+    "data.incoming": "paths.incoming",
+    "teacher.out_dir": "paths.teacher",
+    "curate.out_dir": "paths.curated",
+    "align.curated": "paths.curated (the curate stage's folder; align reads uids.parquet in it) "
+                     "and align.use_curated (true/false)",
+    "align.out_dir": "paths.models",
+    "align.curves_dir": "paths.curves",
+    "align.storage_path": "paths.checkpoints",
+    "evaluate.metrics_dir": "paths.metrics",
+    "evaluate.plots_dir": "paths.plots",
+    "evaluate.report_dir": "paths.report",
+    "retrain.decisions_dir": "paths.decisions",
+    "retrain.lock_file": "paths.retrain_lock",
+    "retrain.model_prefix": "nothing: models are always registered as dinoalign-<recipe>",
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    out_dir: str = "artifacts/pairs"
     shard_size: int = 5000
     validate_images: bool = True
 
@@ -116,13 +159,31 @@ class BackboneConfig:
 class TextEncoderConfig:
     """A text encoder from the text registry (``open_clip`` towers, ``hf`` sentence encoders).
 
-    ``key`` names its feature column (``text_<key>``)."""
+    ``key`` names its feature column (``text_<key>``). ``kind: clip`` is the text tower of
+    the ``clip`` section's model (named there, once); loading the params resolves it to
+    ``open_clip`` with that name, so every reader sees the model it is."""
 
     key: str = "clip"
-    kind: str = "open_clip"
-    name: str = "local-dir:artifacts/teacher/model"
+    kind: str = CLIP_SECTION_KIND
+    name: str | None = None  # kind clip: none (the clip section's)
     pretrained: str | None = None  # open_clip tag, hub name or local checkpoint file
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind == CLIP_SECTION_KIND:
+            if self.name is not None or self.pretrained is not None or self.model_kwargs:
+                raise ConfigError(
+                    f"embed.text_encoders[{self.key}]: kind clip takes the clip section's model; "
+                    "drop name/pretrained/model_kwargs, or use kind open_clip to name another CLIP"
+                )
+        elif not self.name:
+            raise ConfigError(f"embed.text_encoders[{self.key}]: kind {self.kind} needs a name")
+
+    def resolved(self, clip: ClipConfig) -> TextEncoderConfig:
+        """``kind: clip`` as the open_clip tower of ``clip``; any other kind as it is."""
+        if self.kind != CLIP_SECTION_KIND:
+            return self
+        return dataclasses.replace(self, kind="open_clip", name=clip.name, pretrained=clip.pretrained)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +191,6 @@ class TeacherConfig:
     """Tiny CLIP sizes and its training schedule (demo profile)."""
 
     enabled: bool = True
-    out_dir: str = "artifacts/teacher"
     embed_dim: int = 128
     image_size: int = 64
     patch_size: int = 8
@@ -170,8 +230,6 @@ class EmbedConfig:
     (bicubic, bilinear, ...) overrides it. What was used is recorded in the features'
     manifest (``spec.preprocessing``)."""
 
-    pairs_dir: str = "artifacts/pairs"
-    out_dir: str = "artifacts/features"  # local path or s3://bucket/prefix
     engine: str = "ray"  # ray | local
     img_size: int = 224
     interpolation: str | None = None  # null: the backbone's own (timm data config)
@@ -236,6 +294,7 @@ class Params:
 
     profile: str = "demo"
     seed: int = 123
+    paths: PathsConfig = dataclasses.field(default_factory=PathsConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
@@ -249,6 +308,9 @@ class Params:
     retrain: RetrainConfig = dataclasses.field(default_factory=RetrainConfig)
 
     def __post_init__(self) -> None:
+        # the CLIP is named once (clip:); text encoders of kind clip point at it
+        encoders = [t.resolved(self.clip) for t in self.embed.text_encoders]
+        object.__setattr__(self, "embed", dataclasses.replace(self.embed, text_encoders=encoders))
         patch = patch_size_of(self.backbone)
         for where, size in (("backbone.img_size", self.backbone.img_size),
                             ("embed.img_size", self.embed.img_size)):
@@ -309,7 +371,17 @@ def load_params(
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     raw = apply_overrides(raw, overrides)
+    _refuse_moved_keys(raw, str(path))
     return from_dict(Params, raw, where=str(path))
+
+
+def _refuse_moved_keys(raw: dict[str, Any], where: str) -> None:
+    """A key of :data:`MOVED_KEYS` (in the file or an override) is an error naming the
+    key that replaced it, not a generic "unknown key"."""
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{where}: {old} has moved: set {new} instead (README, Params migration)")
 
 
 def from_dict(cls: type, data: Any, where: str = "params") -> Any:

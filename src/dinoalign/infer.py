@@ -117,7 +117,7 @@ def training_vocabulary(params: Params, root: Path) -> set[str] | None:
     encoder trained on them has seen), None when the manifest is not here."""
     from dinoalign.data.prepare import read_manifest
 
-    pairs_dir = root / params.embed.pairs_dir
+    pairs_dir = Path(under_root(params.paths.pairs, root))
     if not (pairs_dir / "summary.json").is_file():
         return None
     table = read_manifest(pairs_dir)
@@ -150,7 +150,7 @@ def check_known_classes(
         listed = "; ".join(f"{c!r} ({', '.join(w)})" for c, w in unknown.items())
         raise InferenceError(
             f"unknown classes for this {model.name} model: {listed}. Its text encoder was trained only "
-            f"on the captions of {params.embed.pairs_dir}, which never use these words, so it cannot "
+            f"on the captions of {params.paths.pairs}, which never use these words, so it cannot "
             f"recognise them; pass --allow-unknown to score them anyway"
         )
 
@@ -237,7 +237,7 @@ def evaluated_bg_threshold(
     """(background threshold, where it comes from): the one the evaluate stage used for
     these very weights (``metrics/<recipe>.json``, chosen on the val split in the demo),
     else the params' ``evaluate.segmentation.bg_threshold`` / ``bg_thresholds``."""
-    path = Path(under_root(params.evaluate.metrics_dir, root)) / f"{model.name}.json"
+    path = Path(under_root(params.paths.metrics, root)) / f"{model.name}.json"
     if path.is_file() and model.info is not None:
         metrics = json.loads(path.read_text())
         evaluated = (metrics.get("info", {}).get("model") or {}).get("weights_sha256")
@@ -279,7 +279,7 @@ def classify_command(args: argparse.Namespace, params: Params, root: Path) -> di
 
 
 def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
-    """A FAISS inner-product index of the embedded images (``embed.out_dir``) under the
+    """A FAISS inner-product index of the embedded images (``paths.features``) under the
     model's image vectors, with the uid and image URI of every item."""
     import faiss
     import pyarrow as pa
@@ -289,7 +289,7 @@ def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[
     from dinoalign.embed.store import FeatureStore
 
     model = _load(args, params, root)
-    features = under_root(params.embed.out_dir, root)
+    features = under_root(params.paths.features, root)
     store = FeatureStore(features)
     manifest = store.read_manifest()
     if manifest is None:
@@ -297,7 +297,7 @@ def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[
             f"no features at {features}: run the embed stage first (dinoalign embed)"
         )
     embedded = sorted(store.keys("images", "uid"))
-    pairs = {r["uid"]: r for r in read_manifest(root / params.embed.pairs_dir).to_pylist()}
+    pairs = {r["uid"]: r for r in read_manifest(under_root(params.paths.pairs, root)).to_pylist()}
     uids = [
         u
         for u in embedded

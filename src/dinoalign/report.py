@@ -1,14 +1,14 @@
 """The report stage: one self-contained HTML page comparing the recipes side by side.
 
-``<evaluate.report_dir>/index.html`` renders offline: CSS inline, pictures as ``data:``
+``<paths.report>/index.html`` renders offline: CSS inline, pictures as ``data:``
 URIs, charts as inline SVG, no script and no external resource. It shows, from the
 files the other stages wrote:
 
 - the metrics of every recipe (``metrics/<recipe>.json``) with chance next to each
   number, seen and held-out compositions apart, the projector as % of its CLIP;
-- training curves (``<align.curves_dir>/<recipe>/curve.csv``, the teacher's curve);
+- training curves (``<paths.curves>/<recipe>/curve.csv``, the teacher's curve);
 - segmentation overlays, per-class IoU and confusion pictures (``plots/<recipe>/``);
-- curation statistics (``<curate.out_dir>/stats.json``), data and reject counts (the
+- curation statistics (``<paths.curated>/stats.json``), data and reject counts (the
   pairs ``summary.json`` and the features ``manifest.json``);
 - versions: git commit, the DVC hashes of ``dvc.lock``, model weights, frozen towers;
 - links to the MLflow runs: the align and evaluate runs behind the numbers shown, and
@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from dinoalign.config import Params
-from dinoalign.storage import write_atomic
+from dinoalign.storage import under_root, write_atomic
 
 REPORT_FILE = "index.html"
 MISSING = "—"
@@ -385,8 +385,8 @@ def _section_results(metrics: Mapping[str, Mapping[str, Any]], missing: Sequence
 def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
     out = ["<h2>Training curves</h2>", '<div class="grid">']
     for recipe in recipes:
-        curve = read_curve(root / params.align.curves_dir / recipe / "curve.csv")
-        summary = read_json(root / params.align.curves_dir / recipe / "metrics.json") or {}
+        curve = read_curve(_at(params.paths.curves, root) / recipe / "curve.csv")
+        summary = read_json(_at(params.paths.curves, root) / recipe / "metrics.json") or {}
         points = [(r["step"], r["loss"]) for r in curve if "step" in r and "loss" in r]
         body = (
             line_chart({recipe: points}, "step", "loss")
@@ -402,7 +402,7 @@ def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
                 f"{esc(summary.get('train_uids', '?'))} train images, final loss {final}</small></p>"
             )
         out.append(f'<div class="card"><h3>{esc(recipe)}</h3>{body}{note}</div>')
-    teacher = read_curve(root / params.teacher.out_dir / "curve.csv")
+    teacher = read_curve(_at(params.paths.teacher, root) / "curve.csv")
     if teacher:
         chart = line_chart({"teacher": [(r["epoch"], r["loss"]) for r in teacher]}, "epoch", "loss")
         out.append(f'<div class="card"><h3>teacher CLIP (demo)</h3>{chart}</div>')
@@ -418,7 +418,7 @@ def _section_segmentation(
         return ""
     out = ["<h2>Segmentation</h2>"]
     for recipe in dense:
-        plots = root / params.evaluate.plots_dir / recipe
+        plots = _at(params.paths.plots, root) / recipe
         seg = dense[recipe]["segmentation"]
         threshold = seg.get("bg_threshold")
         threshold = "none" if threshold is None else f"{threshold:.3g}"
@@ -487,12 +487,11 @@ def flat_scalars(data: Any, prefix: str = "", depth: int = 3) -> list[tuple[str,
 
 def _section_data(params: Params, root: Path) -> str:
     from dinoalign.embed.store import FeatureStore
-    from dinoalign.storage import under_root
 
     out = ["<h2>Data, rejects and curation</h2>", '<div class="grid">']
-    pairs = read_json(root / params.embed.pairs_dir / "summary.json")
-    manifest = FeatureStore(under_root(params.embed.out_dir, root)).read_manifest()
-    curate = read_json(root / params.curate.out_dir / "stats.json")
+    pairs = read_json(_at(params.paths.pairs, root) / "summary.json")
+    manifest = FeatureStore(under_root(params.paths.features, root)).read_manifest()
+    curate = read_json(_at(params.paths.curated, root) / "stats.json")
     features = None
     if manifest is not None:
         features = {
@@ -570,7 +569,7 @@ def _section_mlflow(params: Params, root: Path, metrics: Mapping[str, Mapping[st
 
     shown: dict[str, str] = {}
     for recipe in params.evaluate.recipes:
-        align = read_json(root / params.align.curves_dir / recipe / "metrics.json") or {}
+        align = read_json(_at(params.paths.curves, root) / recipe / "metrics.json") or {}
         if align.get("mlflow_run_id"):
             shown[f"align@{recipe}"] = align["mlflow_run_id"]
         evaluated = _get(metrics.get(recipe, {}), ("info", "mlflow", "run_id"))
@@ -612,7 +611,7 @@ def render_report(params: Params, root: Path) -> str:
     recipes = list(params.evaluate.recipes)
     metrics: dict[str, dict[str, Any]] = {}
     for recipe in recipes:
-        found = read_json(root / params.evaluate.metrics_dir / f"{recipe}.json")
+        found = read_json(_at(params.paths.metrics, root) / f"{recipe}.json")
         if found is not None:
             metrics[recipe] = found
     missing = [r for r in recipes if r not in metrics]
@@ -649,8 +648,13 @@ def render_report(params: Params, root: Path) -> str:
 
 
 def write_report(params: Params, root: Path) -> Path:
-    """Render the report and write ``<evaluate.report_dir>/index.html`` (whole, then
+    """Render the report and write ``<paths.report>/index.html`` (whole, then
     renamed into place); returns its path."""
-    path = root / params.evaluate.report_dir / REPORT_FILE
+    path = _at(params.paths.report, root) / REPORT_FILE
     write_atomic(path, render_report(params, root))
     return path
+
+
+def _at(location: str, root: Path) -> Path:
+    """A local location from ``paths`` (the report reads and writes local files only)."""
+    return Path(under_root(location, root))

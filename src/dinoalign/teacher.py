@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from dinoalign.backbones.text import to_clip_input
 from dinoalign.config import TeacherConfig
-from dinoalign.data.images import image_limits, load_image, resize_crop
+from dinoalign.data.images import load_image, resize_crop
 from dinoalign.data.prepare import read_manifest
 from dinoalign.errors import DataError
 from dinoalign.evaluate.retrieval import retrieval_metrics
@@ -191,14 +191,16 @@ def load_split_images(
     return images, [r["captions"] for r in rows], [r["uid"] for r in rows]
 
 
-def run_teacher(params: Any, root: Path, log: Any = None) -> dict[str, Any]:
-    """Train, save and evaluate the teacher (train split -> test split retrieval)."""
-    cfg: TeacherConfig = params.teacher
-    out = root / cfg.out_dir
-    manifest = read_manifest(root / params.embed.pairs_dir)
-    kw = dict(size=cfg.image_size, limits=image_limits(params.data))
+def run_teacher(
+    cfg: TeacherConfig, pairs_dir: Path, limits: dict[str, Any], seed: int, out: Path, log: Any = None
+) -> dict[str, Any]:
+    """Train the teacher on the train split of the pairs in ``pairs_dir`` (images read
+    within ``limits``), save it with its curve to ``out`` and return its test-split
+    retrieval metrics (also in ``out/metrics.json``)."""
+    manifest = read_manifest(pairs_dir)
+    kw = dict(size=cfg.image_size, limits=limits)
     train_images, train_caps, _ = load_split_images(manifest, "train", **kw)
-    model, curve = train_teacher(train_images, train_caps, cfg, params.seed, log=log)
+    model, curve = train_teacher(train_images, train_caps, cfg, seed, log=log)
     save_teacher(model, cfg, out)
     with (out / "curve.csv").open("w") as f:
         f.write("epoch,step,loss,samples_per_s\n")

@@ -20,6 +20,12 @@ from dinoalign.config import Params, flatten, to_dict
 
 EMBEDDED_DIR = "mlruns"
 
+# The model registry: align registers ``<MODEL_PREFIX><recipe>`` and points @candidate at
+# the new version; ``retrain`` promotes a better candidate to @champion.
+MODEL_PREFIX = "dinoalign-"
+CANDIDATE, CHAMPION = "candidate", "champion"
+MODEL_ARTIFACT = "model"  # the run's artifact folder a model version points at
+
 
 def repo_root() -> Path:
     """The dinoalign checkout (where params.yaml lives): ``$DINOALIGN_ROOT`` or the cwd."""
@@ -125,3 +131,34 @@ def without_credentials(uri: str) -> str:
         netloc = f"{host}:{parts.port}" if parts.port else host
         return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return uri
+
+
+def registered_model_name(recipe: str) -> str:
+    """The MLflow registry name of a recipe's models: ``dinoalign-<recipe>``."""
+    return f"{MODEL_PREFIX}{recipe}"
+
+
+def register_model(recipe: str, run_id: str, run_name: str) -> str:
+    """Register the active run's ``model`` artifact folder as a new version of
+    ``dinoalign-<recipe>`` and point the ``candidate`` alias at it; returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    name = registered_model_name(recipe)
+    try:
+        client.create_registered_model(
+            name, description=f"dinoalign {recipe} models (safetensors + config.json; load_recipe)"
+        )
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name,
+        source=mlflow.get_artifact_uri(MODEL_ARTIFACT),
+        run_id=run_id,
+        tags={"dinoalign.align_run": run_name},
+    )
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return str(version.version)

@@ -8,6 +8,8 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
+from pipeline_testing import TINY_VIT
+from pipeline_testing import tiny_backbone as build_tiny_backbone
 from timm.layers import apply_rot_embed_cat
 
 from dinoalign.backbones import (
@@ -20,7 +22,6 @@ from dinoalign.backbones import (
     timm_to_torchhub_state_dict,
 )
 
-TINY = dict(embed_dim=48, depth=2, num_heads=3)
 DINOV2 = "vit_small_patch14_dinov2"
 DINOV2_REG = "vit_small_patch14_reg4_dinov2"
 DINOV3 = "vit_small_patch16_dinov3"
@@ -32,7 +33,7 @@ def tiny_backbone(name: str, seed: int = 0, **model_kwargs: object) -> DinoBackb
     parameters (norms, biases, LayerScale) randomised too, so that no block is close to
     the identity, the attention logits are far from uniform and every bias and norm matters."""
     torch.manual_seed(seed)
-    backbone = build_backbone(name, img_size=56, model_kwargs={**TINY, **model_kwargs})
+    backbone = build_tiny_backbone(name, **model_kwargs)
     with torch.no_grad():
         for param_name, param in backbone.vit.named_parameters():
             if param.ndim == 2:
@@ -102,7 +103,7 @@ def test_output_shapes(name: str, registers: int, patch: int, grid: tuple[int, i
 
 
 def test_giant2_alias_builds_the_swiglu_giant() -> None:
-    backbone = build_backbone("vit_giant2_patch14_dinov2", model_kwargs=TINY)
+    backbone = build_backbone("vit_giant2_patch14_dinov2", model_kwargs=TINY_VIT)
     mlp = backbone.vit.blocks[0].mlp  # SwiGLU: fc1 packs gate and value, twice fc2's input
     assert isinstance(mlp.act, torch.nn.SiLU) and mlp.fc1.out_features == 2 * mlp.fc2.in_features
     assert backbone(torch.zeros(1, 3, 28, 28)).patches.shape == (1, 4, 48)
@@ -241,18 +242,18 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="img_size argument"):
         build_backbone(DINOV2, model_kwargs={"img_size": 98})
     with pytest.raises(FileNotFoundError, match="hf-hub:org/repo"):
-        build_backbone(DINOV2, weights="/nonexistent/dinov2.pth", model_kwargs=TINY)
+        build_backbone(DINOV2, weights="/nonexistent/dinov2.pth", model_kwargs=TINY_VIT)
 
 
 def test_none_model_kwargs_are_dropped() -> None:
-    backbone = build_backbone(DINOV2, model_kwargs={**TINY, "drop_path_rate": None})
+    backbone = build_backbone(DINOV2, model_kwargs={**TINY_VIT, "drop_path_rate": None})
     assert backbone.embed_dim == 48
 
 
 def test_hub_weights_offline_give_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="set backbone.weights to its path"):
-        build_backbone(DINOV2, weights="timm/vit_small_patch14_dinov2.lvd142m", model_kwargs=TINY)
+        build_backbone(DINOV2, weights="timm/vit_small_patch14_dinov2.lvd142m", model_kwargs=TINY_VIT)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -289,7 +290,7 @@ def test_torchhub_round_trip(name: str, chunked: bool, tmp_path) -> None:
 
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(official, path)
-    loaded = build_backbone(name, weights=str(path), img_size=56, model_kwargs=TINY)
+    loaded = build_backbone(name, weights=str(path), img_size=56, model_kwargs=TINY_VIT)
     assert_same_outputs(source, loaded)
 
 
@@ -307,10 +308,10 @@ def test_torchhub_cls_position_is_folded_into_cls_token() -> None:
 
 def test_torchhub_file_at_518_is_resampled_to_img_size(tmp_path) -> None:
     torch.manual_seed(0)
-    vit518 = timm.create_model(DINOV2_REG, num_classes=0, img_size=518, **TINY)
+    vit518 = timm.create_model(DINOV2_REG, num_classes=0, img_size=518, **TINY_VIT)
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(timm_to_torchhub_state_dict(vit518.state_dict()), path)
-    loaded = build_backbone(DINOV2_REG, weights=str(path), img_size=56, model_kwargs=TINY)
+    loaded = build_backbone(DINOV2_REG, weights=str(path), img_size=56, model_kwargs=TINY_VIT)
     assert loaded.vit.pos_embed.shape == (1, 16, 48)  # 37×37 grid interpolated to 4×4
     torch.testing.assert_close(loaded.vit.reg_token, vit518.reg_token)
 
@@ -324,10 +325,10 @@ def test_load_local_timm_file(name: str, suffix: str, tmp_path) -> None:
         safetensors.torch.save_file(source.vit.state_dict(), path)
     else:
         torch.save({"state_dict": source.vit.state_dict()}, path)  # wrapped, as trainers save
-    loaded = build_backbone(name, weights=str(path), img_size=56, model_kwargs=TINY)
+    loaded = build_backbone(name, weights=str(path), img_size=56, model_kwargs=TINY_VIT)
     assert_same_outputs(source, loaded)
 
     with pytest.raises(ValueError, match="do not fit the model vit_small_patch14_dinov2"):
-        build_backbone(DINOV2, weights=str(path), img_size=56, model_kwargs=TINY)
+        build_backbone(DINOV2, weights=str(path), img_size=56, model_kwargs=TINY_VIT)
     with pytest.raises(ValueError, match="pretrained"):
-        build_backbone(name, pretrained=True, weights=str(path), model_kwargs=TINY)
+        build_backbone(name, pretrained=True, weights=str(path), model_kwargs=TINY_VIT)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from pipeline_testing import tiny_overrides
+from pipeline_testing import tiny_backbone, tiny_overrides
 from dinoalign.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_open_clip
 from dinoalign.config import ConfigError, TeacherConfig, load_params
 from dinoalign.data.images import resize_crop
@@ -84,8 +84,7 @@ def test_dinov3_sat493m_normalises_with_its_own_mean_and_std() -> None:
 
 def test_dinov2_keeps_imagenet_normalisation_and_an_interpolation_override() -> None:
     """The demo's backbones resolve to exactly the constants used before (same numbers)."""
-    backbone = build_backbone("vit_small_patch14_reg4_dinov2", img_size=56,
-                              model_kwargs=dict(embed_dim=48, depth=1, num_heads=3))
+    backbone = tiny_backbone(depth=1)
     assert torch.equal(backbone.mean, torch.tensor(IMAGENET_MEAN))
     assert torch.equal(backbone.std, torch.tensor(IMAGENET_STD))
     default = backbone.preprocessing(56)

@@ -16,7 +16,7 @@ from pipeline_testing import REPO, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.curate import load_vocab
-from dinoalign.curate.stage import run_curate
+from dinoalign.curate.tables import curate_train_split
 from dinoalign.data.prepare import read_manifest
 from dinoalign.data.synthetic import COLOURS, SHAPES
 
@@ -37,7 +37,7 @@ def _overrides(root: Path, clip_dir: Path, n_train: int = N_TRAIN) -> list[str]:
             "data.synthetic.n_test": "4",
             "embed.engine": "local",
             "embed.keep_patches": "false",
-            "curate.out_dir": str(root / "curated"),
+            "paths.curated": str(root / "curated"),
             "curate.levels": str(LEVELS),
             "curate.resample_steps": "[1, 1]",
             "curate.resample_points": "[4, 2]",
@@ -199,7 +199,7 @@ def test_bad_feature_choice_is_explained(world):
     for feature in ("no_such_feature", "head_embeddings"):  # unknown; not one vector per image
         params = load_params(NO_PARAMS_FILE, [*overrides, f"curate.feature={feature}"])
         with pytest.raises(ValueError, match=r"not a per-image vector .*choose one of \[.*'cls'"):
-            run_curate(params, root)
+            curate_train_split(params.curate, root / params.paths.pairs, params.paths.features)
 
 
 def test_demo_params_curate_the_train_split_over_the_demo_vocabulary():

@@ -256,7 +256,7 @@ def test_window_resize_matches_the_full_resize_on_smooth_images(monkeypatch: pyt
 def test_prepare_pairs_ends_every_hostile_url_in_rejects_with_its_reason(
     server: str, repo_root: Path, tmp_path: Path
 ) -> None:
-    from dinoalign.data.prepare import read_manifest, run_prepare
+    from dinoalign.data.prepare import prepare_pairs, read_manifest
 
     expected = {
         "/normal.png": None,
@@ -271,12 +271,13 @@ def test_prepare_pairs_ends_every_hostile_url_in_rejects_with_its_reason(
     pd.DataFrame({"image": [server + p for p in expected],
                   "caption": [f"caption {i}" for i in range(len(expected))]}).to_csv(table, index=False)
     params = load_params(repo_root / "params.yaml", [
-        "data.source=pairs", f"data.pairs.path={table}", "data.incoming=null",
-        f"prepare.out_dir={tmp_path / 'pairs'}", f"data.read_timeout_s={DEADLINE_S}",
+        "data.source=pairs", f"data.pairs.path={table}", "paths.incoming=null",
+        f"paths.pairs={tmp_path / 'pairs'}", f"data.read_timeout_s={DEADLINE_S}",
         "data.max_bytes=1048576",
     ])
     start = time.monotonic()
-    summary = run_prepare(params, tmp_path)
+    summary = prepare_pairs(params.data, params.prepare.shard_size, params.prepare.validate_images,
+                            tmp_path / params.paths.pairs, tmp_path)
     assert time.monotonic() - start < 2 * (DEADLINE_S + SLACK_S)
     manifest = read_manifest(tmp_path / "pairs").to_pylist()
     rejects = {r["uid"]: r for r in pq.read_table(tmp_path / "pairs" / "rejects.parquet").to_pylist()}

@@ -24,7 +24,6 @@ from dinoalign.data.synthetic import (
     Scene,
     SceneObject,
     SyntheticWorldConfig,
-    generate,
     heldout_compositions,
     is_heldout_image,
     load_world,
@@ -35,8 +34,8 @@ from dinoalign.data.synthetic import (
     sample_scene,
     sample_paths,
     seen_compositions,
-    synthetic_source,
 )
+from dinoalign.data.sources import SOURCES
 
 CFG = SyntheticWorldConfig(n_train=400, n_val=100, n_test=200, seed=7)
 TINY = SyntheticWorldConfig(n_train=6, n_val=2, n_test=4, image_size=64, seed=3)
@@ -49,6 +48,12 @@ def scenes(cfg: SyntheticWorldConfig, split: str) -> list[Scene]:
 def chroma(image: np.ndarray) -> np.ndarray:
     """H×W max - min over RGB."""
     return image.max(axis=-1).astype(int) - image.min(axis=-1).astype(int)
+
+
+def write_world(cfg: SyntheticWorldConfig, workdir: Path) -> tuple[list[PairRecord], Path]:
+    """The records of the registered ``synthetic`` source (the prepare stage's path) and
+    the folder it wrote the world under (``workdir/<cfg.source>``)."""
+    return list(SOURCES.get("synthetic")(cfg, workdir)), workdir / cfg.source
 
 
 def all_files(root: Path) -> dict[str, bytes]:
@@ -302,10 +307,10 @@ def test_articles_and_caption_kinds() -> None:
 
 
 def test_same_config_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
-    list(generate(TINY, tmp_path / "a"))
-    list(generate(TINY, tmp_path / "b"))
-    list(generate(dataclasses.replace(TINY, seed=4), tmp_path / "c"))
-    a, b, c = (all_files(tmp_path / d) for d in "abc")
+    a, b, c = (
+        all_files(write_world(cfg, tmp_path / d)[1])
+        for cfg, d in [(TINY, "a"), (TINY, "b"), (dataclasses.replace(TINY, seed=4), "c")]
+    )
     assert a == b and len(a) == 2 * 12 + 1
     images = [k for k in a if k.startswith("images/")]
     assert all(a[k] != c[k] for k in images)
@@ -324,8 +329,8 @@ def test_each_image_renders_alone_and_splits_differ() -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def test_generate_writes_files_records_and_world(tmp_path: Path) -> None:
-    records = list(generate(TINY, tmp_path))
+def test_source_writes_files_records_and_world(tmp_path: Path) -> None:
+    records, out_dir = write_world(TINY, tmp_path)
     assert [r.split for r in records] == ["train"] * 6 + ["val"] * 2 + ["test"] * 4
     assert all(isinstance(r, PairRecord) and r.source == "synthetic" for r in records)
     assert len({r.uid for r in records}) == 12
@@ -334,12 +339,12 @@ def test_generate_writes_files_records_and_world(tmp_path: Path) -> None:
         split, index = record.split, int(Path(record.image_uri).stem)
         sample = render(TINY, split, index)
         assert Path(record.image_uri).is_absolute()
-        assert Path(record.image_uri) == sample_paths(tmp_path, split, index)[0].resolve()
+        assert Path(record.image_uri) == sample_paths(out_dir, split, index)[0].resolve()
         image, mask = Image.open(record.image_uri), Image.open(record.mask_uri)
         assert image.mode == "RGB" and mask.mode == "P" and image.size == (64, 64)
         assert (np.asarray(image) == sample.image).all() and (np.asarray(mask) == sample.mask).all()
         assert record.captions == list(sample.captions) and record.label == sample.label
-    world = load_world(tmp_path)
+    world = load_world(out_dir)
     assert world["classes"] == list(CLASSES) and world["num_mask_classes"] == 31
     assert world["heldout_compositions"] == list(heldout_compositions(TINY))
     assert {s: v["count"] for s, v in world["splits"].items()} == {"train": 6, "val": 2, "test": 4}
@@ -349,38 +354,38 @@ def test_generate_writes_files_records_and_world(tmp_path: Path) -> None:
 
 
 def test_load_world_says_how_to_create_it(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="generate"):
+    with pytest.raises(FileNotFoundError, match="generate the world first .*prepare stage"):
         load_world(tmp_path)
 
 
-def test_generate_is_idempotent_and_grows_incrementally(tmp_path: Path) -> None:
-    list(generate(TINY, tmp_path))
-    first = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
-    list(generate(TINY, tmp_path))
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")} == first
+def test_source_is_idempotent_and_grows_incrementally(tmp_path: Path) -> None:
+    _, out_dir = write_world(TINY, tmp_path)
+    first = {p: p.stat().st_mtime_ns for p in out_dir.rglob("*.png")}
+    write_world(TINY, tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in out_dir.rglob("*.png")} == first
 
     grown = dataclasses.replace(TINY, n_train=8)
-    records = list(generate(grown, tmp_path))
+    records, _ = write_world(grown, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in first} == first
-    assert sample_paths(tmp_path, "train", 7)[0].exists() and len(records) == 14
-    assert load_world(tmp_path)["splits"]["train"]["count"] == 8
+    assert sample_paths(out_dir, "train", 7)[0].exists() and len(records) == 14
+    assert load_world(out_dir)["splits"]["train"]["count"] == 8
 
     # a truncated file (a crash, a bad copy) is rendered again
-    image_path = sample_paths(tmp_path, "val", 0)[0]
+    image_path = sample_paths(out_dir, "val", 0)[0]
     image_path.write_bytes(image_path.read_bytes()[:-200])
-    list(generate(grown, tmp_path))
+    write_world(grown, tmp_path)
     assert (np.asarray(Image.open(image_path)) == render(grown, "val", 0).image).all()
 
     # another seed changes the content: every file is rewritten
     reseeded = dataclasses.replace(grown, seed=99)
-    list(generate(reseeded, tmp_path))
+    write_world(reseeded, tmp_path)
     assert (np.asarray(Image.open(image_path)) == render(reseeded, "val", 0).image).all()
     assert all(p.stat().st_mtime_ns != t for p, t in first.items())
 
 
-def test_synthetic_source_writes_under_the_source_name(tmp_path: Path) -> None:
+def test_source_writes_under_the_source_name(tmp_path: Path) -> None:
     cfg = dataclasses.replace(TINY, source="shapes")
-    records = list(synthetic_source(cfg, tmp_path))
+    records, _ = write_world(cfg, tmp_path)
     assert records[0].uid == make_uid("shapes", "train/0") and records[0].source == "shapes"
     assert Path(records[0].image_uri).parent == (tmp_path / "shapes" / "images" / "train").resolve()
     assert load_world(tmp_path / "shapes")["source"] == "shapes"

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from badfiles import CORPUS_MIN_SIDE, write_bad_corpus
-from pipeline_testing import tiny_overrides
-from dinoalign.backbones import build_backbone
+from pipeline_testing import tiny_backbone, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.data.prepare import read_manifest
@@ -30,8 +29,7 @@ from dinoalign.embed.store import FeatureStore, load_image_features
 
 def test_head_embeddings_match_a_by_hand_softmax_pooling() -> None:
     torch.manual_seed(0)
-    backbone = build_backbone("vit_small_patch14_reg4_dinov2", img_size=56,
-                              model_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 3})
+    backbone = tiny_backbone()
     out = backbone(torch.randn(2, 3, 56, 70))
     got = head_embeddings(out.patches, out.attn_logits)
     B, H, P = out.attn_logits.shape
@@ -109,8 +107,8 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
 
     root, ov = world
     manifest = read_manifest(root / "pairs")
-    local = load_params("/nonexistent/params.yaml", [*ov, f"embed.out_dir={root / 'local'}"])
-    ray_ov = [*ov, f"embed.out_dir={root / 'ray'}", "embed.engine=ray", "embed.actor_num_cpus=0.5",
+    local = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={root / 'local'}"])
+    ray_ov = [*ov, f"paths.features={root / 'ray'}", "embed.engine=ray", "embed.actor_num_cpus=0.5",
               "embed.decode_num_cpus=0.25"]
     ray_p = load_params("/nonexistent/params.yaml", ray_ov)
     run_embed(local, manifest)
@@ -283,7 +281,7 @@ def test_s3_round_trip_against_real_seaweedfs(world: tuple[Path, list[str]], s3_
     root, ov = world
     ensure_bucket("dinoalign-features")
     uri = "s3://dinoalign-features/run1/features"
-    params = load_params("/nonexistent/params.yaml", [*ov, f"embed.out_dir={uri}"])
+    params = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={uri}"])
     manifest = read_manifest(root / "pairs")
     assert run_embed(params, manifest)["images_embedded"] == 40
     keys = [o["Key"] for o in boto3_client().list_objects_v2(Bucket="dinoalign-features")["Contents"]]

@@ -238,7 +238,7 @@ def test_evaluate_command_exits_2_with_one_line(tmp_path: Path, monkeypatch, cap
     """The evaluate stage reading the bad label: ``dinoalign evaluate`` ends with one line
     on stderr and exit code 2 (the model part of the stage is replaced: reading the
     dataset is what fails)."""
-    import dinoalign.evaluate.stage as stage
+    import dinoalign.stages.evaluate as stage
 
     _folder(tmp_path / "data", [_ids(0, 1, 7)])
 
@@ -248,7 +248,7 @@ def test_evaluate_command_exits_2_with_one_line(tmp_path: Path, monkeypatch, cap
         )
         return [dataset[i] for i in range(len(dataset))]
 
-    monkeypatch.setattr(stage, "run_evaluate", read_all)
+    monkeypatch.setattr(stage, "run", read_all)
     args = [
         "evaluate",
         "-p",

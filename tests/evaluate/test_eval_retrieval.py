@@ -1,4 +1,5 @@
-"""Image↔text retrieval metrics against brute force, chance levels, and the dataset path."""
+"""Image↔text retrieval metrics against brute force, chance levels, and a dataset scored
+the way the evaluate stage scores it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from PIL import Image
 from dinoalign.evaluate.datasets import EVAL_DATASETS
 from dinoalign.evaluate.metrics import chance_recall_at_k
 from dinoalign.evaluate.retrieval import (
-    evaluate_retrieval,
     percent_of_reference,
     retrieval_metrics,
     retrieval_metrics_from_similarity,
@@ -100,7 +100,10 @@ def test_percent_of_reference():
     }
 
 
-def test_evaluate_retrieval_on_a_karpathy_split(tmp_path):
+def test_retrieval_on_a_karpathy_split_as_the_stage_scores_it(tmp_path):
+    """The evaluate stage's dataset path: captions grouped per image, the model's T×M
+    scores into :func:`retrieval_metrics_from_similarity` (and CLIP's embeddings into
+    :func:`retrieval_metrics` for the reference)."""
     colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
     words = ["red", "green", "blue"]
     entries = []
@@ -119,11 +122,20 @@ def test_evaluate_retrieval_on_a_karpathy_split(tmp_path):
             [torch.eye(3)[next(j for j, w in enumerate(words) if w in t)] for t in texts]
         )
 
-    result = evaluate_retrieval(dataset, encode_images, encode_texts, ks=(1,), batch_size=2)
+    captions = [dataset[i][1] for i in range(len(dataset))]
+    owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    np.testing.assert_array_equal(owner, dataset.caption_image_index)
+    images = encode_images([dataset[i][0] for i in range(len(dataset))])
+
+    def evaluate(encode_texts) -> dict[str, float]:
+        text = encode_texts([c for caps in captions for c in caps])
+        scores = retrieval_metrics_from_similarity(text @ images.T, owner, ks=(1,))
+        assert scores == pytest.approx(retrieval_metrics(images, text, owner, ks=(1,)))
+        return scores
+
+    result = evaluate(encode_texts)
     assert result["i2t_R@1"] == 1.0 and result["t2i_R@1"] == 1.0
     assert result["num_texts"] == 4
     assert result["chance_t2i_R@1"] == pytest.approx(1 / 3)
-    rolled = evaluate_retrieval(
-        dataset, encode_images, lambda t: encode_texts(t).roll(1, 1), ks=(1,)
-    )
+    rolled = evaluate(lambda t: encode_texts(t).roll(1, 1))
     assert rolled["i2t_R@1"] == 0.0 and rolled["t2i_R@1"] == 0.0

@@ -354,8 +354,8 @@ def test_registered_datasets_are_evaluated_by_their_task(
             f"evaluate.dataset={dataset}",
             f"evaluate.root={tmp_path / 'data'}",
             f"evaluate.dataset_options={options}",
-            f"evaluate.metrics_dir={out}",
-            f"evaluate.plots_dir={out / 'plots'}",
+            f"paths.metrics={out}",
+            f"paths.plots={out / 'plots'}",
         )
         == 0
     )
@@ -411,8 +411,8 @@ def test_background_threshold_chosen_on_val_is_recorded_and_used(
         "evaluate.recipes=[talk2dino]",
         "evaluate.bg_threshold_split=val",
         "evaluate.bg_threshold_images=8",
-        f"evaluate.metrics_dir={out}",
-        f"evaluate.plots_dir={out / 'plots'}",
+        f"paths.metrics={out}",
+        f"paths.plots={out / 'plots'}",
         "evaluate.max_images=6",
     )
     assert demo_models.main("evaluate", *overrides) == 0
@@ -446,12 +446,12 @@ def test_clear_errors_for_missing_or_mismatched_models_and_bad_settings(
     empty.mkdir()
     # InferenceErrors: one line and exit 2 from `dinoalign evaluate` (they were tracebacks)
     capsys.readouterr()
-    assert demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"align.out_dir={empty}") == 2
+    assert demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"paths.models={empty}") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("dinoalign evaluate: no trained model at ") and "talk2dino" in err
     assert "lacks config.json, model.safetensors" in err
     shutil.copytree(demo_models.model_dir("dinotxt"), empty / "talk2dino")
-    assert demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"align.out_dir={empty}") == 2
+    assert demo_models.main("evaluate", "evaluate.recipes=[talk2dino]", f"paths.models={empty}") == 2
     assert "holds a dinotxt model, not talk2dino" in capsys.readouterr().err
     assert demo_models.main("evaluate", "evaluate.dataset=voc12") == 2
     assert "did you mean 'voc21'" in capsys.readouterr().err.lower()

@@ -16,7 +16,7 @@ from dinoalign.evaluate.templates import (
 )
 from dinoalign.evaluate.zeroshot import (
     class_text_embeddings,
-    evaluate_zeroshot,
+    classification_metrics,
     zeroshot_classify,
     zeroshot_logits,
 )
@@ -135,7 +135,9 @@ def test_zeroshot_classify_against_loops():
     assert 0.2 < result["top1"] < 1.0  # informative, not saturated
 
 
-def test_evaluate_zeroshot_on_a_class_folder(tmp_path):
+def test_zeroshot_on_a_class_folder_as_the_stage_scores_it(tmp_path):
+    """The evaluate stage's dataset path: class embeddings from the templates, logits B×N
+    from the model's scores, then :func:`classification_metrics` on the folder's labels."""
     colours = {"red": (220, 10, 10), "blue": (10, 10, 220)}
     for folder, rgb in (("c0", colours["red"]), ("c1", colours["blue"])):
         for i in range(2):
@@ -151,14 +153,16 @@ def test_evaluate_zeroshot_on_a_class_folder(tmp_path):
     def encode_texts(texts: list[str]) -> torch.Tensor:
         return torch.tensor([[1.0, 0.0, 0.0] if "red" in t else [0.0, 0.0, 1.0] for t in texts])
 
-    result = evaluate_zeroshot(
-        dataset, encode_images, encode_texts, templates="talk2dino", batch_size=3
-    )
+    def evaluate(encode_texts) -> dict[str, float | int]:
+        images = encode_images([dataset[i][0] for i in range(len(dataset))])
+        labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        classes = class_text_embeddings(encode_texts, dataset.class_names, "talk2dino", 3)
+        return classification_metrics(images @ classes.T, labels)
+
+    result = evaluate(encode_texts)
     assert result["top1"] == 1.0 and result["mean_per_class_recall"] == 1.0
     assert result["num_images"] == 4 and result["chance_top1"] == 0.5
-    swapped = evaluate_zeroshot(
-        dataset, encode_images, lambda t: encode_texts(t).flip(1), templates="talk2dino"
-    )
+    swapped = evaluate(lambda t: encode_texts(t).flip(1))
     assert swapped["top1"] == 0.0
 
 

@@ -27,6 +27,12 @@ def _run(models: DemoModels, capsys, *args: str) -> tuple[int, dict | str]:
     return code, (json.loads(out) if code == 0 else err)
 
 
+def _classify(model: str, image: str, classes: str, *extra: str) -> list[str]:
+    """The argv of ``dinoalign classify``: ``model`` on ``image`` against the comma-separated
+    ``classes``, then ``extra`` options."""
+    return ["classify", "--model", model, "--image", image, "--classes", classes, *extra]
+
+
 def _evaluated_test_image(
     models: DemoModels, recipe: str, subset: str = "seen"
 ) -> tuple[dict, Path]:
@@ -84,15 +90,13 @@ def test_classify_ranks_like_the_evaluate_stage(evaluated_demo: DemoModels, caps
     code, result = _run(
         evaluated_demo,
         capsys,
-        "classify",
-        "--model",
-        str(evaluated_demo.model_dir("talk2dino")),
-        "--image",
-        row["image_uri"],
-        "--classes",
-        ",".join(classes),
-        "--top-k",
-        str(len(classes)),
+        *_classify(
+            str(evaluated_demo.model_dir("talk2dino")),
+            row["image_uri"],
+            ",".join(classes),
+            "--top-k",
+            str(len(classes)),
+        ),
     )
     assert code == 0, result
     predictions = result["predictions"]
@@ -161,7 +165,7 @@ def test_index_and_retrieve_find_the_brute_force_top_k(
 def test_a_registered_model_uri_works_like_its_folder(demo_models: DemoModels, capsys) -> None:
     import mlflow
 
-    from dinoalign.train.stage import MODEL_ARTIFACT, register_model
+    from dinoalign.tracking import MODEL_ARTIFACT, register_model
 
     mlflow.set_tracking_uri(f"sqlite:///{demo_models.root / 'mlruns.db'}")
     mlflow.set_experiment("serve-test")
@@ -171,17 +175,7 @@ def test_a_registered_model_uri_works_like_its_folder(demo_models: DemoModels, c
     mlflow.set_tracking_uri(None)
     image = read_manifest(demo_models.features.pairs_dir).to_pylist()[0]["image_uri"]
     answers = [
-        _run(
-            demo_models,
-            capsys,
-            "classify",
-            "--model",
-            model,
-            "--image",
-            image,
-            "--classes",
-            "red circle,blue square",
-        )[1]
+        _run(demo_models, capsys, *_classify(model, image, "red circle,blue square"))[1]
         for model in (
             "models:/dinoalign-projector@candidate",
             str(demo_models.model_dir("projector")),
@@ -189,15 +183,7 @@ def test_a_registered_model_uri_works_like_its_folder(demo_models: DemoModels, c
     ]
     assert answers[0]["predictions"] == answers[1]["predictions"]
     code, message = _run(
-        demo_models,
-        capsys,
-        "classify",
-        "--model",
-        "models:/dinoalign-projector@champion",
-        "--image",
-        image,
-        "--classes",
-        "red circle",
+        demo_models, capsys, *_classify("models:/dinoalign-projector@champion", image, "red circle")
     )
     assert code == 2 and "could not resolve 'models:/dinoalign-projector@champion'" in message
 
@@ -208,54 +194,15 @@ def test_clear_errors(demo_models: DemoModels, tmp_path: Path, capsys) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(Path(image).read_bytes()[:300])
     cases = [
+        (_classify(str(tmp_path / "none"), image, "red circle"), "no trained model at"),
+        (_classify(model, str(broken), "red circle"), "cannot use image"),
+        (_classify(model, str(tmp_path / "absent.png"), "red circle"), "missing"),
         (
-            [
-                "classify",
-                "--model",
-                str(tmp_path / "none"),
-                "--image",
-                image,
-                "--classes",
-                "red circle",
-            ],
-            "no trained model at",
-        ),
-        (
-            ["classify", "--model", model, "--image", str(broken), "--classes", "red circle"],
-            "cannot use image",
-        ),
-        (
-            [
-                "classify",
-                "--model",
-                model,
-                "--image",
-                str(tmp_path / "absent.png"),
-                "--classes",
-                "red circle",
-            ],
-            "missing",
-        ),
-        (
-            ["classify", "--model", model, "--image", image, "--classes", "red circle,cat"],
+            _classify(model, image, "red circle,cat"),
             "unknown classes for this talk2dino model: 'cat' (cat)",
         ),
-        (
-            [
-                "classify",
-                "--model",
-                model,
-                "--image",
-                image,
-                "--classes",
-                "red circle,,blue square",
-            ],
-            "empty class name",
-        ),
-        (
-            ["classify", "--model", model, "--image", image, "--classes", "red circle,Red Circle"],
-            "given twice",
-        ),
+        (_classify(model, image, "red circle,,blue square"), "empty class name"),
+        (_classify(model, image, "red circle,Red Circle"), "given twice"),
         (
             [
                 "segment",
@@ -284,16 +231,7 @@ def test_clear_errors(demo_models: DemoModels, tmp_path: Path, capsys) -> None:
         assert code == 2 and message in err, (args, err)
     assert not (tmp_path / "m.png").exists()
     code, result = _run(
-        demo_models,
-        capsys,
-        "classify",
-        "--model",
-        model,
-        "--image",
-        image,
-        "--classes",
-        "red circle,cat",
-        "--allow-unknown",
+        demo_models, capsys, *_classify(model, image, "red circle,cat", "--allow-unknown")
     )
     assert code == 0 and {p["class"] for p in result["predictions"]} == {"red circle", "cat"}
     index_dir = tmp_path / "idx"

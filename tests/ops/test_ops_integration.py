@@ -132,7 +132,7 @@ def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromiu
         started = time.monotonic()
         _run([sys.executable, "-m", "dvc", "exp", "run", *[f"-S{p}" for p in profile], TARGET], root, env)
         print(f"pipeline on the stack: {time.monotonic() - started:.0f} s")
-        assert yaml.safe_load((root / "params.yaml").read_text())["align"]["storage_path"] == "s3://dinoalign/checkpoints"
+        assert yaml.safe_load((root / "params.yaml").read_text())["paths"]["checkpoints"] == "s3://dinoalign/checkpoints"
 
         def keys(prefix: str) -> list[str]:
             pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

@@ -27,7 +27,7 @@ def test_mlflow_ui_shows_pipeline_runs_and_registered_models(tracking_stack: Any
     for run_name, n_train in (("prepare", 12), ("prepare", 16)):  # the real stage, twice
         done = subprocess.run(
             [sys.executable, "-m", "dinoalign.cli", "prepare", "-p", str(tmp_path / "none.yaml"),
-             f"tracking.uri={url}", "tracking.experiment=ui-check", f"prepare.out_dir={tmp_path / 'pairs'}",
+             f"tracking.uri={url}", "tracking.experiment=ui-check", f"paths.pairs={tmp_path / 'pairs'}",
              f"data.synthetic.n_train={n_train}", "data.synthetic.n_val=2", "data.synthetic.n_test=4"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dinoalign.config import load_params
 from dinoalign.data import incoming
-from dinoalign.data.prepare import read_manifest, run_prepare
+from dinoalign.data.prepare import prepare_pairs, read_manifest
 from dinoalign.ops import promotion
 from dinoalign.ops.retrain import EXIT_LOCKED, LEDGER_FILE, RetrainError, exclusive_lock, load_ledger, retrain
 
@@ -162,8 +162,9 @@ def test_incoming_pairs_append_once_and_reach_the_manifest(tmp_path: Path) -> No
 
     root = tmp_path / "repo"
     params = load_params(root / "none.yaml", ["data.synthetic.n_train=6", "data.synthetic.n_val=2",
-                                               "data.synthetic.n_test=2", f"prepare.out_dir={root / 'pairs'}"])
-    summary = run_prepare(params, root)
+                                               "data.synthetic.n_test=2", f"paths.pairs={root / 'pairs'}"])
+    summary = prepare_pairs(params.data, params.prepare.shard_size, params.prepare.validate_images,
+                            root / params.paths.pairs, root, incoming=root / params.paths.incoming)
     manifest = read_manifest(root / "pairs").to_pylist()
     appended = [r for r in manifest if r["source"] == incoming.SOURCE]
     assert len(appended) == 4 and {r["split"] for r in appended} == {"train"}
@@ -228,9 +229,9 @@ def test_no_new_data_exits_and_changes_nothing(tmp_path: Path) -> None:
     before = _snapshot(root)
     assert retrain(params, root, str(drop / "pairs.csv"))["status"] == "no_new_data"
     after = _snapshot(root)
-    lock = root / params.retrain.lock_file
+    lock = root / params.paths.retrain_lock
     assert {k for k in after if before.get(k) != after[k]} <= {str(lock), str(lock.parent), str(lock.parent.parent)}
-    assert not (root / params.retrain.decisions_dir).exists() and not (root / "artifacts").exists()
+    assert not (root / params.paths.decisions).exists() and not (root / "artifacts").exists()
 
 
 def test_failed_run_leaves_the_champion_untouched_and_resumes(tmp_path: Path) -> None:

@@ -206,7 +206,7 @@ def test_stack_profile_resolves(repo_root: Path) -> None:
 
     params = load_params(repo_root / "params.yaml", stack_profile(repo_root))
     assert params.profile == "stack" and params.tracking.uri is None  # MLflow from MLFLOW_TRACKING_URI
-    assert params.align.storage_path == "s3://dinoalign/checkpoints"
+    assert params.paths.checkpoints == "s3://dinoalign/checkpoints"
 
 
 @pytest.mark.integration

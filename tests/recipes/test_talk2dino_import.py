@@ -14,7 +14,6 @@ line on stderr, no traceback.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 from pathlib import Path

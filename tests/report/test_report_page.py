@@ -113,10 +113,10 @@ def test_report_says_what_is_missing(evaluated_demo: DemoModels, tmp_path: Path)
     metrics.mkdir()
     shutil.copy(evaluated_demo.root / "metrics" / "talk2dino.json", metrics)
     params = evaluated_demo.params(
-        f"evaluate.metrics_dir={metrics}",
-        f"evaluate.report_dir={tmp_path / 'report'}",
-        f"align.curves_dir={tmp_path / 'no-curves'}",
-        f"curate.out_dir={tmp_path / 'no-curate'}",
+        f"paths.metrics={metrics}",
+        f"paths.report={tmp_path / 'report'}",
+        f"paths.curves={tmp_path / 'no-curves'}",
+        f"paths.curated={tmp_path / 'no-curate'}",
     )
     html = write_report(params, evaluated_demo.features.root).read_text()
     assert "no metrics for dinotxt, projector" in html

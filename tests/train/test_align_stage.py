@@ -16,14 +16,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from pipeline_testing import DemoFeatures, binomial_tail
+
 from dinoalign.backbones.text import build_text_encoder
 from dinoalign.cli import main
+from dinoalign.data.images import image_limits
 from dinoalign.data.prepare import read_manifest
 from dinoalign.embed.store import load_image_features
 from dinoalign.recipes import Recipe, load_recipe
-from dinoalign.train.stage import plan_align, registered_model_name, run_align
+from dinoalign.stages.align import run as run_align
+from dinoalign.tracking import registered_model_name
+from dinoalign.train.plan import plan_align
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,8 +111,8 @@ def assert_loss_below_chance(curve: list[dict[str, float]], batch_size: int, mar
 
 def _align_overrides(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
     """Overrides (on top of the demo features') that train ``recipe`` fast into tmp_path."""
-    return [f"align.recipe={recipe}", *FAST[recipe], f"align.out_dir={tmp_path / 'models'}",
-            f"align.curves_dir={tmp_path / 'align'}", f"align.storage_path={tmp_path / 'checkpoints'}", *extra]
+    return [f"align.recipe={recipe}", *FAST[recipe], f"paths.models={tmp_path / 'models'}",
+            f"paths.curves={tmp_path / 'align'}", f"paths.checkpoints={tmp_path / 'checkpoints'}", *extra]
 
 
 def _curve(path: Path) -> list[dict[str, float]]:
@@ -217,12 +220,15 @@ def test_projector_resumes_from_s3_checkpoints_after_a_stop_and_a_worker_crash(
 
     boto3_client().create_bucket(Bucket="align-checkpoints")
     params = demo_features.params(*_align_overrides("projector", tmp_path, "align.max_failures=1",
-                                                     "align.storage_path=s3://align-checkpoints/runs",
+                                                     "paths.checkpoints=s3://align-checkpoints/runs",
                                                      "align.cpus_per_worker=2", "align.torch_threads=1"))
     stop, crash = _stop_and_crash_callbacks()
     with pytest.raises(Exception, match="stopped after the first checkpoint"):
         run_align(params, demo_features.root, callbacks=[stop])
-    plan = plan_align(params, demo_features.root)
+    root = demo_features.root
+    plan = plan_align(params.align, params.seed, image_limits(params.data), features=str(root / params.paths.features),
+                      pairs_dir=str(root / params.paths.pairs), curated=None,
+                      checkpoints="s3://align-checkpoints/runs", root=root)
     listed = boto3_client().list_objects_v2(Bucket="align-checkpoints", Prefix=f"runs/{plan.run_name}/")
     assert any(o["Key"].endswith("/trainer_state.pt") for o in listed.get("Contents", []))
 

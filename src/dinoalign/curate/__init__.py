@@ -4,7 +4,8 @@ drop near-duplicates (the curate stage; RECIPES.md "Curation").
 - :mod:`.config`: the ``curate`` params section, :class:`CurateConfig` (import-light);
 - :mod:`.curation`: ``curate(uids, embeddings, captions, cfg)``, its steps and stats;
 - :mod:`.kmeans`, :mod:`.dedup`, :mod:`.sampling`, :mod:`.text_balance`: the steps;
-- :mod:`.stage`: the curate stage (reads features and captions, writes the uid list).
+- :mod:`.tables`: what the curate stage reads (train pairs, features) and writes (uid
+  list, stats, plot tables); the stage is :mod:`dinoalign.stages.curate`.
 
 The names below other than the config are imported on first use, so that loading params
 (which imports :class:`CurateConfig`) stays free of numpy, pyarrow and FAISS.

@@ -58,7 +58,6 @@ class CurateConfig:
       unrelated demo images start at ~0.0004, median 0.003), hence the tiny default.
       ``dedup_nprobe``: level-1 clusters searched per pair.
     - ``combine``: "image", "text", "intersection" or "all" (see the module docstring).
-    - ``out_dir``: where the curate stage writes (:mod:`.stage`); the library ignores it.
     """
 
     levels: list[int] = dataclasses.field(default_factory=lambda: [64, 8])
@@ -76,7 +75,6 @@ class CurateConfig:
     dedup_threshold: float | None = 0.0003
     dedup_nprobe: int = 4
     combine: str = "image"
-    out_dir: str = "artifacts/curated"
 
     def __post_init__(self) -> None:
         check_level_params(self.levels, self.resample_steps, self.resample_points)

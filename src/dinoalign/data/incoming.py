@@ -1,5 +1,5 @@
 """Caption data appended for retraining (``dinoalign retrain``): a DVC-tracked folder
-(``data.incoming``, default ``incoming/pairs``, versioned by ``incoming/pairs.dvc``) whose
+(``paths.incoming``, default ``incoming/pairs``, versioned by ``incoming/pairs.dvc``) whose
 pairs the prepare stage adds to whatever ``data.source`` yields.
 
 Layout of the folder::
@@ -9,7 +9,7 @@ Layout of the folder::
     rejects.parquet   rows of new data that did not become a pair (REJECTS_SCHEMA, stage "retrain")
 
 The ledger of batches (id, source URI, fingerprint, counts, status) is retraining's own
-state and lives beside its decisions (``retrain.decisions_dir``), outside this folder, so
+state and lives beside its decisions (``paths.decisions``), outside this folder, so
 that marking a batch decided does not change the data the pipeline depends on.
 
 Identity: a new pair's ``key`` is the uid it has in its own source (a pairs table or

@@ -1,6 +1,7 @@
-"""The ``prepare`` stage's logic: a configured source -> validated pairs manifest.
+"""The ``prepare`` stage's logic: a configured source -> validated pairs manifest (the
+stage itself: :mod:`dinoalign.stages.prepare`).
 
-Output layout (``prepare.out_dir``, a DVC out)::
+Output layout (``paths.pairs``, a DVC out)::
 
     manifest/part-00000.parquet ...   MANIFEST_SCHEMA rows, sorted by uid
     rejects.parquet                   REJECTS_SCHEMA rows (uid, stage, reason, detail, key)
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dinoalign.config import Params
+from dinoalign.config import DataConfig
 from dinoalign.data.images import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_BYTES,
@@ -129,26 +130,31 @@ def write_manifest(
     return summary
 
 
-def run_prepare(params: Params, root: Path) -> dict[str, Any]:
-    """Read the configured source, validate images, write the manifest; return the summary."""
-    out_dir = root / params.prepare.out_dir
+def prepare_pairs(
+    data: DataConfig, shard_size: int, validate_images: bool, out_dir: Path, root: Path,
+    incoming: Path | None = None,
+) -> dict[str, Any]:
+    """Read the source ``data.source`` (plus the pairs ``dinoalign retrain`` appended in
+    the folder ``incoming``), validate the images when asked, write the manifest, rejects
+    and summary to ``out_dir``; return the summary. ``root``: the checkout, against which
+    the manifest records relative image paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = build_source(params.data, out_dir)
-    if params.data.incoming:  # pairs appended by `dinoalign retrain`
-        items = itertools.chain(items, read_incoming(root / params.data.incoming))
-    if params.prepare.validate_images:
-        items = _validate_stream(items, params)
-    return write_manifest(items, out_dir, params.prepare.shard_size, root)
+    items = build_source(data, out_dir)
+    if incoming is not None:
+        items = itertools.chain(items, read_incoming(incoming))
+    if validate_images:
+        items = _validate_stream(items, data)
+    return write_manifest(items, out_dir, shard_size, root)
 
 
-def _validate_stream(items: Iterable[PairRecord | Reject], params: Params) -> Iterator[PairRecord | Reject]:
+def _validate_stream(items: Iterable[PairRecord | Reject], data: DataConfig) -> Iterator[PairRecord | Reject]:
     pending: list[PairRecord] = []
     for item in items:
         if isinstance(item, Reject):
             yield item
         else:
             pending.append(item)
-    yield from validate_records(pending, **image_limits(params.data))
+    yield from validate_records(pending, **image_limits(data))
 
 
 def _atomic_parquet(table: Any, path: Path) -> None:

@@ -31,7 +31,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
@@ -40,7 +40,7 @@ from dinoalign.data.config import MAX_CAPTIONS, MAX_OBJECTS, SPLITS, SyntheticWo
 from dinoalign.data.config import check_split as _check_split
 from dinoalign.data.schema import PairRecord, make_uid
 from dinoalign.errors import DataFileMissing
-from dinoalign.storage import atomic_path, write_atomic
+from dinoalign.storage import atomic_path
 
 # Bump when a change to this file changes the pixels or captions of a sample, so that
 # files written by an older generator are re-rendered instead of being reused.
@@ -526,33 +526,13 @@ def world_description(cfg: SyntheticWorldConfig) -> dict[str, Any]:
     }
 
 
-def generate(cfg: SyntheticWorldConfig, out_dir: Path) -> Iterator[PairRecord]:
-    """Write every split under ``out_dir`` (``images/<split>/<index>.png``,
-    ``masks/<split>/<index>.png``) and yield one record per image (train, val, test in
-    index order); ``world.json`` is written last, once every image exists.
-
-    Idempotent: images already written by the same config are kept, so a re-run, or a
-    run with a larger split, renders only what is missing.
-    """
-    out_dir = Path(out_dir)
-    for split in SPLITS:
-        for index in range(cfg.count(split)):
-            yield write_sample(cfg, out_dir, split, index)
-    world = json.dumps(world_description(cfg), indent=1)
-    write_atomic(out_dir / "world.json", world)
-
-
 def load_world(out_dir: Path) -> dict[str, Any]:
-    """The ``world.json`` that ``generate`` wrote under ``out_dir``."""
+    """The ``world.json`` that the ``synthetic`` source
+    (:func:`dinoalign.data.sources.synthetic.synthetic_source`) wrote under ``out_dir``."""
     path = Path(out_dir) / "world.json"
     if not path.is_file():
         raise DataFileMissing(
-            f"{path} does not exist: generate the world first "
-            f"(dinoalign.data.synthetic.generate(cfg, {str(out_dir)!r}), or the prepare stage)"
+            f"{path} does not exist: generate the world first (the prepare stage with "
+            f"data.source: synthetic)"
         )
     return json.loads(path.read_text())
-
-
-def synthetic_source(cfg: SyntheticWorldConfig, workdir: str | Path) -> Iterator[PairRecord]:
-    """The ``synthetic`` data source: the world is generated under ``workdir/<source>``."""
-    return generate(cfg, Path(workdir) / cfg.source)

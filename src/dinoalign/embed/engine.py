@@ -357,7 +357,7 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
     cfg = params.embed
     if cfg.engine not in ENGINES:
         raise ConfigError(f"embed.engine={cfg.engine!r}: choose one of {sorted(ENGINES)}")
-    store = FeatureStore(cfg.out_dir)
+    store = FeatureStore(params.paths.features)
     spec = feature_spec(params)
     # spec.json is written before any shard, so shards of a killed run are reusable
     # exactly when they were made with the same models and preprocessing.

@@ -1,6 +1,6 @@
 """The feature store written by ``embed`` and read by curate, align and evaluate.
 
-Layout under ``embed.out_dir`` (a local path or ``s3://bucket/prefix``)::
+Layout under ``paths.features`` (a local path or ``s3://bucket/prefix``)::
 
     images/part-00000.parquet    uid + image feature columns (fixed-size float lists)
     captions/part-00000.parquet  caption_id, uid, caption_index, caption + text_<encoder> columns

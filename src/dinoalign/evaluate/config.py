@@ -71,10 +71,10 @@ class SegmentationConfig:
 class EvaluateConfig:
     """What ``dinoalign evaluate`` measures and where it writes.
 
-    - ``recipes``: the models to evaluate, each read from ``<align.out_dir>/<recipe>/``
+    - ``recipes``: the models to evaluate, each read from ``<paths.models>/<recipe>/``
       where the align stage writes it (DVC runs one ``evaluate@<recipe>`` per entry by
       overriding this list); the report compares the same recipes.
-    - ``dataset``: ``demo`` (the synthetic world from ``embed.pairs_dir``: zero-shot,
+    - ``dataset``: ``demo`` (the synthetic world from ``paths.pairs``: zero-shot,
       retrieval and segmentation on ``split``) or a registered evaluation dataset
       (``voc21``, ``ade20k``, ``karpathy``, ``imagenet_folder``... see
       :data:`dinoalign.evaluate.datasets.EVAL_DATASETS`) read from ``root`` with
@@ -95,15 +95,12 @@ class EvaluateConfig:
       for every dataset. Never on datasets without a background class.
     - ``max_images``: evaluate only the first N images of each set (smoke runs).
     - ``save_predictions``: write every predicted label map as a PNG under
-      ``<plots_dir>/<recipe>/predictions/``; ``num_examples`` overlays are always made.
-    - ``report_dir``: where the report stage writes ``index.html``; ``mlflow_ui``: the
+      ``<paths.plots>/<recipe>/predictions/``; ``num_examples`` overlays are always made.
+    - ``mlflow_ui``: the
       address its run links use when runs are in the embedded store (``make mlflow-ui``).
     """
 
     recipes: list[str] = dataclasses.field(default_factory=lambda: list(recipe_names()))
-    metrics_dir: str = "metrics"
-    plots_dir: str = "plots"
-    report_dir: str = "report"
     mlflow_ui: str = "http://127.0.0.1:5000"
     dataset: str = DEMO_DATASET
     root: str | None = None

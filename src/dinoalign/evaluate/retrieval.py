@@ -5,15 +5,13 @@ needs the full 5k×25k matrix at once."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoalign.evaluate._embed import ImageEncoder, TextEncoder, embed_in_batches
-from dinoalign.evaluate.datasets.base import RetrievalDataset
 from dinoalign.evaluate.metrics import chance_recall_at_k, positive_ranks, recall_from_ranks
 
 
@@ -136,20 +134,3 @@ def percent_of_reference(
         for k in shared
     }
 
-
-def evaluate_retrieval(
-    dataset: RetrievalDataset,
-    encode_images: ImageEncoder,
-    encode_texts: TextEncoder,
-    ks: Iterable[int] = (1, 5, 10),
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """Embed every image and caption of ``dataset`` and compute :func:`retrieval_metrics`."""
-
-    def images() -> Iterator[np.ndarray]:
-        for image, _captions, _name in dataset:
-            yield image
-
-    image_emb = embed_in_batches(images(), encode_images, batch_size)
-    text_emb = embed_in_batches(dataset.captions, encode_texts, batch_size)
-    return retrieval_metrics(image_emb, text_emb, dataset.caption_image_index, ks)

@@ -3,15 +3,12 @@ normalisation, average over templates, re-normalisation; logits = 100·cos."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoalign.evaluate._embed import ImageEncoder, TextEncoder, embed_in_batches
-from dinoalign.evaluate.datasets.base import ClassificationDataset
 from dinoalign.evaluate.metrics import chance_topk, mean_per_class_recall, topk_accuracy
 from dinoalign.evaluate.templates import resolve_templates
 
@@ -19,21 +16,40 @@ LOGIT_SCALE = 100.0
 
 
 def class_text_embeddings(
-    encode_text_fn: TextEncoder,
+    encode_text_fn: Callable[[list[str]], Tensor],
     class_names: Sequence[str],
     templates: str | Sequence[str],
     batch_size: int = 256,
 ) -> Tensor:
     """One unit-norm text embedding per class (N×E): every template filled with the class
-    name is encoded and L2-normalised, the T embeddings of a class are averaged, and the
+    name is encoded (``encode_text_fn``: strings -> one embedding row each, ``batch_size``
+    prompts per call) and L2-normalised, the T embeddings of a class are averaged, and the
     mean is normalised again."""
     if not class_names:
         raise ValueError("need at least one class name")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts_per_class = resolve_templates(templates)
     prompts = [t.replace("{}", name) for name in class_names for t in prompts_per_class]
-    text_emb = embed_in_batches(prompts, encode_text_fn, batch_size)
+    text_emb = torch.cat(
+        [
+            _encode_checked(encode_text_fn, prompts[start : start + batch_size])
+            for start in range(0, len(prompts), batch_size)
+        ]
+    )
     text_emb = F.normalize(text_emb, dim=-1).view(len(class_names), len(prompts_per_class), -1)
     return F.normalize(text_emb.mean(1), dim=-1)
+
+
+def _encode_checked(encode: Callable[[list[str]], Tensor], batch: list[str]) -> Tensor:
+    with torch.no_grad():
+        out = torch.as_tensor(encode(batch))
+    if out.ndim != 2 or out.shape[0] != len(batch):
+        raise ValueError(
+            f"encoder returned shape {tuple(out.shape)} for a batch of {len(batch)}; "
+            "it must return one embedding row per input (B×E)"
+        )
+    return out.detach().float().cpu()
 
 
 def zeroshot_logits(image_emb: Tensor, class_emb: Tensor) -> Tensor:
@@ -74,22 +90,3 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float | 
         "num_classes": int(n_classes),
     }
 
-
-def evaluate_zeroshot(
-    dataset: ClassificationDataset,
-    encode_images: ImageEncoder,
-    encode_texts: TextEncoder,
-    templates: str | Sequence[str] = "openai_imagenet",
-    batch_size: int = 64,
-) -> dict[str, float | int]:
-    """Embed every image of ``dataset`` and its class names, then :func:`zeroshot_classify`."""
-    labels: list[int] = []
-
-    def images() -> Iterator[np.ndarray]:
-        for image, label, _name in dataset:
-            labels.append(int(label))
-            yield image
-
-    image_emb = embed_in_batches(images(), encode_images, batch_size)
-    class_emb = class_text_embeddings(encode_texts, dataset.class_names, templates, batch_size)
-    return zeroshot_classify(image_emb, class_emb, torch.tensor(labels))

@@ -12,7 +12,7 @@ from dinoalign.train.config import recipe_names
 class RetrainConfig:
     """Scheduled retraining (``dinoalign retrain --new URI``; docs/operations.md).
 
-    - ``recipes``: the models compared and promoted, registered as ``<model_prefix><recipe>``.
+    - ``recipes``: the models compared and promoted, registered as ``dinoalign-<recipe>`` (``tracking.registered_model_name``).
     - ``metrics``: per recipe, the key of its evaluation (the evaluate stage's
       ``metrics/<recipe>.json`` layout, dotted) that decides; higher is better. A recipe
       not listed uses its own default, the ``promotion_metric`` of its class in
@@ -22,21 +22,19 @@ class RetrainConfig:
       of the demo world or ``evaluate.dataset``; appended pairs never join it).
     - ``targets``: what ``dvc repro`` reproduces (empty: the whole pipeline).
     - ``image_column`` / ``caption_column`` / ``key_column``: of a new pairs table.
-    - ``decisions_dir``: ``decision.json`` (the last run) and ``history.jsonl``, in the repo.
-    - ``lock_file``: held for the whole run, so two cron runs never overlap.
+    - Locations (``paths``): ``paths.decisions`` holds ``decision.json`` (the last run)
+      and ``history.jsonl``, in the repo; ``paths.retrain_lock`` is held for the whole
+      run, so two cron runs never overlap; new pairs go to ``paths.incoming``.
     - ``push`` / ``push_attempts``: ``dvc push`` before the champion moves.
     """
 
     recipes: list[str] = dataclasses.field(default_factory=lambda: list(recipe_names()))
     metrics: dict[str, str] = dataclasses.field(default_factory=dict)
     tolerance: float = 0.02
-    model_prefix: str = "dinoalign-"
     targets: list[str] = dataclasses.field(default_factory=list)
     image_column: str = "image"
     caption_column: str = "caption"
     key_column: str | None = None
-    decisions_dir: str = "retrain"
-    lock_file: str = "infra/run/retrain.lock"
     push: bool = True
     push_attempts: int = 3
 

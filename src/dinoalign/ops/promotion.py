@@ -1,6 +1,6 @@
 """Champion/candidate promotion in the MLflow model registry.
 
-The align stage registers every trained model as ``<prefix><recipe>`` with the alias
+The align stage registers every trained model as ``dinoalign-<recipe>`` with the alias
 ``candidate``. :func:`decide` evaluates that candidate and the current ``champion`` with
 the evaluate stage's own code, on the same fixed evaluation set and the same params, and
 applies the rule: promote when ``candidate >= champion - tolerance`` on the recipe's
@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping
 
 from dinoalign.config import Params
 from dinoalign.errors import ConfigError, DataError
+from dinoalign.tracking import CANDIDATE, CHAMPION, registered_model_name
 
-CANDIDATE, CHAMPION = "candidate", "champion"
 PROMOTE, KEEP = "promote", "keep"
 Evaluate = Callable[[str], Mapping[str, Any]]  # model URI -> metrics (evaluate stage layout)
 
@@ -77,7 +77,7 @@ def evaluate_with_stage_code(params: Params, root: Path) -> Evaluate:
 
     def evaluate(reference: str) -> Mapping[str, Any]:
         from dinoalign.model import AlignedModel
-        from dinoalign.evaluate.stage import evaluate_model
+        from dinoalign.evaluate.run import evaluate_model
 
         model = AlignedModel.load(reference, params, root, params.evaluate.device, params.evaluate.batch_size)
         return evaluate_model(model, params, root).metrics
@@ -115,7 +115,7 @@ def decide(client: Any, recipe: str, params: Params, pipeline_run_id: str, eval_
     """The decision for ``recipe``: its ``@candidate`` must come from this pipeline run
     (``dinoalign.pipeline_run_id``); it and ``@champion`` are evaluated with ``evaluate``."""
     cfg = params.retrain
-    model = f"{cfg.model_prefix}{recipe}"
+    model = registered_model_name(recipe)
     metric = promotion_metric(params, recipe)
     base = dict(recipe=recipe, model=model, metric=metric, tolerance=cfg.tolerance, eval_set=eval_set)
     candidate = _version(client, model, CANDIDATE)

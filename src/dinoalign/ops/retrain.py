@@ -1,13 +1,13 @@
 """``dinoalign retrain --new URI``: scheduled retraining with champion/candidate promotion.
 
-One run, under an exclusive lock (``retrain.lock_file``; a second run exits at once with
+One run, under an exclusive lock (``paths.retrain_lock``; a second run exits at once with
 code 75 and changes nothing):
 
 1. New data: the pairs at ``URI`` (a csv/tsv/parquet table or webdataset shards, local or
    ``s3://``). A location whose fingerprint was already ingested, or whose pairs are all
    known, is "no new data": exit 0 having read no images and written nothing. Otherwise
-   the new pairs are appended to ``data.incoming`` (train split only) and the batch is
-   recorded as *pending* in the ledger (``<decisions_dir>/batches.json``).
+   the new pairs are appended to ``paths.incoming`` (train split only) and the batch is
+   recorded as *pending* in the ledger (``<paths.decisions>/batches.json``).
 2. ``dvc add`` of the folder, then ``dvc repro`` (``retrain.targets``) with
    ``DINOALIGN_PIPELINE_RUN_ID`` = the batch id:
    prepare adds the pairs, embed embeds only the new uids, curate, align (a new
@@ -16,7 +16,7 @@ code 75 and changes nothing):
    evaluated on the fixed evaluation set, the tolerance rule.
 4. ``dvc push`` (retried), so every output the decision rests on is on the remote.
 5. Only then the decisions are applied (``@champion`` moves), recorded as MLflow tags on
-   a ``retrain`` run and on the model versions, in ``<decisions_dir>/decision.json`` +
+   a ``retrain`` run and on the model versions, in ``<paths.decisions>/decision.json`` +
    ``history.jsonl``, and the batch is marked *decided*.
 
 A failure anywhere before 5 leaves every alias untouched, records the failure (MLflow run
@@ -47,7 +47,7 @@ from dinoalign.data.prepare import read_manifest
 from dinoalign.errors import ConfigError, DataError, RetrainError
 from dinoalign.ops import dvc as ops_dvc
 from dinoalign.ops import promotion
-from dinoalign.storage import write_atomic
+from dinoalign.storage import under_root, write_atomic
 from dinoalign.tracking import run_url, stage_run, tracking_uri
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
@@ -79,12 +79,12 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 
 def retrain(params: Params, root: Path, new_uri: str) -> dict[str, Any]:
     """One scheduled retraining of the checkout at ``root`` (see the module docstring)."""
-    if not params.data.incoming:
-        raise ConfigError("data.incoming is null: retraining appends new pairs there; set it (e.g. incoming/pairs)")
+    if not params.paths.incoming:
+        raise ConfigError("paths.incoming is null: retraining appends new pairs there; set it (e.g. incoming/pairs)")
     root = Path(root).resolve()
-    with exclusive_lock(root / params.retrain.lock_file):
-        folder = root / params.data.incoming
-        ledger = root / params.retrain.decisions_dir / LEDGER_FILE
+    with exclusive_lock(Path(under_root(params.paths.retrain_lock, root))):
+        folder = Path(under_root(params.paths.incoming, root))
+        ledger = Path(under_root(params.paths.decisions, root)) / LEDGER_FILE
         batch = _pending_batch(ledger) or _ingest(params, root, folder, ledger, new_uri)
         if batch is None:
             return {"status": "no_new_data", "new": new_uri}
@@ -93,7 +93,7 @@ def retrain(params: Params, root: Path, new_uri: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- ledger
 def load_ledger(path: Path) -> list[dict[str, Any]]:
-    """The batches appended so far (``<decisions_dir>/batches.json``)."""
+    """The batches appended so far (``<paths.decisions>/batches.json``)."""
     return json.loads(path.read_text()) if path.exists() else []
 
 
@@ -158,7 +158,7 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
                 _say(f"retrain: dvc repro {' '.join(cfg.targets)}".rstrip())
                 ops_dvc.dvc(root, "repro", *cfg.targets, env=env)
                 record["repro_seconds"] = round(time.perf_counter() - started, 1)
-                eval_set = promotion.eval_set_fingerprint(read_manifest(root / params.embed.pairs_dir),
+                eval_set = promotion.eval_set_fingerprint(read_manifest(under_root(params.paths.pairs, root)),
                                                           params.evaluate.split)
                 client = MlflowClient(tracking_uri(params))
                 evaluate = promotion.evaluate_with_stage_code(params, root)
@@ -170,7 +170,7 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
                     promotion.apply(client, d, run.info.run_id)
             except Exception as e:  # recorded, then raised as a RetrainError with the cause chained
                 mlflow.set_tags({"dinoalign.retrain.status": "failed", "dinoalign.retrain.batch": batch["id"]})
-                _record(root, cfg.decisions_dir, {**record, "status": "failed", "error": str(e), "finished_at": _now()})
+                _record(root, params.paths.decisions, {**record, "status": "failed", "error": str(e), "finished_at": _now()})
                 raise RetrainError(f"retraining batch {batch['id']} failed; every @champion is untouched and the "
                                    f"batch stays pending (the next run resumes it): {e}") from e
             record.update(status="done", eval_set=eval_set, finished_at=_now(),
@@ -183,7 +183,7 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
             os.environ.pop("DINOALIGN_PIPELINE_RUN_ID", None)
         else:
             os.environ["DINOALIGN_PIPELINE_RUN_ID"] = previous
-    _record(root, cfg.decisions_dir, record)
+    _record(root, params.paths.decisions, record)
     ledger = load_ledger(ledger_path)
     for b in ledger:
         if b["id"] == batch["id"]:
@@ -196,7 +196,7 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
 
 def _record(root: Path, decisions_dir: str, record: dict[str, Any]) -> None:
     """``decision.json`` (this run) and one line of ``history.jsonl`` in the repo."""
-    out = root / decisions_dir
+    out = Path(under_root(decisions_dir, root))
     write_atomic(out / DECISION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     with (out / HISTORY_FILE).open("a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -31,7 +31,7 @@ from dinoalign.recipes.base import (
     symmetric_infonce,
     to_grid,
 )
-from dinoalign.recipes._registry import RECIPES, build
+from dinoalign.recipes._registry import RECIPES
 
 PROJECTIONS = ("mlp", "linear")
 

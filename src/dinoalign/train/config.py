@@ -156,14 +156,14 @@ class AlignConfig:
 
     - ``recipe``: which recipe a run trains; each DVC stage ``align@<name>`` sets it
       (``dinoalign align align.recipe=talk2dino``).
-    - ``curated``: the curate stage's ``uids.parquet``; when the file exists, training uses
-      the train-split uids it marks ``kept``, otherwise every train uid.
-    - ``out_dir``: the trained model goes to ``<out_dir>/<recipe>/`` (safetensors +
-      config.json); ``curves_dir``: ``<curves_dir>/<recipe>/curve.csv`` and
-      ``metrics.json`` (DVC plots and metrics).
-    - ``storage_path``: Ray Train checkpoints, a local directory or ``s3://bucket/prefix``.
-      A run named ``run_name`` (default: recipe + a hash of everything that decides the
-      training) resumes from its latest checkpoint there; ``keep_checkpoints`` are kept.
+    - ``use_curated``: when the curate stage's ``<paths.curated>/uids.parquet`` exists,
+      train on the train-split uids it marks ``kept``; false (or no file): every train uid.
+    - Outputs (``paths``): the model in ``<paths.models>/<recipe>/`` (safetensors +
+      config.json), ``<paths.curves>/<recipe>/curve.csv`` and ``metrics.json`` (DVC plots
+      and metrics), Ray Train checkpoints in ``paths.checkpoints`` (a local directory or
+      ``s3://bucket/prefix``). A run named ``run_name`` (default: recipe + a hash of
+      everything that decides the training) resumes from its latest checkpoint there;
+      ``keep_checkpoints`` are kept.
     - ``num_workers`` DDP workers (gloo on CPU, nccl on GPU with ``use_gpu``), each with
       ``cpus_per_worker`` Ray CPUs (fractions allowed) and as many torch threads (min 1),
       unless ``torch_threads`` says otherwise. Small heads (talk2dino, projector) trained
@@ -174,10 +174,7 @@ class AlignConfig:
     """
 
     recipe: str | None = None
-    curated: str | None = "artifacts/curated/uids.parquet"
-    out_dir: str = "artifacts/models"
-    curves_dir: str = "artifacts/align"
-    storage_path: str = "artifacts/checkpoints"
+    use_curated: bool = True
     run_name: str | None = None
     num_workers: int = 1
     use_gpu: bool = False

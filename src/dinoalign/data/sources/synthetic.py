@@ -12,12 +12,18 @@ from pathlib import Path
 from dinoalign.data import synthetic as world
 from dinoalign.data.schema import PairRecord
 from dinoalign.data.sources import SOURCES
+from dinoalign.storage import write_atomic
 
 
 @SOURCES.register("synthetic")
 def synthetic_source(cfg: world.SyntheticWorldConfig, workdir: Path) -> Iterator[PairRecord]:
-    """Write the world under ``workdir/<cfg.source>`` and yield one record per image;
-    ``world.json`` (vocabulary, held-out compositions and uids) is written last."""
+    """Write the world under ``workdir/<cfg.source>`` (``images/<split>/<index>.png``,
+    ``masks/<split>/<index>.png``) and yield one record per image (train, val, test in
+    index order); ``world.json`` (vocabulary, held-out compositions and uids) is written
+    last, once every image exists.
+
+    Idempotent: images already written by the same config are kept, so a re-run, or a
+    run with a larger split, renders only what is missing."""
     out_dir = Path(workdir) / cfg.source
     jobs = [(split, i) for split in world.SPLITS for i in range(cfg.count(split))]
     workers = max(1, min(os.cpu_count() or 1, 8))
@@ -25,4 +31,4 @@ def synthetic_source(cfg: world.SyntheticWorldConfig, workdir: Path) -> Iterator
         futures = [pool.submit(world.write_sample, cfg, out_dir, s, i) for s, i in jobs]
         for fut in futures:
             yield fut.result()
-    (out_dir / "world.json").write_text(json.dumps(world.world_description(cfg), indent=1))
+    write_atomic(out_dir / "world.json", json.dumps(world.world_description(cfg), indent=1))

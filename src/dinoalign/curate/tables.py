@@ -1,8 +1,9 @@
-"""The curate stage: train-split features and captions -> the curated uid list.
+"""The curate stage's inputs and outputs: train-split features and captions -> the
+curated uid list (the stage itself: :mod:`dinoalign.stages.curate`).
 
 Reads the image feature ``curate.feature`` of every train pair from the embed store
-(``embed.out_dir``) and its captions from the pairs manifest (``embed.pairs_dir``), runs
-:func:`dinoalign.curate.curate` and writes under ``curate.out_dir``::
+(``paths.features``) and its captions from the pairs manifest (``paths.pairs``), runs
+:func:`dinoalign.curate.curate` and writes under ``paths.curated``::
 
     uids.parquet    every train uid, sorted: cluster_l1 … cluster_lL (int32, null without
                     features) and the bool columns kept_features, kept_dedup, kept_image,
@@ -35,12 +36,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dinoalign.config import Params
-from dinoalign.curate import cluster_column, curate
+from dinoalign.curate.config import CurateConfig
+from dinoalign.curate.curation import cluster_column, curate
 from dinoalign.data.prepare import read_manifest
 from dinoalign.embed.store import FeatureStore, load_image_features
 from dinoalign.errors import ConfigError, DataError, DataFileMissing
-from dinoalign.storage import atomic_path, is_remote, write_atomic
+from dinoalign.storage import atomic_path, write_atomic
 
 CURATED_SPLIT = "train"
 UIDS_FILE = "uids.parquet"
@@ -49,22 +50,20 @@ PLOTS_DIR = "plots"
 MASK_COLUMNS = ("kept_features", "kept_dedup", "kept_image", "kept_text", "kept")
 
 
-def _under_root(uri: str, root: Path) -> str:
-    """A relative local path is taken relative to the repo root; URIs and absolute paths
-    are kept as they are."""
-    if is_remote(uri) or uri.startswith("file://") or Path(uri).is_absolute():
-        return uri
-    return str(root / uri)
+@dataclasses.dataclass(frozen=True)
+class CuratedSplit:
+    """What :func:`curate_train_split` decided: ``table`` (uids.parquet), ``stats``
+    (stats.json) and ``seconds`` (curation alone, without reading the inputs)."""
+
+    table: pa.Table
+    stats: dict[str, Any]
+    seconds: float
 
 
-def run_curate(params: Params, root: Path) -> dict[str, Any]:
-    """Curate the train split and write the outputs (module docstring); return a summary
-    with ``stats`` (what stats.json holds), ``out_dir`` and ``seconds`` (curation only)."""
-    cfg = params.curate
-    if isinstance(cfg.text_vocab, str):
-        cfg = dataclasses.replace(cfg, text_vocab=_under_root(cfg.text_vocab, root))
-    features_uri = _under_root(params.embed.out_dir, root)
-    pairs = _train_pairs(root / params.embed.pairs_dir)
+def curate_train_split(cfg: CurateConfig, pairs_dir: Path, features_uri: str) -> CuratedSplit:
+    """Curate the train split of the pairs in ``pairs_dir`` from the features at
+    ``features_uri`` (``cfg.text_vocab`` already resolved to a readable path)."""
+    pairs = _train_pairs(pairs_dir)
     train_uids = pairs.column("uid").to_pylist()
     uids, embeddings = _load_train_features(features_uri, cfg.feature, train_uids)
     missing = sorted(set(train_uids) - set(uids))
@@ -87,10 +86,8 @@ def run_curate(params: Params, root: Path) -> dict[str, Any]:
         "without_features": {"count": len(missing), "embed_reject_reasons": missing_reasons},
         **result.stats,
     }
-    out_dir = root / cfg.out_dir
     table = _with_pairs_without_features(result.table, missing, len(cfg.levels))
-    write_outputs(out_dir, table, stats)
-    return {"stats": stats, "out_dir": str(out_dir), "seconds": seconds}
+    return CuratedSplit(table=table, stats=stats, seconds=seconds)
 
 
 def _train_pairs(pairs_dir: Path) -> pa.Table:

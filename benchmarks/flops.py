@@ -2,7 +2,8 @@
 is, and what fraction of an accelerator's peak a measured images/s reaches.
 
 FLOPs count 2 per multiply-add (the convention of spec sheets and of
-``torch.utils.flop_counter``).
+``torch.utils.flop_counter``). A sibling module of the benchmark scripts (``from flops
+import ...``: running ``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations

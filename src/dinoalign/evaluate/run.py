@@ -1,37 +1,13 @@
-"""The evaluate stage: each recipe of ``evaluate.recipes`` -> ``metrics/<recipe>.json``,
-``plots/<recipe>/`` and one MLflow run.
-
-``metrics/<recipe>.json`` (chance next to every number; NaN is written as null)::
-
-    zeroshot      top1, top5, mean_per_class_recall, chance_top1, chance_top5,
-                  num_images, num_classes
-    retrieval     i2t.{r1,r5,r10,chance_r1,...}, t2i.{...}, chance_r1 (= 1/#images in both
-                  directions), num_images, num_texts; projector: clip.{i2t,t2i} (the teacher
-                  CLIP's own scores) and percent_of_clip.{i2t,t2i}.{r1,...}
-    segmentation  miou, chance_miou, per_class {name: IoU or null}, pixel_accuracy,
-                  mean_accuracy, num_images, bg_threshold (+ bg_threshold_calibration when
-                  chosen on another split), background_cleaning, pamr (the projector,
-                  without a dense head: {"skipped": reason})
-    heldout       the same blocks for the demo world's test images with a held-out
-                  composition (the top level holds the images with seen compositions only)
-    info          recipe, dataset, model (reference, weights sha256, config), frozen
-                  towers, settings; mlflow (run id, experiment id, tracking URI)
-
-``plots/<recipe>/``: ``zeroshot_predictions.csv`` (subset, uid, actual, predicted: DVC's
-confusion template), ``per_class_iou.csv`` (class, IoU per subset), ``examples/*.png``
-(image | ground truth | prediction), ``segmentation_confusion_<subset>.png`` (row-normalised
-pixel confusion) and, with ``save_predictions``, ``predictions/<subset>/<name>.png``.
+"""Evaluating one trained recipe: :func:`evaluate_model` gives every metric of an
+:class:`~dinoalign.model.AlignedModel` on ``evaluate.dataset`` (the demo world's test
+split, or a registered dataset) and the material for its plots, as an :class:`Evaluation`.
+The evaluate stage (:mod:`dinoalign.stages.evaluate`) writes it with
+:mod:`dinoalign.evaluate.outputs`; ``dinoalign retrain`` calls it for promotion.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import math
-import re
-import shutil
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +18,6 @@ from PIL import Image
 
 from dinoalign.config import Params
 from dinoalign.data.images import image_limits
-from dinoalign.errors import InferenceError
 from dinoalign.evaluate.config import DEMO_DATASET, EvaluateConfig
 from dinoalign.evaluate.demo import DemoImages, DemoSegmentation, load_demo
 from dinoalign.model import AlignedModel
@@ -59,16 +34,13 @@ from dinoalign.evaluate.segmentation import (
     scored_class_names,
 )
 from dinoalign.evaluate.visualize import (
-    heatmap,
     label_palette,
     overlay,
     panels,
-    png_bytes,
     with_legend,
 )
 from dinoalign.evaluate.zeroshot import classification_metrics
-from dinoalign.storage import under_root, write_atomic
-from dinoalign.tracking import without_credentials
+from dinoalign.storage import under_root
 
 STAGE = "evaluate"
 PREDICTIONS_CSV = "zeroshot_predictions.csv"
@@ -88,60 +60,6 @@ class Evaluation:
     per_class_iou: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     confusion: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
     examples: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- the stage
-
-
-def run_evaluate(params: Params, root: Path) -> dict[str, dict[str, Any]]:
-    """Evaluate every recipe in ``evaluate.recipes``; returns their metrics by recipe."""
-    torch.set_num_threads(params.evaluate.torch_threads)
-    return {recipe: evaluate_and_record(params, root, recipe) for recipe in params.evaluate.recipes}
-
-
-def evaluate_and_record(params: Params, root: Path, recipe: str) -> dict[str, Any]:
-    """Load ``<align.out_dir>/<recipe>``, evaluate it, write its metrics and plots, and log
-    them to one MLflow run ``evaluate@<recipe>``; returns the metrics."""
-    import mlflow
-
-    from dinoalign.tracking import run_url, stage_run
-
-    cfg = params.evaluate
-    started = time.perf_counter()
-    with stage_run(STAGE, params, run_name=f"{STAGE}@{recipe}") as run:
-        reference = model_reference(params, recipe)
-        model = AlignedModel.load(reference, params, root, cfg.device, cfg.batch_size)
-        if model.name != recipe:
-            raise InferenceError(f"{reference} holds a {model.name} model, not {recipe}")
-        metrics_path = root / cfg.metrics_dir / f"{recipe}.json"
-        plots_dir = root / cfg.plots_dir / recipe
-        shutil.rmtree(plots_dir, ignore_errors=True)  # no stale picture of an earlier run
-        evaluation = evaluate_model(model, params, root)
-        evaluation.metrics["info"]["seconds"] = time.perf_counter() - started
-        evaluation.metrics["info"]["mlflow"] = {
-            "run_id": run.info.run_id,
-            "experiment_id": run.info.experiment_id,
-            "tracking_uri": without_credentials(mlflow.get_tracking_uri()),
-            "run": run_url(run),
-        }
-        write_outputs(evaluation, metrics_path, plots_dir)
-        mlflow.set_tags(
-            {"dinoalign.recipe": recipe, "dinoalign.model_sha256": model.info.weights_sha256}
-        )
-        mlflow.log_metrics(numeric_metrics(evaluation.metrics))
-        mlflow.log_artifact(str(metrics_path))
-        if (plots_dir / EXAMPLES_DIR).is_dir():
-            mlflow.log_artifacts(str(plots_dir / EXAMPLES_DIR), EXAMPLES_DIR)
-    print(
-        summary_line(recipe, evaluation.metrics)
-        + f"\n{STAGE}@{recipe}: -> {metrics_path}, {plots_dir}/; MLflow run {run_url(run)}"
-    )
-    return evaluation.metrics
-
-
-def model_reference(params: Params, recipe: str) -> str:
-    """Where ``recipe``'s model is read: ``<align.out_dir>/<recipe>``, where align writes it."""
-    return f"{params.align.out_dir.rstrip('/')}/{recipe}"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -173,11 +91,12 @@ def evaluate_model(model: AlignedModel, params: Params, root: Path) -> Evaluatio
 
 def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluation:
     cfg = params.evaluate
+    predictions_dir = Path(under_root(params.paths.plots, root)) / model.name / "predictions"
     subsets, world = load_demo(
-        root / params.embed.pairs_dir, params.data.synthetic.source, cfg.split, root
+        Path(under_root(params.paths.pairs, root)), params.data.synthetic.source, cfg.split, root
     )
     class_names = list(world["classes"])
-    features_uri = under_root(params.embed.out_dir, root)
+    features_uri = under_root(params.paths.features, root)
     use_store = model.store_has_columns(features_uri)
     zeroshot_classes = model.class_embeddings(class_names, cfg.zeroshot_templates)
     head = _demo_dense_head(model, params, root) if model.recipe.has_dense_head else None
@@ -211,7 +130,7 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
         block["retrieval"] = retrieval_block(model, batch, images.captions, cfg.ks, reference)
         if head is not None:
             dataset = DemoSegmentation(images, image_limits(params.data))
-            seg, confusion, examples = segmentation_block(model, dataset, head, cfg, root, subset)
+            seg, confusion, examples = segmentation_block(model, dataset, head, cfg, subset, predictions_dir)
             block["segmentation"] = seg
             evaluation.per_class_iou[subset] = seg["per_class"]
             evaluation.confusion[subset] = confusion
@@ -237,7 +156,7 @@ def _demo_dense_head(model: AlignedModel, params: Params, root: Path) -> DenseHe
     threshold is the one with the best mIoU on that split's images."""
     cfg = params.evaluate
     split = cfg.bg_threshold_split
-    pairs_dir, source = root / params.embed.pairs_dir, params.data.synthetic.source
+    pairs_dir, source = Path(under_root(params.paths.pairs, root)), params.data.synthetic.source
     reference, _ = load_demo(pairs_dir, source, split or cfg.split, root)
     dataset = DemoSegmentation(reference["seen"], image_limits(params.data))
     head = DenseHead.build(model, dataset, cfg)
@@ -250,6 +169,7 @@ def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evalua
     from dinoalign.evaluate.datasets import EVAL_DATASETS
 
     cfg = params.evaluate
+    predictions_dir = Path(under_root(params.paths.plots, root)) / model.name / "predictions"
     dataset = EVAL_DATASETS.build(
         cfg.dataset, under_root(str(cfg.root), root), **cfg.dataset_options
     )
@@ -261,7 +181,7 @@ def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evalua
     evaluation = Evaluation(metrics=metrics)
     if dataset.task == "segmentation":
         head = DenseHead.build(model, dataset, cfg)
-        seg, confusion, examples = segmentation_block(model, dataset, head, cfg, root, "all")
+        seg, confusion, examples = segmentation_block(model, dataset, head, cfg, "all", predictions_dir)
         metrics["segmentation"] = seg
         evaluation.per_class_iou["all"] = seg["per_class"]
         evaluation.confusion["all"] = confusion
@@ -387,17 +307,14 @@ def segmentation_block(
     dataset: Any,
     head: DenseHead,
     cfg: EvaluateConfig,
-    root: Path,
     subset: str,
+    predictions_dir: Path,
 ) -> tuple[dict[str, Any], list[list[int]], dict[str, Image.Image]]:
     """(metrics, pixel confusion matrix, example overlays) of ``model`` on a segmentation
-    dataset (items: image, label, name; ``class_names``; ``has_background``)."""
+    dataset (items: image, label, name; ``class_names``; ``has_background``); with
+    ``cfg.save_predictions``, every label map as a PNG in ``predictions_dir/subset``."""
     predictor = make_predictor(head.logits_fn, dataset, head.cfg, model.device)
-    save_dir = (
-        str(root / cfg.plots_dir / model.name / "predictions" / subset)
-        if cfg.save_predictions
-        else None
-    )
+    save_dir = str(predictions_dir / subset) if cfg.save_predictions else None
     raw = evaluate_segmentation(dataset, predictor, save_dir, cfg.max_images)
     block = {
         "miou": raw["mIoU"],
@@ -492,96 +409,3 @@ def _clip_image_features(
     return torch.cat([model.clip_image_features(chunk) for chunk in chunks])
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-def jsonable(value: Any) -> Any:
-    """Nested metrics with NaN/inf floats as None and tensors/numpy scalars as Python."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.generic, torch.Tensor)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """The finite numbers of nested ``metrics`` flattened to MLflow metric names
-    (``zeroshot.top1``, ``heldout.segmentation.per_class.red circle``); ``info`` skipped."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if not prefix and key == "info":
-            continue
-        name = re.sub(r"[^\w\-. :/]", "_", f"{prefix}{key}")
-        if isinstance(value, Mapping):
-            out.update(numeric_metrics(value, name + "."))
-        elif (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ):
-            out[name] = float(value)
-    return out
-
-
-def write_outputs(evaluation: Evaluation, metrics_path: Path, plots_dir: Path) -> None:
-    """``metrics_path`` and the plots under ``plots_dir`` (module docstring); the metrics
-    file is written whole and renamed into place."""
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    if evaluation.predictions:
-        _write_csv(
-            plots_dir / PREDICTIONS_CSV,
-            ["subset", "uid", "actual", "predicted"],
-            evaluation.predictions,
-        )
-    if evaluation.per_class_iou:
-        subsets = list(evaluation.per_class_iou)
-        names = list(evaluation.per_class_iou[subsets[0]])
-        rows = [[n, *(_csv_number(evaluation.per_class_iou[s][n]) for s in subsets)] for n in names]
-        _write_csv(plots_dir / PER_CLASS_CSV, ["class", *subsets], rows)
-    for subset, matrix in evaluation.confusion.items():
-        (plots_dir / f"segmentation_confusion_{subset}.png").write_bytes(
-            png_bytes(heatmap(np.asarray(matrix)))
-        )
-    for name, picture in evaluation.examples.items():
-        (plots_dir / EXAMPLES_DIR).mkdir(exist_ok=True)
-        (plots_dir / EXAMPLES_DIR / name).write_bytes(png_bytes(picture))
-    write_atomic(metrics_path, json.dumps(jsonable(evaluation.metrics), indent=2, sort_keys=True) + "\n")
-
-
-def _csv_number(value: float) -> str:
-    return "" if value is None or not math.isfinite(value) else f"{value:.6f}"
-
-
-def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def summary_line(recipe: str, metrics: Mapping[str, Any]) -> str:
-    """One line per reported block: each number with its chance level."""
-    lines = []
-    top = TOP_LEVEL_SUBSET if "heldout" in metrics else "all"
-    for where, block in ((top, metrics), ("heldout", metrics.get("heldout", {}))):
-        parts = []
-        if "zeroshot" in block:
-            z = block["zeroshot"]
-            parts.append(f"zero-shot top-1 {z['top1']:.3f} (chance {z['chance_top1']:.3f})")
-        if "retrieval" in block:
-            r = block["retrieval"]
-            parts.append(
-                f"R@1 i2t {r['i2t']['r1']:.3f} t2i {r['t2i']['r1']:.3f} (chance {r['chance_r1']:.3f})"
-            )
-        seg = block.get("segmentation", {})
-        if "miou" in seg:
-            parts.append(f"mIoU {_fmt(seg['miou'])} (chance {_fmt(seg['chance_miou'])})")
-        if parts:
-            lines.append(f"{STAGE}@{recipe} [{where}]: " + ", ".join(parts))
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"

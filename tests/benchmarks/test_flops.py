@@ -1,6 +1,6 @@
-"""FLOP accounting behind the GPU throughput figures (docs/benchmarks.md, Embed on a GPU):
-the nominal ViT count must equal what torch's FlopCounterMode counts on the real timm
-models, and the benchmark's gpu mode must keep running (here on the CPU, tiny sizes)."""
+"""FLOP accounting behind the GPU throughput figures (``benchmarks/flops.py``; docs/benchmarks.md,
+Embed on a GPU): the nominal ViT count must equal what torch's FlopCounterMode counts on the
+real timm models, and the benchmark's gpu mode must keep running (here on the CPU, tiny sizes)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import pytest
 import torch
 
 from dinoalign.backbones import build_backbone
-from dinoalign.flops import counted_flops, peak_bf16_tflops, vit_forward_flops
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+# benchmarks/ is a folder of scripts, not a package: import its sibling module the way
+# `python benchmarks/embed.py` does, with the folder on sys.path
+sys.path.insert(0, str(REPO / "benchmarks"))
+from flops import counted_flops, peak_bf16_tflops, vit_forward_flops  # noqa: E402
 
 
 @pytest.mark.parametrize(

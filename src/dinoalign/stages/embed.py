@@ -1,0 +1,65 @@
+"""The embed stage: every pair's image through the backbone and its captions through the
+text towers, into the feature store (Ray Data actor pool, or a plain loop).
+
+    dvc repro embed
+    dinoalign embed [section.key=value ...]        # = python stages/embed.py
+
+Reads the pairs manifest (``paths.pairs``); writes parquet shards, ``spec.json``,
+``manifest.json`` and ``rejects.parquet`` to ``paths.features`` (a path or ``s3://``
+URI; :mod:`dinoalign.embed.engine`). Incremental: uids already embedded with the same
+models and preprocessing are skipped, so new pairs cost only themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from dinoalign.config import Params
+from dinoalign.data.prepare import read_manifest
+from dinoalign.embed.engine import run_embed
+from dinoalign.storage import under_root
+from dinoalign.tracking import run_url, stage_run
+
+
+def run(params: Params, root: Path) -> dict[str, Any]:
+    manifest = read_manifest(under_root(params.paths.pairs, root))
+
+    with stage_run("embed", params) as run:
+        summary = run_embed(params, manifest)
+        operators, stats_text = summary["operators"], summary.pop("ray_data_stats")
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics(operator_metrics(operators))
+        mlflow.log_text(json.dumps(summary, indent=2), "embed_summary.json")
+        if stats_text:
+            mlflow.log_text(stats_text, "ray_data_stats.txt")
+        summary["mlflow_run"] = run_url(run)
+
+    print(
+        f"embed: {summary['images_embedded']} images + {summary['captions_embedded']} captions embedded "
+        f"({summary['images_per_s']:.1f} images/s), {summary['images_skipped']} skipped, "
+        f"{summary['images_rejected']} rejected -> {params.paths.features}\n"
+        + "".join(
+            f"embed: {kind} operators (busy s / span s): "
+            + ", ".join(f"{name} {t['wall_s']:.1f}/{t['span_s']:.1f}" for name, t in ops.items()) + "\n"
+            for kind, ops in operators.items()
+        )
+        + f"embed: MLflow run {summary['mlflow_run']}"
+    )
+    return summary
+
+
+def operator_metrics(operators: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """``{"images": {"MapBatches(ImageEmbedder)": {"wall_s": ..}}}`` as MLflow metric names
+    (``op.images.MapBatches_ImageEmbedder.wall_s``: MLflow refuses brackets in names)."""
+    return {
+        f"op.{kind}.{_METRIC_UNSAFE.sub('_', name).strip('_')}.{key}": value
+        for kind, ops in operators.items() for name, times in ops.items() for key, value in times.items()
+    }
+
+
+_METRIC_UNSAFE = re.compile(r"[^\w.\-]+")

@@ -1,0 +1,30 @@
+"""The report stage: every recipe side by side in one self-contained page.
+
+    dvc repro report
+    dinoalign report [section.key=value ...]       # = python stages/report.py
+
+Reads what the other stages wrote (metrics, plots, curves, the pairs and curation
+summaries, the MLflow runs of this experiment); writes ``<paths.report>/index.html``,
+which needs no network to open (:mod:`dinoalign.report`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from dinoalign.config import Params
+from dinoalign.report import write_report
+from dinoalign.tracking import run_url, stage_run
+
+
+def run(params: Params, root: Path) -> dict[str, Any]:
+    with stage_run("report", params) as run:
+        path = write_report(params, root)
+        mlflow.log_artifact(str(path))
+        summary = {"report": str(path), "mlflow_run": run_url(run)}
+
+    print(f"report: {path} (open it in a browser; it needs no network)\nreport: MLflow run {summary['mlflow_run']}")
+    return summary
