@@ -75,10 +75,10 @@ def manifest_of(world: Path, n: int) -> "object":
     """A pairs manifest of ``n`` rows cycling over the world's images (distinct uids)."""
     import pyarrow as pa
 
-    from dinoalign.data.prepare import read_manifest
+    from dinoalign.data.prepare import read_pairs
     from dinoalign.data.schema import MANIFEST_SCHEMA, make_uid
 
-    base = read_manifest(world).to_pylist()
+    base = read_pairs(world).to_pylist()
     for r in base:  # prepare stores paths relative to its root (here: world's parent)
         r["image_uri"] = str(world.parent / r["image_uri"])
     rows = []

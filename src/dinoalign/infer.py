@@ -115,12 +115,12 @@ def parse_classes(text: str, max_classes: int | None = None) -> list[str]:
 def training_vocabulary(params: Params, root: Path) -> set[str] | None:
     """Lower-case words of the train-split captions of the pairs manifest (what a text
     encoder trained on them has seen), None when the manifest is not here."""
-    from dinoalign.data.prepare import read_manifest
+    from dinoalign.data.prepare import read_pairs
 
     pairs_dir = Path(under_root(params.paths.pairs, root))
     if not (pairs_dir / "summary.json").is_file():
         return None
-    table = read_manifest(pairs_dir)
+    table = read_pairs(pairs_dir)
     words: set[str] = set()
     for split, captions in zip(
         table.column("split").to_pylist(), table.column("captions").to_pylist()
@@ -285,7 +285,7 @@ def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dinoalign.data.prepare import read_manifest
+    from dinoalign.data.prepare import read_pairs
     from dinoalign.embed.store import FeatureStore
 
     model = _load(args, params, root)
@@ -297,7 +297,7 @@ def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[
             f"no features at {features}: run the embed stage first (dinoalign embed)"
         )
     embedded = sorted(store.keys("images", "uid"))
-    pairs = {r["uid"]: r for r in read_manifest(under_root(params.paths.pairs, root)).to_pylist()}
+    pairs = {r["uid"]: r for r in read_pairs(under_root(params.paths.pairs, root)).to_pylist()}
     uids = [
         u
         for u in embedded

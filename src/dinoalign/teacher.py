@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from dinoalign.backbones.text import to_clip_input
 from dinoalign.config import TeacherConfig
 from dinoalign.data.images import load_image, resize_crop
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.errors import DataError
 from dinoalign.evaluate.retrieval import retrieval_metrics
 
@@ -197,7 +197,7 @@ def run_teacher(
     """Train the teacher on the train split of the pairs in ``pairs_dir`` (images read
     within ``limits``), save it with its curve to ``out`` and return its test-split
     retrieval metrics (also in ``out/metrics.json``)."""
-    manifest = read_manifest(pairs_dir)
+    manifest = read_pairs(pairs_dir)
     kw = dict(size=cfg.image_size, limits=limits)
     train_images, train_caps, _ = load_split_images(manifest, "train", **kw)
     model, curve = train_teacher(train_images, train_caps, cfg, seed, log=log)

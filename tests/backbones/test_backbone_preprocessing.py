@@ -164,14 +164,14 @@ def test_clip_resize_modes_on_non_square_images(mode: str) -> None:
 def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> tuple[Path, list[str]]:
     """A tiny world through prepare + embed (local engine) with the default preprocessing."""
     from dinoalign.cli import main
-    from dinoalign.data.prepare import read_manifest
+    from dinoalign.data.prepare import read_pairs
     from dinoalign.embed.engine import run_embed
 
     root = tmp_path_factory.mktemp("preprocessing")
     ov = tiny_overrides(root, tiny_clip_dir, **{"embed.engine": "local", "data.synthetic.n_train": "8",
                                                  "data.synthetic.n_test": "4"})
     assert main(["prepare", "-p", MISSING, *ov]) == 0
-    run_embed(load_params(MISSING, ov), read_manifest(root / "pairs"))
+    run_embed(load_params(MISSING, ov), read_pairs(root / "pairs"))
     return root, ov
 
 

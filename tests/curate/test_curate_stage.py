@@ -17,7 +17,7 @@ from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.curate import load_vocab
 from dinoalign.curate.tables import curate_train_split
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.data.synthetic import COLOURS, SHAPES
 
 NO_PARAMS_FILE = "/nonexistent/params.yaml"  # every value comes from the overrides
@@ -56,7 +56,7 @@ def _run(stage: str, overrides: list[str]) -> None:
 
 
 def _train_uids(root: Path) -> list[str]:
-    manifest = read_manifest(root / "pairs")
+    manifest = read_pairs(root / "pairs")
     splits = manifest.column("split").to_pylist()
     return sorted(uid for uid, split in zip(manifest.column("uid").to_pylist(), splits)
                   if split == "train")
@@ -82,7 +82,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DINOALIGN_ROOT", str(root))  # MLflow artifacts under root, not the repo
         _run("prepare", overrides)
-        manifest = read_manifest(root / "pairs")
+        manifest = read_pairs(root / "pairs")
         train = [i for i, split in enumerate(manifest.column("split").to_pylist())
                  if split == "train"]
         uids = manifest.column("uid").to_pylist()

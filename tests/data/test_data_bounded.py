@@ -256,7 +256,7 @@ def test_window_resize_matches_the_full_resize_on_smooth_images(monkeypatch: pyt
 def test_prepare_pairs_ends_every_hostile_url_in_rejects_with_its_reason(
     server: str, repo_root: Path, tmp_path: Path
 ) -> None:
-    from dinoalign.data.prepare import prepare_pairs, read_manifest
+    from dinoalign.data.prepare import prepare_pairs, read_pairs
 
     expected = {
         "/normal.png": None,
@@ -279,7 +279,7 @@ def test_prepare_pairs_ends_every_hostile_url_in_rejects_with_its_reason(
     summary = prepare_pairs(params.data, params.prepare.shard_size, params.prepare.validate_images,
                             tmp_path / params.paths.pairs, tmp_path)
     assert time.monotonic() - start < 2 * (DEADLINE_S + SLACK_S)
-    manifest = read_manifest(tmp_path / "pairs").to_pylist()
+    manifest = read_pairs(tmp_path / "pairs").to_pylist()
     rejects = {r["uid"]: r for r in pq.read_table(tmp_path / "pairs" / "rejects.parquet").to_pylist()}
     assert [r["uid"] for r in manifest] == [make_uid("pairs", server + "/normal.png")]
     assert {uid: r["reason"] for uid, r in rejects.items()} == {

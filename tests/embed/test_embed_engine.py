@@ -20,7 +20,7 @@ from badfiles import CORPUS_MIN_SIDE, write_bad_corpus
 from pipeline_testing import tiny_backbone, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import head_embeddings, image_features
 from dinoalign.embed.engine import decode_batch, run_embed
@@ -67,7 +67,7 @@ def _uids(store_uri: str, kind: str = "images", key: str = "uid") -> list[str]:
 def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[str]]) -> None:
     root, ov = world
     params = load_params("/nonexistent/params.yaml", ov)
-    manifest = read_manifest(root / "pairs")
+    manifest = read_pairs(root / "pairs")
     first = run_embed(params, manifest)
     assert first["images_embedded"] == manifest.num_rows == 40
     assert first["operators"] == {} and first["ray_data_stats"] == ""  # Ray's operators only
@@ -90,14 +90,14 @@ def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[
     # new pairs: the world grows by 6 train images; only those are embedded
     grown = [*ov, "data.synthetic.n_train=30"]
     assert main(["prepare", "-p", "/nonexistent/params.yaml", *grown]) == 0
-    third = run_embed(load_params("/nonexistent/params.yaml", grown), read_manifest(root / "pairs"))
+    third = run_embed(load_params("/nonexistent/params.yaml", grown), read_pairs(root / "pairs"))
     assert third["images_embedded"] == 6
     uids = _uids(str(root / "features"))
     assert len(uids) == len(set(uids)) == 46
 
     # a changed feature spec (another image size) re-embeds everything
     resized = [*grown, "embed.img_size=42", "backbone.img_size=42"]
-    fourth = run_embed(load_params("/nonexistent/params.yaml", resized), read_manifest(root / "pairs"))
+    fourth = run_embed(load_params("/nonexistent/params.yaml", resized), read_pairs(root / "pairs"))
     assert fourth["images_embedded"] == 46
     assert load_image_features(str(root / "features"), ["patches"])["patches"].shape[1] == 9
 
@@ -106,7 +106,7 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
     from mlflow import MlflowClient
 
     root, ov = world
-    manifest = read_manifest(root / "pairs")
+    manifest = read_pairs(root / "pairs")
     local = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={root / 'local'}"])
     ray_ov = [*ov, f"paths.features={root / 'ray'}", "embed.engine=ray", "embed.actor_num_cpus=0.5",
               "embed.decode_num_cpus=0.25"]
@@ -175,7 +175,7 @@ def test_bad_files_end_in_rejects_and_good_ones_in_shards(tmp_path: Path, tiny_c
     ov = _prepare(tmp_path, tiny_clip_dir, **{
         "data.source": "pairs", "data.pairs.path": str(table), "prepare.validate_images": "false",
         "data.max_pixels": "1000000", "data.min_side": str(CORPUS_MIN_SIDE), "embed.engine": "local"})
-    manifest = read_manifest(tmp_path / "pairs")
+    manifest = read_pairs(tmp_path / "pairs")
     assert manifest.num_rows == len(expected) + 4
     summary = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
     rejects = pq.read_table(tmp_path / "features" / "rejects.parquet").to_pylist()
@@ -212,7 +212,7 @@ def test_real_coco_images_reach_the_shards_at_the_papers_preprocessing(
         "backbone.img_size": "448", "embed.img_size": "448", "embed.engine": "ray", "embed.keep_patches": "false",
         "embed.actor_num_cpus": "0.5", "embed.decode_num_cpus": "0.25"})
     params = load_params("/nonexistent/params.yaml", ov)
-    manifest = read_manifest(tmp_path / "pairs")
+    manifest = read_pairs(tmp_path / "pairs")
     present = len(list((coco_mini / "val2017").glob("*.jpg")))
     assert manifest.num_rows == present == 159
     prepare_rejects = pq.read_table(tmp_path / "pairs" / "rejects.parquet").column("reason").to_pylist()
@@ -261,7 +261,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path, tiny_clip_dir: Pa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = _uids(str(tmp_path / "features"))
-    manifest = read_manifest(tmp_path / "pairs")
+    manifest = read_pairs(tmp_path / "pairs")
     assert 0 < len(partial) < manifest.num_rows
     assert not (tmp_path / "features" / "manifest.json").exists()
 
@@ -282,7 +282,7 @@ def test_s3_round_trip_against_real_seaweedfs(world: tuple[Path, list[str]], s3_
     ensure_bucket("dinoalign-features")
     uri = "s3://dinoalign-features/run1/features"
     params = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={uri}"])
-    manifest = read_manifest(root / "pairs")
+    manifest = read_pairs(root / "pairs")
     assert run_embed(params, manifest)["images_embedded"] == 40
     keys = [o["Key"] for o in boto3_client().list_objects_v2(Bucket="dinoalign-features")["Contents"]]
     assert "run1/features/manifest.json" in keys and any(k.startswith("run1/features/images/part-") for k in keys)

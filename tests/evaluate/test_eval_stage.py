@@ -21,7 +21,7 @@ from PIL import Image
 from dinoalign.backbones.text import build_text_encoder
 from dinoalign.config import ConfigError
 from dinoalign.data.images import image_limits, load_image, load_mask
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.store import load_image_features
 from dinoalign.model import AlignedModel
 from dinoalign.evaluate.templates import TALK2DINO_TEMPLATES
@@ -38,7 +38,7 @@ def _subset_rows(models: DemoModels, subset: str) -> list[dict]:
     """The test rows the stage evaluated for ``subset``: world.json's held-out uids decide
     the subset, uid order, the first MAX_IMAGES."""
     heldout = set(models.features.world["heldout_uids"]["test"])
-    rows = [r for r in read_manifest(models.features.pairs_dir).to_pylist() if r["split"] == "test"]
+    rows = [r for r in read_pairs(models.features.pairs_dir).to_pylist() if r["split"] == "test"]
     rows = [
         r
         for r in sorted(rows, key=lambda r: r["uid"])

@@ -14,7 +14,7 @@ import torch
 from pipeline_testing import DemoModels
 from PIL import Image
 
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.store import load_image_features
 from dinoalign.model import AlignedModel
 
@@ -39,7 +39,7 @@ def _evaluated_test_image(
     """A single-object test image the evaluate stage predicted, and its saved label map."""
     with open(models.root / "plots" / recipe / "zeroshot_predictions.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["subset"] == subset)
-    pairs = {r["uid"]: r for r in read_manifest(models.features.pairs_dir).to_pylist()}
+    pairs = {r["uid"]: r for r in read_pairs(models.features.pairs_dir).to_pylist()}
     return {
         **pairs[row["uid"]],
         **row,
@@ -173,7 +173,7 @@ def test_a_registered_model_uri_works_like_its_folder(demo_models: DemoModels, c
         mlflow.log_artifacts(str(demo_models.model_dir("projector")), MODEL_ARTIFACT)
         register_model("projector", run.info.run_id, "serve-test")
     mlflow.set_tracking_uri(None)
-    image = read_manifest(demo_models.features.pairs_dir).to_pylist()[0]["image_uri"]
+    image = read_pairs(demo_models.features.pairs_dir).to_pylist()[0]["image_uri"]
     answers = [
         _run(demo_models, capsys, *_classify(model, image, "red circle,blue square"))[1]
         for model in (
@@ -190,7 +190,7 @@ def test_a_registered_model_uri_works_like_its_folder(demo_models: DemoModels, c
 
 def test_clear_errors(demo_models: DemoModels, tmp_path: Path, capsys) -> None:
     model = str(demo_models.model_dir("talk2dino"))
-    image = read_manifest(demo_models.features.pairs_dir).to_pylist()[0]["image_uri"]
+    image = read_pairs(demo_models.features.pairs_dir).to_pylist()[0]["image_uri"]
     broken = tmp_path / "broken.png"
     broken.write_bytes(Path(image).read_bytes()[:300])
     cases = [

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dinoalign.config import load_params
 from dinoalign.data import incoming
-from dinoalign.data.prepare import prepare_pairs, read_manifest
+from dinoalign.data.prepare import prepare_pairs, read_pairs
 from dinoalign.ops import promotion
 from dinoalign.ops.retrain import EXIT_LOCKED, LEDGER_FILE, RetrainError, exclusive_lock, load_ledger, retrain
 
@@ -165,7 +165,7 @@ def test_incoming_pairs_append_once_and_reach_the_manifest(tmp_path: Path) -> No
                                                "data.synthetic.n_test=2", f"paths.pairs={root / 'pairs'}"])
     summary = prepare_pairs(params.data, params.prepare.shard_size, params.prepare.validate_images,
                             root / params.paths.pairs, root, incoming=root / params.paths.incoming)
-    manifest = read_manifest(root / "pairs").to_pylist()
+    manifest = read_pairs(root / "pairs").to_pylist()
     appended = [r for r in manifest if r["source"] == incoming.SOURCE]
     assert len(appended) == 4 and {r["split"] for r in appended} == {"train"}
     assert {r["image_uri"].split("/images/")[0] for r in appended} == {"incoming/pairs"}  # repo-relative
@@ -270,7 +270,7 @@ def test_failed_run_leaves_the_champion_untouched_and_resumes(tmp_path: Path) ->
     assert "has no @candidate" in record["decisions"][0]["reason"]
     assert str(client.get_model_version_by_alias("dinoalign-projector", "champion").version) == champion
     assert [b["status"] for b in load_ledger(root / "retrain" / LEDGER_FILE)] == ["decided"]
-    manifest = read_manifest(root / "artifacts" / "pairs")
+    manifest = read_pairs(root / "artifacts" / "pairs")
     assert sum(s == incoming.SOURCE for s in manifest.column("source").to_pylist()) == 3
     assert len(record["eval_set"]) == 16
 

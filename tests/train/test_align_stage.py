@@ -21,7 +21,7 @@ from pipeline_testing import DemoFeatures, binomial_tail
 from dinoalign.backbones.text import build_text_encoder
 from dinoalign.cli import main
 from dinoalign.data.images import image_limits
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.store import load_image_features
 from dinoalign.recipes import Recipe, load_recipe
 from dinoalign.stages.align import run as run_align
@@ -72,7 +72,7 @@ def scores_on_test_split(model: Recipe, recipe: str, features: DemoFeatures) -> 
     """
     world = features.world
     classes, heldout = world["classes"], set(world["heldout_compositions"])
-    test = sorted((r["uid"], r["label"], r["captions"][0]) for r in read_manifest(features.pairs_dir).to_pylist()
+    test = sorted((r["uid"], r["label"], r["captions"][0]) for r in read_pairs(features.pairs_dir).to_pylist()
                   if r["split"] == "test")
     uids = [u for u, _, _ in test]
     batch, encode = _test_inputs(recipe, features, uids)

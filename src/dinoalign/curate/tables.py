@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from dinoalign.curate.config import CurateConfig
 from dinoalign.curate.curation import cluster_column, curate
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.store import FeatureStore, load_image_features
 from dinoalign.errors import ConfigError, DataError, DataFileMissing
 from dinoalign.storage import atomic_path, write_atomic
@@ -92,7 +92,7 @@ def curate_train_split(cfg: CurateConfig, pairs_dir: Path, features_uri: str) ->
 
 def _train_pairs(pairs_dir: Path) -> pa.Table:
     """uid and captions of the train split of the pairs manifest, sorted by uid."""
-    manifest = read_manifest(pairs_dir)
+    manifest = read_pairs(pairs_dir)
     train = manifest.filter(pc.equal(manifest.column("split"), CURATED_SPLIT))
     if train.num_rows == 0:
         splits = dict(collections.Counter(manifest.column("split").to_pylist()))

@@ -162,7 +162,7 @@ def _atomic_parquet(table: Any, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def read_manifest(pairs_dir: str | Path) -> Any:
+def read_pairs(pairs_dir: str | Path) -> Any:
     """All manifest shards of a prepare output as one pyarrow Table (sorted by uid)."""
     pairs_dir = Path(pairs_dir)
     if not (pairs_dir / "summary.json").is_file():

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dinoalign.data.images import load_image, load_mask
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.data.synthetic import load_world
 from dinoalign.errors import DataError
 
@@ -64,7 +64,7 @@ def load_demo(
     class_names = tuple(world["classes"])
     heldout_uids = set(world["heldout_uids"].get(split, []))
     rows = sorted(
-        (r for r in read_manifest(pairs_dir).to_pylist() if r["split"] == split),
+        (r for r in read_pairs(pairs_dir).to_pylist() if r["split"] == split),
         key=lambda r: r["uid"],
     )
     if not rows:

@@ -43,7 +43,7 @@ from mlflow import MlflowClient
 
 from dinoalign.config import Params
 from dinoalign.data import incoming
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.errors import ConfigError, DataError, RetrainError
 from dinoalign.ops import dvc as ops_dvc
 from dinoalign.ops import promotion
@@ -158,7 +158,7 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
                 _say(f"retrain: dvc repro {' '.join(cfg.targets)}".rstrip())
                 ops_dvc.dvc(root, "repro", *cfg.targets, env=env)
                 record["repro_seconds"] = round(time.perf_counter() - started, 1)
-                eval_set = promotion.eval_set_fingerprint(read_manifest(under_root(params.paths.pairs, root)),
+                eval_set = promotion.eval_set_fingerprint(read_pairs(under_root(params.paths.pairs, root)),
                                                           params.evaluate.split)
                 client = MlflowClient(tracking_uri(params))
                 evaluate = promotion.evaluate_with_stage_code(params, root)

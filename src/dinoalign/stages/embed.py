@@ -20,14 +20,14 @@ from typing import Any
 import mlflow
 
 from dinoalign.config import Params
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.engine import run_embed
 from dinoalign.storage import under_root
 from dinoalign.tracking import run_url, stage_run
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
-    manifest = read_manifest(under_root(params.paths.pairs, root))
+    manifest = read_pairs(under_root(params.paths.pairs, root))
 
     with stage_run("embed", params) as run:
         summary = run_embed(params, manifest)

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dinoalign.data.prepare import read_manifest
+from dinoalign.data.prepare import read_pairs
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
 from dinoalign.train.config import AlignConfig, RecipeTrainingConfig
 from dinoalign.train.data import (
@@ -66,7 +66,7 @@ def plan_align(
     recipe = cfg.recipe
     assert recipe is not None  # cfg.training raised otherwise
     spec = read_spec(features)
-    manifest = read_manifest(pairs_dir)
+    manifest = read_pairs(pairs_dir)
     selection = train_uids(manifest, curated)
     model_cfg = model_config(recipe, training, spec)
     source = FeatureSource(features, spec, manifest, selection.uids, root)
