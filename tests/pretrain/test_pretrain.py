@@ -1,0 +1,261 @@
+"""DINO pretraining (dinoalign.pretrain): the official formulas on hand values, the
+augmentation's promises (no flip, no hue change), a tiny pretraining that learns without
+collapsing, and its checkpoint loaded the way the pipeline loads ``backbone.weights``.
+
+Reference: facebookresearch/dino ``main_dino.py`` (``DINOLoss``, ``DataAugmentationDINO``,
+the EMA update in ``train_one_epoch``), ``utils.py`` (``cosine_scheduler``) and
+``vision_transformer.py`` (``DINOHead``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import safetensors
+import torch
+
+from dinoalign.backbones import build_backbone
+from dinoalign.config import BackboneConfig
+from dinoalign.data.config import SyntheticWorldConfig
+from dinoalign.data.synthetic import COLOURS
+from dinoalign.pretrain.config import PretrainConfig
+from dinoalign.pretrain.dino import (
+    DINOHead,
+    DINOLoss,
+    MultiCrop,
+    cosine_schedule,
+    ema_update,
+    teacher_temp_schedule,
+)
+from dinoalign.pretrain.train import CHECKPOINT, DESCRIPTION, demo_pool, pretrain
+
+TINY = BackboneConfig(
+    name="vit_small_patch14_reg4_dinov2", img_size=56,
+    model_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 3, "init_values": 1.0,
+                  "weight_init": "jax"},
+)
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def _official_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp):
+    """main_dino.py DINOLoss.forward, written out in numpy with loops."""
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    b = len(teacher) // 2
+    q = softmax((teacher - center) / teacher_temp)
+    s = student / student_temp
+    log_p = s - s.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+    terms = []
+    for iq in range(2):
+        for v in range(ncrops):
+            if v == iq:
+                continue
+            qi = q[iq * b : (iq + 1) * b]
+            lv = log_p[v * b : (v + 1) * b]
+            terms.append(np.mean(np.sum(-qi * lv, -1)))
+    return float(np.mean(terms))
+
+
+def test_dino_loss_matches_the_official_formula_and_moves_the_centre() -> None:
+    rng = np.random.default_rng(0)
+    ncrops, b, k = 4, 3, 5
+    student = rng.normal(size=(ncrops * b, k)).astype(np.float32)
+    teacher = rng.normal(size=(2 * b, k)).astype(np.float32)
+    loss_fn = DINOLoss(k, ncrops, student_temp=0.1, center_momentum=0.9)
+
+    first = loss_fn(torch.from_numpy(student), torch.from_numpy(teacher), teacher_temp=0.04)
+    assert first.item() == pytest.approx(
+        _official_dino_loss(student, teacher, np.zeros((1, k)), ncrops, 0.1, 0.04), rel=1e-5)
+    # centre c <- 0.9 c + 0.1 mean(teacher): from 0, one tenth of the batch mean
+    centre = 0.1 * teacher.mean(0, keepdims=True)
+    np.testing.assert_allclose(loss_fn.center.numpy(), centre, rtol=1e-5, atol=1e-7)
+    # the second call centres the teacher with the updated centre
+    second = loss_fn(torch.from_numpy(student), torch.from_numpy(teacher), teacher_temp=0.07)
+    assert second.item() == pytest.approx(
+        _official_dino_loss(student, teacher, centre, ncrops, 0.1, 0.07), rel=1e-5)
+    np.testing.assert_allclose(loss_fn.center.numpy(), 0.9 * centre + 0.1 * teacher.mean(0),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_dino_loss_hand_values() -> None:
+    # a uniform student (all logits 0) has log-probabilities -log K whatever the teacher:
+    # every cross-entropy term is log K
+    k = 4
+    loss_fn = DINOLoss(k, ncrops=3)
+    teacher = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])  # B = 1
+    assert loss_fn(torch.zeros(3, k), teacher, 0.04).item() == pytest.approx(math.log(k))
+    # a one-hot teacher and a student with logits (0.1, 0) (B = 1, 2 crops): each term is
+    # -log softmax([0.1, 0] / 0.1)[0] = log(1 + e^-1)
+    loss_fn = DINOLoss(2, ncrops=2, student_temp=0.1)
+    teacher = torch.tensor([[100.0, 0.0], [100.0, 0.0]])
+    student = torch.tensor([[0.1, 0.0], [0.1, 0.0]])
+    assert loss_fn(student, teacher, 0.04).item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-6)
+    # monitors: that teacher is one-hot (entropy ~0)
+    assert loss_fn.last["teacher_entropy"] < 1e-6
+
+
+def test_schedules_match_hand_values() -> None:
+    # utils.cosine_scheduler(1, 0, epochs=2, niter_per_ep=2, warmup_epochs=1):
+    # warm-up linspace(0, 1, 2) = [0, 1], then 0.5·(1 + cos(π·i/2)) for i = 0, 1
+    np.testing.assert_allclose(cosine_schedule(1.0, 0.0, 2, 2, warmup_epochs=1), [0, 1, 1, 0.5])
+    # the teacher momentum: 0.99 -> 1 over 4 iterations: 1 - 0.005·(1 + cos(π·i/4))
+    np.testing.assert_allclose(cosine_schedule(0.99, 1.0, 1, 4),
+                               [0.99, 1 - 0.005 * (1 + math.sqrt(0.5)), 0.995, 1 - 0.005 * (1 - math.sqrt(0.5))])
+    # DINOLoss.teacher_temp_schedule: linspace(0.04, 0.07, 3), then 0.07
+    np.testing.assert_allclose(teacher_temp_schedule(0.04, 0.07, 3, 5), [0.04, 0.055, 0.07, 0.07, 0.07])
+    np.testing.assert_allclose(teacher_temp_schedule(0.04, 0.04, 0, 2), [0.04, 0.04])
+
+
+def test_ema_update_hand_values() -> None:
+    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0), teacher.bias.fill_(-2.0)
+        student.weight.fill_(3.0), student.bias.fill_(2.0)
+    ema_update(teacher, student, 0.9)
+    assert teacher.weight.flatten().tolist() == pytest.approx([1.2, 1.2])  # 0.9·1 + 0.1·3
+    assert teacher.bias.tolist() == pytest.approx([-1.6])  # 0.9·-2 + 0.1·2
+    assert student.weight.tolist() == [[3.0, 3.0]]
+
+
+def test_dino_head_shapes_and_frozen_weight_norm() -> None:
+    head = DINOHead(48, 64, hidden_dim=32, bottleneck_dim=16)
+    out = head(torch.randn(5, 48))
+    assert out.shape == (5, 64)
+    assert not head.weight_g.requires_grad  # norm_last_layer: g stays 1
+    # weight-normalised rows of norm 1 on an L2-normalised input: |logit| <= 1
+    assert out.abs().max() <= 1 + 1e-5
+    assert DINOHead(48, 64, 32, 16, norm_last_layer=False).weight_g.requires_grad
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _hue(x: torch.Tensor) -> torch.Tensor:
+    """Hue angle of B×3×H×W RGB: atan2(√3·(G-B), 2R-G-B), unchanged by a·x + b (a > 0)."""
+    r, g, b = x.unbind(1)
+    return torch.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)
+
+
+def _augment_everything() -> PretrainConfig:
+    # every photometric step on for every crop, the widest scales
+    return PretrainConfig(pool_size=8, batch_size=8, jitter_prob=1.0, blur_prob=(1.0, 1.0, 1.0),
+                          global_crops_scale=(0.05, 1.0), local_crops_scale=(0.02, 0.5),
+                          local_crops_number=3, global_crop_size=56, local_crop_size=28)
+
+
+def test_multicrop_keeps_the_hue_of_every_demo_colour() -> None:
+    colours = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # 6×3
+    images = colours[:, :, None, None].expand(-1, -1, 112, 112).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        crops = MultiCrop(_augment_everything())(images, gen)
+        assert [c.shape[-1] for c in crops] == [56, 56, 28, 28, 28]
+        for crop in crops:
+            diff = torch.remainder(_hue(crop) - _hue(images)[:, :1, :1] + math.pi, 2 * math.pi) - math.pi
+            assert diff.abs().max() < 1e-4
+            assert not torch.allclose(crop, images[:, :, : crop.shape[2], : crop.shape[3]])  # jittered
+
+
+def test_multicrop_never_flips() -> None:
+    # red left / blue right, and green top / yellow bottom: after any crop, blur and jitter
+    # R-B never increases left to right (red 180 -> blue -185), and G-B never decreases
+    # top to bottom (green 110 -> yellow 185)
+    red, blue, green, yellow = (torch.tensor(COLOURS[c], dtype=torch.float32) / 255
+                                for c in ("red", "blue", "green", "yellow"))
+    lr = torch.empty(3, 112, 112)
+    lr[:, :, :56], lr[:, :, 56:] = red[:, None, None], blue[:, None, None]
+    tb = torch.empty(3, 112, 112)
+    tb[:, :56], tb[:, 56:] = green[:, None, None], yellow[:, None, None]
+    images = torch.stack([lr, tb]).repeat(8, 1, 1, 1)
+    gen = torch.Generator().manual_seed(1)
+    for crop in MultiCrop(_augment_everything())(images, gen):
+        horizontal = crop[0::2, 0] - crop[0::2, 2]  # R - B of the left/right images
+        assert (horizontal.diff(dim=-1) <= 1e-5).all()
+        vertical = crop[1::2, 1] - crop[1::2, 2]  # G - B of the top/bottom images
+        assert (vertical.diff(dim=-2) >= -1e-5).all()
+    # and a crop that spans the boundary shows both colours in the right order
+    full = MultiCrop(PretrainConfig(pool_size=8, batch_size=8, global_crops_scale=(1.0, 1.0),
+                                    local_crops_number=0, jitter_prob=0.0, blur_prob=(0, 0, 0)))
+    crop = full(images[:1], gen)[0][0]
+    assert (crop[0, :, 0] > crop[2, :, 0]).all() and (crop[0, :, -1] < crop[2, :, -1]).all()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    cfg = PretrainConfig(pool_size=64, epochs=6, batch_size=16, lr=1e-3, warmup_epochs=1,
+                         out_dim=256, head_hidden_dim=128, head_bottleneck_dim=64,
+                         global_crop_size=56, local_crops_number=2, local_crop_size=28,
+                         momentum_teacher=0.95, seed=0)
+    images = demo_pool(SyntheticWorldConfig(image_size=56), cfg.pool_size)
+    out = tmp_path_factory.mktemp("pretrain")
+    rows: list[dict] = []
+    result = pretrain(TINY, cfg, images, out_dir=out, log=rows.append)
+    return cfg, result, rows
+
+
+def test_tiny_pretraining_lowers_its_loss_without_collapse(tiny_run) -> None:
+    cfg, result, rows = tiny_run
+    assert rows == result.curve and len(rows) == cfg.epochs
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < losses[0] - 0.1, losses
+    log_k = math.log(cfg.out_dim)
+    assert result.log_k == pytest.approx(log_k)
+    for r in rows:
+        # not collapsed to uniform (entropy log K) nor to one dimension for every image
+        # (marginal entropy 0)
+        assert 0.05 * log_k < r["teacher_entropy"] < 0.95 * log_k, r
+        assert r["teacher_marginal_entropy"] > 0.3 * log_k, r
+        assert r["center_norm"] > 0 and r["crops_per_s"] > 0
+    assert rows[-1]["momentum"] == pytest.approx(1.0, abs=1e-3)  # the cosine ends at 1
+
+
+def test_checkpoint_loads_through_backbone_weights(tiny_run) -> None:
+    cfg, result, _ = tiny_run
+    path = result.checkpoint
+    assert path is not None and path.name == CHECKPOINT
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["description"] == DESCRIPTION and meta["architecture"] == TINY.name
+    # the pipeline's path: build_backbone(..., weights=<file>) (strict load, timm filter)
+    loaded = build_backbone(TINY.name, weights=str(path), img_size=TINY.img_size,
+                            model_kwargs=TINY.model_kwargs)
+    torch.manual_seed(123)
+    images = torch.randn(3, 3, 56, 56)
+    a, b = result.backbone(images), loaded(images)
+    for name in ("cls", "registers", "patches", "attn_logits"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    # and it differs from the random init it started from
+    torch.manual_seed(cfg.seed)
+    init = build_backbone(TINY.name, img_size=TINY.img_size, model_kwargs=TINY.model_kwargs)
+    assert not torch.allclose(init(images).cls, b.cls)
+
+
+def test_pool_refuses_test_images_and_odd_crop_sizes() -> None:
+    with pytest.raises(ValueError, match="test split"):
+        demo_pool(SyntheticWorldConfig(image_size=56), 2, split="test")
+    images = np.zeros((4, 56, 56, 3), np.uint8)
+    cfg = PretrainConfig(pool_size=4, batch_size=4, epochs=1, warmup_epochs=0, global_crop_size=50)
+    with pytest.raises(ValueError, match="multiple of the backbone's patch size 14"):
+        pretrain(TINY, cfg, images)
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        PretrainConfig(pool_size=8, batch_size=16)
+    with pytest.raises(ValueError, match="local_crops_scale"):
+        PretrainConfig(local_crops_scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="hue|invert"):
+        PretrainConfig(brightness=1.0)
+    assert PretrainConfig(global_crops_scale=[0.3, 1]).global_crops_scale == (0.3, 1.0)
+    assert PretrainConfig(local_crops_number=6).n_crops == 8
