@@ -124,3 +124,23 @@ def test_dvc_declares_the_params_a_stage_reads(name: str) -> None:
 def test_run_stage_refuses_an_unknown_stage() -> None:
     with pytest.raises(KeyError, match="unknown stage 'nope'; stages: prepare, teacher"):
         run_stage("nope", None, REPO)
+
+
+def test_help_describes_the_product_and_lists_each_stage_with_its_gist(capsys) -> None:
+    """Issue #17: a real description, the stages in pipeline order with one line each
+    (taken from each stage module's docstring, read without importing it), --version."""
+    from dinoalign.cli import main
+    from dinoalign.stages import summary
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "self-supervised vision backbone" in text and "The ``dinoalign`` command" not in text
+    assert "prepare -> teacher -> embed -> curate -> align -> evaluate -> report" in text
+    positions = [text.index(f"{name} stage: ") for name in STAGE_NAMES]
+    assert positions == sorted(positions)
+    assert summary("curate") == "balance the train pairs over image clusters and caption entries and drop near-duplicates"
+    assert summary("teacher") == "(demo profile) train the tiny CLIP that stands in for a pretrained one"
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert re.fullmatch(r"dinoalign \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)

@@ -1,4 +1,6 @@
-"""The ``dinoalign`` command.
+"""dinoalign: give a self-supervised vision backbone (DINOv2, DINOv3) a text interface with
+three published recipes (talk2dino, dinotxt, projector), trained, compared and served on the
+same data by one DVC + MLflow pipeline.
 
     dinoalign prepare [-p params.yaml] [section.key=value ...]   run one pipeline stage
     dinoalign params  [-p params.yaml] [section.key=value ...]   print the resolved params
@@ -23,7 +25,7 @@ from dinoalign.config import load_params, to_dict
 from dinoalign.errors import UserError
 from dinoalign.infer_cli import add_inference_commands
 from dinoalign.ops.cli import add_ops_commands
-from dinoalign.stages import STAGE_NAMES, run_stage
+from dinoalign.stages import STAGE_NAMES, run_stage, summary
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:
@@ -39,10 +41,16 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="dinoalign", description=__doc__.split("\n")[0])
+    parser = _OneLineParser(
+        prog="dinoalign",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        epilog="The pipeline stages, in order: " + " -> ".join(STAGE_NAMES)
+        + ". `dvc repro` runs them all; `dinoalign <stage>` runs one. README.md has the rest.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     for name in STAGE_NAMES:
-        _params_args(sub.add_parser(name, help=f"run the {name} stage"))
+        _params_args(sub.add_parser(name, help=f"stage: {summary(name)}"))
     _params_args(sub.add_parser("params", help="print the resolved params as YAML"))
     add_ops_commands(sub, _params_args)
     add_inference_commands(sub, _params_args)
@@ -65,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="model folder to write (path or URI)")
     imp.set_defaults(handler=_import_talk2dino)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dinoalign")
+    except PackageNotFoundError:  # a source tree without the installed package
+        return "unknown"
 
 
 def _import_talk2dino(args: argparse.Namespace) -> int:

@@ -10,7 +10,10 @@ free of torch and MLflow.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +28,16 @@ def run_stage(name: str, params: Any, root: Path) -> dict[str, Any]:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
     module = importlib.import_module(f"dinoalign.stages.{name}")
     return module.run(params, root)
+
+
+def summary(name: str) -> str:
+    """The gist of stage ``name``'s docstring (its first clause, one line, without "The
+    <name> stage: "), as ``dinoalign --help`` lists it. Read from the source file, not imported, so
+    the help stays free of torch and MLflow."""
+    spec = importlib.util.find_spec(f"dinoalign.stages.{name}")
+    assert spec is not None and spec.origin is not None
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    first = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+    first = re.sub(rf"^The {name} stage( \(([^)]*)\))?: ", lambda m: f"({m.group(2)}) " if m.group(2) else "", first)
+    first = re.sub(r" \((RECIPES|docs)[^)]*\)", "", first.split("; ")[0])  # the gist, no references
+    return first.rstrip(".")
