@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dinoalign.backbones import build_backbone
-from dinoalign.config import BackboneConfig
+from dinoalign.config import load_params
 from dinoalign.data.config import SyntheticWorldConfig
 from dinoalign.pretrain.config import PretrainConfig
 from dinoalign.pretrain.probe import (
@@ -48,12 +48,8 @@ from dinoalign.pretrain.probe import (
 )
 from dinoalign.pretrain.train import demo_pool, pretrain
 
-# params.yaml's demo backbone
-DEMO_BACKBONE = BackboneConfig(
-    name="vit_small_patch14_reg4_dinov2", img_size=112,
-    model_kwargs={"embed_dim": 192, "depth": 4, "num_heads": 6, "init_values": 1.0,
-                  "weight_init": "jax"},
-)
+# the demo backbone, as params.yaml configures it (random init)
+DEMO_BACKBONE = load_params(Path(__file__).resolve().parents[1] / "params.yaml").backbone
 
 
 def _args() -> argparse.Namespace:
