@@ -639,6 +639,25 @@ def test_webdataset_truncated_tar_rejects_the_shard(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("where", ["inside the second header", "at the second header"])
+def test_webdataset_tar_cut_at_a_header_rejects_the_shard(tmp_path: Path, where: str) -> None:
+    """Issue #19: a shard cut inside (or exactly at) a tar header after the first member
+    used to end quietly as a shorter archive (tarfile stops there), losing every later
+    sample without a reject. It is a corrupt_shard now, with where it stopped."""
+    good = tmp_path / "whole.tar"
+    _write_tar(good, [("0.png", PNG_GREEN), ("0.txt", b"x"), ("1.png", PNG_GREEN), ("1.txt", b"y")])
+    with tarfile.open(good) as tar:
+        second = tar.getmembers()[1].offset  # the header of 0.txt
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(good.read_bytes()[: second + (100 if where.startswith("inside") else 0)])
+    items = list(SOURCES.build("webdataset", WebDatasetSourceConfig(urls=str(cut)), tmp_path))
+    assert [(type(i).__name__, i.reason) for i in items] == [("Reject", "corrupt_shard")]
+    assert f"tar header at byte {second} (after 1 members)" in items[0].detail
+    assert not (tmp_path / "images" / "cut").exists()
+    whole = list(SOURCES.build("webdataset", WebDatasetSourceConfig(urls=str(good)), tmp_path))
+    assert [type(i).__name__ for i in whole] == ["PairRecord", "PairRecord"]
+
+
 def test_brace_and_glob_expansion(tmp_path: Path) -> None:
     assert brace_expand("s-{000..003}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar", "s-003.tar"]
     assert brace_expand("{a,b}/{8..10}") == ["a/8", "a/9", "a/10", "b/8", "b/9", "b/10"]

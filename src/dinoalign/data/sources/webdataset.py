@@ -168,9 +168,21 @@ def _read_shard(url: str, out_dir: Path) -> list[_Sample]:
     samples: dict[str, _Sample] = {}
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            members = 0
             for member in tar:
+                members += 1
                 if member.isfile():
                     _add_member(tar, member, samples, out_dir)
+            # tarfile ends the iteration quietly when the data stops inside (or right at) a
+            # header after the first member; a whole archive ends with a 512-byte zero block
+            # instead, so a short last read means the shard was cut and members were lost.
+            read_past = tar.fileobj.tell() - tar.offset
+            if read_past < tarfile.BLOCKSIZE:
+                raise _ShardFailed(
+                    "corrupt_shard",
+                    f"{url} is truncated: it ends {read_past} bytes into a tar header at byte "
+                    f"{tar.offset} (after {members} members), without the end-of-archive block",
+                )
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
         raise _ShardFailed(
             "corrupt_shard", f"{url} is not a valid tar: {type(exc).__name__}: {exc}"
