@@ -28,7 +28,7 @@ env: .venv/.synced
 
 demo: env
 	$(RUN) dvc repro
-	@echo "demo: manifest in artifacts/pairs/, MLflow runs in mlruns/ (make mlflow-ui)"
+	$(RUN) dinoalign summary
 
 # Two xdist workers, whole files each (module fixtures start real services once); the
 # longest file starts first (tests/conftest.py). TEST_WORKERS=0 runs in one process.

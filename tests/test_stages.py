@@ -144,3 +144,22 @@ def test_help_describes_the_product_and_lists_each_stage_with_its_gist(capsys) -
     with pytest.raises(SystemExit):
         main(["--version"])
     assert re.fullmatch(r"dinoalign \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+
+
+def test_summary_ends_the_demo_with_headline_numbers_the_report_and_mlflow(tmp_path: Path, capsys) -> None:
+    """Issue #17: ``make demo`` ends with ``dinoalign summary``: each evaluated recipe's
+    numbers with chance beside them, what is not evaluated yet, the report, the MLflow UI."""
+    import json
+
+    from dinoalign.cli import main
+
+    (tmp_path / "metrics").mkdir()
+    block = {"zeroshot": {"top1": 0.25, "chance_top1": 1 / 30},
+             "segmentation": {"miou": 0.125, "chance_miou": 0.003}}
+    (tmp_path / "metrics" / "dinotxt.json").write_text(json.dumps({**block, "heldout": block}))
+    assert main(["summary", "-p", str(tmp_path / "params.yaml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "evaluate@dinotxt [seen]: zero-shot top-1 0.250 (chance 0.033), mIoU 0.125 (chance 0.003)" in out
+    assert any(line.startswith("talk2dino: not evaluated yet") for line in out)
+    assert out[-2] == f"report: not written yet ({tmp_path}/report/index.html: dvc repro report)"
+    assert out[-1].startswith("MLflow: make mlflow-ui")

@@ -4,6 +4,7 @@ same data by one DVC + MLflow pipeline.
 
     dinoalign prepare [-p params.yaml] [section.key=value ...]   run one pipeline stage
     dinoalign params  [-p params.yaml] [section.key=value ...]   print the resolved params
+    dinoalign summary [-p params.yaml]                           headline metrics, report, MLflow
     dinoalign infra up|down|status                               the local stack (docs/operations.md)
     dinoalign retrain --new URI [section.key=value ...]          scheduled retraining with promotion
     dinoalign segment|classify --model M --image I --classes "a,b"   inference (dinoalign.infer)
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGE_NAMES:
         _params_args(sub.add_parser(name, help=f"stage: {summary(name)}"))
     _params_args(sub.add_parser("params", help="print the resolved params as YAML"))
+    _params_args(sub.add_parser(
+        "summary", help="the headline metrics of each evaluated recipe, where the report is, how to browse MLflow"
+    ))
     add_ops_commands(sub, _params_args)
     add_inference_commands(sub, _params_args)
     imp = sub.add_parser(
@@ -73,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="model folder to write (path or URI)")
     imp.set_defaults(handler=_import_talk2dino)
     return parser
+
+
+def _summary(params: typing.Any, root: Path) -> str:
+    """What ``make demo`` ends with: per recipe the evaluate stage's summary line (each
+    number with its chance level), the report's path and the MLflow UI command."""
+    from dinoalign.evaluate.outputs import summary_line
+    from dinoalign.storage import under_root
+
+    lines = []
+    for recipe in params.evaluate.recipes:
+        path = Path(under_root(params.paths.metrics, root)) / f"{recipe}.json"
+        if path.is_file():
+            lines.append(summary_line(recipe, json.loads(path.read_text())))
+        else:
+            lines.append(f"{recipe}: not evaluated yet ({path} is missing: dvc repro evaluate@{recipe})")
+    report = Path(under_root(params.paths.report, root)) / "index.html"
+    lines.append(f"report: {report}" if report.is_file() else f"report: not written yet ({report}: dvc repro report)")
+    lines.append("MLflow: make mlflow-ui, then http://127.0.0.1:5000")
+    return "\n".join(lines)
 
 
 def _version() -> str:
@@ -109,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             yaml.safe_dump(to_dict(params), sys.stdout, sort_keys=False)
             return 0
         root = Path(args.params).resolve().parent
+        if args.command == "summary":
+            print(_summary(params, root))
+            return 0
         run_stage(args.command, params, root)
         return 0
     except UserError as e:
