@@ -2,7 +2,7 @@
 # Both create the environment first (uv + the committed uv.lock), on a fresh machine too.
 SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
-RUN := $(UV) run --frozen --extra test --no-sync
+RUN := $(UV) run --frozen --group test --no-sync
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
@@ -21,7 +21,7 @@ uv:
 	@command -v uv >/dev/null 2>&1 || [ -x "$(HOME)/.local/bin/uv" ] || python3 -m pip install --user --quiet uv
 
 .venv/.synced: uv.lock pyproject.toml | uv
-	$(UV) sync --frozen --extra test --python 3.11
+	$(UV) sync --frozen --group test --python 3.11
 	touch $@
 
 env: .venv/.synced

@@ -4,17 +4,23 @@
 URIs, charts as inline SVG, no script and no external resource. It shows, from the
 files the other stages wrote:
 
-- the metrics of every recipe (``metrics/<recipe>.json``) with chance next to each
+- the metrics of every recipe (``metrics/<recipe>.details.json``) with chance next to each
   number, seen and held-out compositions apart, the projector as % of its CLIP;
-- training curves (``<paths.curves>/<recipe>/curve.csv``, the teacher's curve);
-- segmentation overlays, per-class IoU and confusion pictures (``plots/<recipe>/``);
-- curation statistics (``<paths.curated>/stats.json``), data and reject counts (the
-  pairs ``summary.json`` and the features ``manifest.json``);
+- the zero-shot confusion of each recipe (``plots/<recipe>/zeroshot_predictions.csv``,
+  which ``dvc plots show`` draws only online);
+- training curves: loss with the learning rate and the in-batch accuracy where logged
+  (``<paths.curves>/<recipe>/curve.csv``), the teacher's curve;
+- segmentation overlays (a colour-named class in its colour), per-class IoU and confusion
+  pictures (``plots/<recipe>/``);
+- data counts per split and stage, rejects by reason, curation counts (the pairs
+  ``summary.json``, the features ``manifest.json``, ``<paths.curated>/stats.json``);
+- the model registry: each recipe's versions with their ``@candidate``/``@champion``;
 - versions: git commit, the DVC hashes of ``dvc.lock``, model weights, frozen towers;
 - links to the MLflow runs: the align and evaluate runs behind the numbers shown, and
   the latest run of each upstream stage.
 
-Missing inputs (a stage not run yet) are shown as missing, never invented.
+Charts are matplotlib SVGs inlined as ``data:`` images, with axes, ticks, legends and
+colour scales. Missing inputs (a stage not run yet) are shown as missing, never invented.
 """
 
 from __future__ import annotations
@@ -25,18 +31,20 @@ import datetime
 import html
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from dinoalign.config import Params
+from dinoalign.evaluate.headline import details_path
 from dinoalign.storage import under_root, write_atomic
 
 REPORT_FILE = "index.html"
 MISSING = "—"
-SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2329;background:#f6f7f9}
@@ -55,6 +63,8 @@ figure img[width]{border:1px solid #ccd3da}
 .bar{display:inline-block;height:9px;background:#4c78a8;border-radius:2px;vertical-align:middle;margin-right:6px}
 code{background:#eef1f5;padding:1px 4px;border-radius:3px;font-size:12px}small{color:#5b6570}
 a{color:#1f5fa8}
+nav.toc{background:#fff;padding:8px 14px;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08);margin:12px 0}
+nav.toc ol{margin:4px 0;padding-left:22px;columns:2}img.chart{image-rendering:auto;display:block}
 """
 
 
@@ -128,6 +138,37 @@ def mlflow_runs(
     return [_run_row(label, run, shown.get(label)) for label, run in runs], None
 
 
+def registry_versions(
+    params: Params, recipes: Sequence[str], per_model: int = 5
+) -> tuple[list[dict[str, Any]], str | None]:
+    """(rows, None) or ([], why not): the latest ``per_model`` versions of each recipe's
+    registered model, newest first, with their aliases (``@candidate``, ``@champion``)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dinoalign.tracking import registered_model_name, tracking_uri
+
+    rows = []
+    try:
+        client = MlflowClient(tracking_uri(params))
+        for recipe in recipes:
+            name = registered_model_name(recipe)
+            found = client.search_model_versions(f"name = '{name}'")
+            found = sorted(found, key=lambda v: int(v.version), reverse=True)[:per_model]
+            if not found:
+                rows.append({"model": name, "version": None})
+                continue
+            # a searched version does not carry its aliases: the registered model does
+            aliases = client.get_registered_model(name).aliases
+            rows += [{"model": name, "version": str(v.version),
+                      "aliases": sorted(a for a, version in aliases.items() if str(version) == str(v.version)),
+                      "run_id": v.run_id, "created": datetime.datetime.fromtimestamp(
+                          v.creation_timestamp / 1000, datetime.timezone.utc)} for v in found]
+    except (MlflowException, OSError) as e:
+        return [], f"MLflow unreachable: {e}"
+    return rows, None
+
+
 def _run_row(label: str, run: Any, run_id: str | None) -> dict[str, Any]:
     if run is None:
         return {
@@ -179,72 +220,30 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], raw: bool = Fal
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def png_img(data: bytes, alt: str, width: int | None = None) -> str:
+def png_img(data: bytes, alt: str, width: int | None = None, cls: str | None = None) -> str:
+    """A PNG as an ``<img>`` with a ``data:`` URI; ``cls="chart"`` scales it smoothly
+    (other pictures stay pixelated: the demo's images are 112 px)."""
     size = f' width="{width}"' if width else ""
+    size += f' class="{cls}"' if cls else ""
     return f'<img alt="{esc(alt)}"{size} src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def line_chart(
-    series: Mapping[str, Sequence[tuple[float, float]]],
-    x_label: str,
-    y_label: str,
-    width: int = 360,
-    height: int = 210,
-) -> str:
-    """Inline SVG line chart of named (x, y) series, with axis ranges and labels."""
-    points = [p for s in series.values() for p in s if all(math.isfinite(v) for v in p)]
-    if not points:
-        return f"<p><small>no {esc(y_label)} values</small></p>"
-    left, right, top, bottom = 52, 10, 10, 34
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+def chart_img(svg: bytes, alt: str) -> str:
+    """An SVG chart as an ``<img>`` with a ``data:`` URI (its own document: the ids of
+    several charts cannot clash)."""
+    return f'<img class="chart" alt="{esc(alt)}" src="data:image/svg+xml;base64,{base64.b64encode(svg).decode()}">'
 
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
 
-    def sy(y: float) -> float:
-        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+def heading(title: str) -> str:
+    """A section heading with an id (``Training curves`` -> ``training-curves``): the
+    table of contents links to it."""
+    return f'<h2 id="{re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")}">{esc(title)}</h2>'
 
-    inner_width, inner_height = width - left - right, height - top - bottom
-    middle_y = top + inner_height / 2
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="{esc(y_label)}">',
-        f'<rect x="{left}" y="{top}" width="{inner_width}" height="{inner_height}" fill="#fff" '
-        'stroke="#ccd3da"/>',
-    ]
-    for value, y in ((y0, sy(y0)), (y1, sy(y1))):
-        parts.append(
-            f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{value:.3g}</text>'
-        )
-    for value, x, anchor in ((x0, sx(x0), "start"), (x1, sx(x1), "end")):
-        parts.append(
-            f'<text x="{x:.1f}" y="{height - bottom + 13}" font-size="10" '
-            f'text-anchor="{anchor}">{value:.4g}</text>'
-        )
-    parts.append(
-        f'<text x="{left + inner_width / 2:.0f}" y="{height - 4}" font-size="11" '
-        f'text-anchor="middle">{esc(x_label)}</text>'
-    )
-    parts.append(
-        f'<text x="12" y="{middle_y:.0f}" font-size="11" text-anchor="middle" '
-        f'transform="rotate(-90 12 {middle_y:.0f})">{esc(y_label)}</text>'
-    )
-    for i, (name, values) in enumerate(series.items()):
-        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
-        path = " ".join(
-            f"{sx(x):.1f},{sy(y):.1f}" for x, y in values if math.isfinite(x) and math.isfinite(y)
-        )
-        parts.append(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{path}"/>'
-        )
-        if len(series) > 1:
-            parts.append(
-                f'<text x="{left + 6}" y="{top + 14 + 13 * i}" font-size="11" fill="{colour}">{esc(name)}</text>'
-            )
-    parts.append("</svg>")
-    return "".join(parts)
+
+def table_of_contents(body: str) -> str:
+    """Links to every :func:`heading` in ``body``, in order."""
+    items = "".join(f'<li><a href="#{i}">{t}</a></li>' for i, t in re.findall(r'<h2 id="([^"]+)">(.*?)</h2>', body))
+    return f'<nav class="toc"><b>Contents</b><ol>{items}</ol></nav>'
 
 
 # ----------------------------------------------------------------------------- sections
@@ -346,7 +345,7 @@ def clip_reference_table(block: Mapping[str, Any], recipe: str) -> str:
 
 
 def _section_results(metrics: Mapping[str, Mapping[str, Any]], missing: Sequence[str]) -> str:
-    out = ["<h2>Results</h2>"]
+    out = [heading("Results")]
     if missing:
         out.append(
             f'<p class="warn">no metrics for {esc(", ".join(missing))}: run <code>dvc repro</code> (evaluate@…)</p>'
@@ -382,17 +381,67 @@ def _section_results(metrics: Mapping[str, Mapping[str, Any]], missing: Sequence
     return "".join(out)
 
 
+def curve_charts(curve: Sequence[Mapping[str, float]], title: str) -> str:
+    """The charts of one training curve: loss with the learning rate against the step,
+    and the in-batch accuracies where the curve logs them (``*accuracy`` columns)."""
+    from dinoalign.evaluate.visualize import curve_chart  # matplotlib: loaded for charts only
+
+    rows = [r for r in curve if "step" in r and "loss" in r]
+    if not rows:
+        return "<p><small>no loss values</small></p>"
+    steps = [r["step"] for r in rows]
+    rate = {"learning rate": [r.get("lr", math.nan) for r in rows]} if all("lr" in r for r in rows) else None
+    charts = [chart_img(curve_chart(steps, {"loss": [r["loss"] for r in rows]}, rate, title=title),
+                        f"{title}: loss and learning rate by step")]
+    accuracies = sorted(k for k in rows[0] if k.endswith("accuracy"))
+    if accuracies:
+        series = {k.replace("_", " "): [r.get(k, math.nan) for r in rows] for k in accuracies}
+        charts.append(chart_img(curve_chart(steps, series, left_label="in-batch accuracy", title=title),
+                                f"{title}: in-batch accuracy by step"))
+    return "".join(charts)
+
+
+def zeroshot_confusion(path: Path) -> tuple[str, list[str], np.ndarray] | None:
+    """(subset, class names, counts rows actual × columns predicted) of the first subset
+    (``seen`` on the demo) of a ``zeroshot_predictions.csv``; None when there is none."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    subset = rows[0]["subset"]
+    rows = [r for r in rows if r["subset"] == subset]
+    names = sorted({r["actual"] for r in rows} | {r["predicted"] for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    counts = np.zeros((len(names), len(names)), dtype=np.int64)
+    for r in rows:
+        counts[index[r["actual"]], index[r["predicted"]]] += 1
+    return subset, names, counts
+
+
+def _section_zeroshot(params: Params, root: Path, recipes: Sequence[str]) -> str:
+    from dinoalign.evaluate.visualize import confusion_chart
+
+    cards = []
+    for recipe in recipes:
+        found = zeroshot_confusion(_at(params.paths.plots, root) / recipe / "zeroshot_predictions.csv")
+        if found is not None:
+            subset, names, counts = found
+            svg = confusion_chart(counts, names, f"{recipe}: zero-shot ({subset}, {counts.sum()} images)",
+                                  fmt="svg", size=5.2)
+            cards.append(f'<div class="card">{chart_img(svg, f"{recipe} zero-shot confusion")}</div>')
+    if not cards:
+        return ""
+    return heading("Zero-shot confusion") + '<div class="grid">' + "".join(cards) + "</div>"
+
+
 def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
-    out = ["<h2>Training curves</h2>", '<div class="grid">']
+    out = [heading("Training curves"), '<div class="grid">']
     for recipe in recipes:
         curve = read_curve(_at(params.paths.curves, root) / recipe / "curve.csv")
         summary = read_json(_at(params.paths.curves, root) / recipe / "metrics.json") or {}
-        points = [(r["step"], r["loss"]) for r in curve if "step" in r and "loss" in r]
-        body = (
-            line_chart({recipe: points}, "step", "loss")
-            if curve
-            else "<p><small>no curve.csv yet</small></p>"
-        )
+        body = curve_charts(curve, recipe) if curve else "<p><small>no curve.csv yet</small></p>"
         note = "<p><small>no align metrics.json</small></p>"
         if summary:
             final = summary.get("final_loss")
@@ -404,8 +453,7 @@ def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
         out.append(f'<div class="card"><h3>{esc(recipe)}</h3>{body}{note}</div>')
     teacher = read_curve(_at(params.paths.teacher, root) / "curve.csv")
     if teacher:
-        chart = line_chart({"teacher": [(r["epoch"], r["loss"]) for r in teacher]}, "epoch", "loss")
-        out.append(f'<div class="card"><h3>teacher CLIP (demo)</h3>{chart}</div>')
+        out.append(f'<div class="card"><h3>teacher CLIP (demo)</h3>{curve_charts(teacher, "teacher")}</div>')
     out.append("</div>")
     return "".join(out)
 
@@ -416,7 +464,7 @@ def _section_segmentation(
     dense = {r: m for r, m in metrics.items() if "per_class" in m.get("segmentation", {})}
     if not dense:
         return ""
-    out = ["<h2>Segmentation</h2>"]
+    out = [heading("Segmentation")]
     for recipe in dense:
         plots = _at(params.paths.plots, root) / recipe
         seg = dense[recipe]["segmentation"]
@@ -435,7 +483,7 @@ def _section_segmentation(
             for p in sorted((plots / "examples").glob("*.png"))
         )
         confusion = "".join(
-            f"<figure>{png_img(p.read_bytes(), p.stem, 186)}<figcaption>pixel confusion, "
+            f"<figure>{png_img(p.read_bytes(), p.stem, 560, 'chart')}<figcaption>pixel confusion, "
             f"{esc(p.stem.rsplit('_', 1)[-1])}: rows ground truth, columns prediction</figcaption></figure>"
             for p in sorted(
                 plots.glob("segmentation_confusion_*.png"), key=lambda p: p.stem.endswith("heldout")
@@ -469,52 +517,57 @@ def _section_segmentation(
     return "".join(out)
 
 
-def flat_scalars(data: Any, prefix: str = "", depth: int = 3) -> list[tuple[str, str]]:
-    """(dotted key, value) of the scalars of nested ``data``, lists of scalars shortened."""
-    out: list[tuple[str, str]] = []
-    if isinstance(data, Mapping) and depth > 0:
-        for key, value in data.items():
-            out += flat_scalars(value, f"{prefix}{key}.", depth - 1)
-    elif isinstance(data, (str, int, float, bool)) or data is None:
-        out.append((prefix.rstrip("."), str(data)))
-    elif isinstance(data, list) and all(isinstance(v, (str, int, float, bool)) for v in data):
-        shown = ", ".join(str(v) for v in data[:8]) + (
-            f", … ({len(data)})" if len(data) > 8 else ""
-        )
-        out.append((prefix.rstrip("."), f"[{shown}]"))
-    return out
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else (MISSING if value is None else str(value))
+
+
+def _card(title: str, body: str | None) -> str:
+    return f'<div class="card"><h3>{esc(title)}</h3>{body if body is not None else "<small>not produced yet</small>"}</div>'
+
+
+def _pairs_table(pairs: Mapping[str, Any]) -> str:
+    """Pairs and captions per split, with the total, then the other prepare counts."""
+    splits, captions = pairs.get("splits", {}), pairs.get("captions_per_split", {})
+    rows = [[s, _count(n), _count(captions.get(s))] for s, n in splits.items()]
+    rows.append(["total", _count(pairs.get("n_pairs")), _count(pairs.get("n_captions"))])
+    other = [["labelled (one class)", _count(pairs.get("labelled"))], ["with a mask", _count(pairs.get("with_mask"))],
+             ["rejected", _count(pairs.get("n_rejects"))], ["sources", ", ".join(pairs.get("sources", []))]]
+    return table(["split", "pairs", "captions"], rows) + table(["prepare", "pairs"], other)
+
+
+def _curation_table(curate: Mapping[str, Any]) -> str:
+    """Train pairs through curation: clustered, removed per filter, kept."""
+    rows = [["train pairs", _count(curate.get("n_train"))],
+            ["without features", _count((curate.get("without_features") or {}).get("count"))],
+            ["clustered", _count(curate.get("n_input"))]]
+    rows += [[f"removed: {name}", _count(n)] for name, n in (curate.get("removed") or {}).items()]
+    rows.append(["kept", _count(curate.get("n_kept"))])
+    return table(["", "pairs"], rows)
 
 
 def _section_data(params: Params, root: Path) -> str:
     from dinoalign.embed.store import FeatureStore
 
-    out = ["<h2>Data, rejects and curation</h2>", '<div class="grid">']
+    out = [heading("Data, rejects and curation"), '<div class="grid">']
     pairs = read_json(_at(params.paths.pairs, root) / "summary.json")
     manifest = FeatureStore(under_root(params.paths.features, root)).read_manifest()
     curate = read_json(_at(params.paths.curated, root) / "stats.json")
+    out.append(_card("pairs (prepare)", _pairs_table(pairs) if pairs else None))
     features = None
     if manifest is not None:
-        features = {
-            "counts": manifest.get("counts"),
-            "rejects_by_reason": manifest.get("rejects_by_reason"),
-            "spec_hash": manifest["spec"].get("spec_hash"),
-        }
-    for title, data, keep in (
-        ("pairs (prepare)", pairs, lambda k: not k.startswith("shards")),
-        ("features (embed)", features, lambda k: True),
-        (
-            "curation (curate)",
-            curate,
-            lambda k: not k.startswith(("kmeans.levels", "text.caption_counts")),
-        ),
-    ):
-        if data is None:
-            out.append(
-                f'<div class="card"><h3>{esc(title)}</h3><small>not produced yet</small></div>'
-            )
-            continue
-        rows = [[k, v] for k, v in flat_scalars(data) if keep(k)]
-        out.append(f'<div class="card"><h3>{esc(title)}</h3>{table(["", "value"], rows)}</div>')
+        counts = manifest.get("counts") or {}
+        features = table(["", "count"], [["images embedded", _count(counts.get("images_total"))],
+                                         ["captions embedded", _count(counts.get("captions_total"))],
+                                         ["rejected", _count(counts.get("rejects_total"))],
+                                         ["feature spec", str(manifest["spec"].get("spec_hash", MISSING))]])
+    out.append(_card("features (embed)", features))
+    out.append(_card("curation (curate)", _curation_table(curate) if curate else None))
+    prepare_rejects = (pairs or {}).get("rejects_by_reason") or {}
+    embed_rejects = (manifest or {}).get("rejects_by_reason") or {}
+    reasons = sorted(set(prepare_rejects) | set(embed_rejects))
+    if reasons:
+        rows = [[r, _count(prepare_rejects.get(r, 0)), _count(embed_rejects.get(r, 0))] for r in reasons]
+        out.append(_card("rejects by reason", table(["reason", "prepare", "embed"], rows)))
     out.append("</div>")
     return "".join(out)
 
@@ -522,7 +575,7 @@ def _section_data(params: Params, root: Path) -> str:
 def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
     from dinoalign.tracking import git_commit
 
-    out = ["<h2>Versions</h2>"]
+    out = [heading("Versions")]
     backbone = params.backbone
     random_init = not backbone.pretrained and not backbone.weights
     rows = [
@@ -564,6 +617,24 @@ def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[
     return "".join(out)
 
 
+def _section_registry(params: Params) -> str:
+    out = [heading("Model registry")]
+    rows, problem = registry_versions(params, params.evaluate.recipes)
+    if problem:
+        return "".join(out) + f"<p><small>{esc(problem)}</small></p>"
+    cells = [
+        [r["model"], MISSING, "not registered yet (the align stage registers each model)", "", ""]
+        if r["version"] is None else
+        [r["model"], r["version"], " ".join(f"@{a}" for a in r["aliases"]) or MISSING,
+         f"{r['created']:%Y-%m-%d %H:%M} UTC", (r["run_id"] or "")[:12]]
+        for r in rows
+    ]
+    out.append(table(["registered model", "version", "aliases", "created", "run"], cells))
+    out.append("<p><small>align registers each trained model as <code>@candidate</code>; "
+               "<code>dinoalign retrain</code> moves <code>@champion</code> (docs/operations.md)</small></p>")
+    return "".join(out)
+
+
 def _section_mlflow(params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
     from dinoalign.tracking import tracking_uri
 
@@ -576,7 +647,7 @@ def _section_mlflow(params: Params, root: Path, metrics: Mapping[str, Mapping[st
         if evaluated:
             shown[f"evaluate@{recipe}"] = evaluated
     runs, problem = mlflow_runs(params, shown)
-    out = ["<h2>MLflow runs</h2>"]
+    out = [heading("MLflow runs")]
     if problem:
         return "".join(out) + f"<p><small>{esc(problem)}</small></p>"
     if not tracking_uri(params).startswith("http"):
@@ -611,7 +682,7 @@ def render_report(params: Params, root: Path) -> str:
     recipes = list(params.evaluate.recipes)
     metrics: dict[str, dict[str, Any]] = {}
     for recipe in recipes:
-        found = read_json(_at(params.paths.metrics, root) / f"{recipe}.json")
+        found = read_json(details_path(_at(params.paths.metrics, root), recipe))
         if found is not None:
             metrics[recipe] = found
     missing = [r for r in recipes if r not in metrics]
@@ -625,19 +696,23 @@ def render_report(params: Params, root: Path) -> str:
             "learns (compare with chance), not how it compares with the papers (docs/reproduce.md).</p>"
         )
     dataset = params.evaluate.dataset
-    body = "".join(
+    sections = "".join(
         [
-            "<h1>dinoalign report</h1>",
-            f'<p class="sub">profile <b>{esc(params.profile)}</b> · dataset <b>{esc(dataset)}</b> · '
-            f"recipes {esc(', '.join(recipes))} · generated {now:%Y-%m-%d %H:%M} UTC</p>",
-            warn,
             _section_results(metrics, missing),
+            _section_zeroshot(params, root, recipes),
             _section_curves(params, root, recipes),
             _section_segmentation(params, root, metrics),
             _section_data(params, root),
             _section_versions(params, root, metrics),
+            _section_registry(params),
             _section_mlflow(params, root, metrics),
         ]
+    )
+    body = (
+        "<h1>dinoalign report</h1>"
+        f'<p class="sub">profile <b>{esc(params.profile)}</b> · dataset <b>{esc(dataset)}</b> · '
+        f"recipes {esc(', '.join(recipes))} · generated {now:%Y-%m-%d %H:%M} UTC</p>"
+        + warn + table_of_contents(sections) + sections
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

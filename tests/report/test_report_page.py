@@ -1,9 +1,11 @@
 """The report stage: one self-contained page, checked in headless Chromium (Debian's
 /usr/bin/chromium, driven by Playwright): no console errors, no network, every picture
-decodes, and the numbers on screen are those of metrics/<recipe>.json."""
+decodes, the numbers on screen are those of metrics/<recipe>.details.json, and the charts
+have axes, ticks and legends."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -15,7 +17,7 @@ import pytest
 from pipeline_testing import DemoModels
 from PIL import Image
 
-from dinoalign.report import line_chart, pct, write_report
+from dinoalign.report import curve_charts, pct, write_report
 
 @pytest.fixture(scope="module")
 def report(evaluated_demo: DemoModels) -> Path:
@@ -42,7 +44,7 @@ def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
     evaluated_demo: DemoModels, report: Path, chromium: Any, tmp_path: Path
 ) -> None:
     html = report.read_text()
-    assert not re.search(r"""(src|href)=["']https?://""", html.split("<h2>MLflow runs</h2>")[0]), (
+    assert not re.search(r"""(src|href)=["']https?://""", html.split('<h2 id="mlflow-runs">')[0]), (
         "only run links may point out"
     )
     assert "<script" not in html
@@ -67,18 +69,31 @@ def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
         )
         seen = _cell_texts(page, "Seen compositions")
         heldout = _cell_texts(page, "Held-out compositions")
-        curves = page.evaluate("document.querySelectorAll('svg polyline').length")
+        charts = page.evaluate(
+            "Array.from(document.querySelectorAll('img.chart[src^=\"data:image/svg+xml\"]'))"
+            ".map(i => [i.alt, i.complete ? i.naturalWidth : 0])"
+        )
+        contents = page.evaluate(
+            "Array.from(document.querySelectorAll('nav.toc a')).map(a => "
+            "[a.textContent, !!document.getElementById(a.hash.slice(1))])"
+        )
         links = page.evaluate("Array.from(document.querySelectorAll('a')).map(a => a.href)")
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     finally:
         page.close()
     assert problems == []
     assert requests == [report.as_uri()]  # pictures are data: URIs, nothing else is fetched
-    # 2 examples × 2 subsets + 2 confusion pictures, for each of the two dense recipes
-    assert len(widths) == 2 * (4 + 2) and min(widths) > 0
-    assert curves >= 1  # the teacher's training curve (the untrained models have none)
+    # 2 examples × 2 subsets + 2 pixel-confusion pictures, for each of the two dense
+    # recipes, and the SVG charts: the teacher's training curve (the untrained models have
+    # none) and a zero-shot confusion per recipe
+    assert len(widths) == 2 * (4 + 2) + len(charts) and min(widths) > 0
+    assert sorted(alt for alt, _ in charts) == sorted(
+        ["teacher: loss and learning rate by step"] + [f"{r} zero-shot confusion" for r in DemoModels.RECIPES]
+    ) and min(w for _, w in charts) > 200
+    assert [t for t, _ in contents][:2] == ["Results", "Zero-shot confusion"] and all(ok for _, ok in contents)
+    assert "Model registry" in [t for t, _ in contents]
     for recipe in DemoModels.RECIPES:
-        metrics = json.loads((evaluated_demo.root / "metrics" / f"{recipe}.json").read_text())
+        metrics = json.loads((evaluated_demo.root / "metrics" / f"{recipe}.details.json").read_text())
         for rows, block in ((seen, metrics), (heldout, metrics["heldout"])):
             zeroshot = block["zeroshot"]
             assert (
@@ -111,7 +126,7 @@ def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
 def test_report_says_what_is_missing(evaluated_demo: DemoModels, tmp_path: Path) -> None:
     metrics = tmp_path / "metrics"
     metrics.mkdir()
-    shutil.copy(evaluated_demo.root / "metrics" / "talk2dino.json", metrics)
+    shutil.copy(evaluated_demo.root / "metrics" / "talk2dino.details.json", metrics)
     params = evaluated_demo.params(
         f"paths.metrics={metrics}",
         f"paths.report={tmp_path / 'report'}",
@@ -125,16 +140,14 @@ def test_report_says_what_is_missing(evaluated_demo: DemoModels, tmp_path: Path)
     assert "RANDOM INIT (demo)" in html and "random-init" in html
 
 
-def test_line_chart_places_points_inside_the_plot_area() -> None:
-    svg = line_chart(
-        {"a": [(0.0, 2.0), (10.0, 1.0), (20.0, 0.5)], "b": [(0.0, 1.5), (20.0, 1.0)]},
-        "step",
-        "loss",
-    )
-    lines = re.findall(r'<polyline[^>]*points="([^"]+)"', svg)
-    assert len(lines) == 2
-    first = [tuple(map(float, p.split(","))) for p in lines[0].split()]
-    # x: 0 and 20 are the left (52) and right (360 - 10) edges; y: 2.0 top (10), 0.5 bottom (210 - 34)
-    assert first[0] == (52.0, 10.0) and first[-1] == (350.0, 176.0)
-    assert first[1] == pytest.approx((201.0, 10 + (2.0 - 1.0) / 1.5 * 166), abs=0.05)
-    assert "no loss values" in line_chart({"a": []}, "step", "loss")
+def test_curve_charts_draw_loss_with_the_learning_rate_and_the_accuracy() -> None:
+    curve = [{"step": float(i), "loss": 2.0 / (i + 1), "lr": 1e-3 * (1 - i / 20), "t2i_accuracy": i / 20}
+             for i in range(20)]
+    html = curve_charts(curve, "talk2dino")
+    svgs = [base64.b64decode(s).decode() for s in re.findall(r"data:image/svg\+xml;base64,([^\"]+)", html)]
+    assert len(svgs) == 2
+    words = [" ".join(re.findall(r">([^<>]+)</text>", svg)) for svg in svgs]
+    # axis labels, the legend of both axes, tick labels
+    assert all(w in words[0] for w in ("step", "loss", "learning rate", "talk2dino", "15"))
+    assert "in-batch accuracy" in words[1] and "t2i accuracy" in words[1]
+    assert curve_charts([{"step": 0.0}], "x") == "<p><small>no loss values</small></p>"

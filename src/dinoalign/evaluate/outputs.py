@@ -1,7 +1,10 @@
 """What the evaluate stage writes for one recipe, from an
 :class:`~dinoalign.evaluate.run.Evaluation`.
 
-``metrics/<recipe>.json`` (chance next to every number; NaN is written as null)::
+``metrics/<recipe>.json``, the DVC metric: the headline numbers only
+(:mod:`dinoalign.evaluate.headline`). ``metrics/<recipe>.details.json``, a plain DVC out
+read by the report, ``dinoalign summary`` and the inference commands: everything (chance
+next to every number; NaN is written as null)::
 
     zeroshot      top1, top5, mean_per_class_recall, chance_top1, chance_top5,
                   num_images, num_classes
@@ -19,8 +22,9 @@
 
 ``plots/<recipe>/``: ``zeroshot_predictions.csv`` (subset, uid, actual, predicted: DVC's
 confusion template), ``per_class_iou.csv`` (class, IoU per subset), ``examples/*.png``
-(image | ground truth | prediction), ``segmentation_confusion_<subset>.png`` (row-normalised
-pixel confusion) and, with ``save_predictions``, ``predictions/<subset>/<name>.png``.
+(image | ground truth | prediction, a colour-named class in its colour),
+``segmentation_confusion_<subset>.png`` (row-normalised pixel confusion, class names on
+the axes, a colour scale) and, with ``save_predictions``, ``predictions/<subset>/<name>.png``.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinoalign.evaluate.headline import DETAILS_SUFFIX, headline
 from dinoalign.evaluate.run import EXAMPLES_DIR, PER_CLASS_CSV, PREDICTIONS_CSV, STAGE, TOP_LEVEL_SUBSET, Evaluation
-from dinoalign.evaluate.visualize import heatmap, png_bytes
+from dinoalign.evaluate.visualize import confusion_chart, png_bytes
 from dinoalign.storage import write_atomic
 
 
@@ -72,8 +77,9 @@ def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 def write_outputs(evaluation: Evaluation, metrics_path: Path, plots_dir: Path) -> None:
-    """``metrics_path`` and the plots under ``plots_dir`` (module docstring); the metrics
-    file is written whole and renamed into place."""
+    """``metrics_path`` (the headline numbers), its details file beside it and the plots
+    under ``plots_dir`` (module docstring); each metrics file is written whole and renamed
+    into place."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     if evaluation.predictions:
         _write_csv(
@@ -87,13 +93,16 @@ def write_outputs(evaluation: Evaluation, metrics_path: Path, plots_dir: Path) -
         rows = [[n, *(_csv_number(evaluation.per_class_iou[s][n]) for s in subsets)] for n in names]
         _write_csv(plots_dir / PER_CLASS_CSV, ["class", *subsets], rows)
     for subset, matrix in evaluation.confusion.items():
+        labels = evaluation.class_names.get(subset) or [str(i) for i in range(len(matrix))]
         (plots_dir / f"segmentation_confusion_{subset}.png").write_bytes(
-            png_bytes(heatmap(np.asarray(matrix)))
+            confusion_chart(np.asarray(matrix), labels, f"pixel confusion ({subset})")
         )
     for name, picture in evaluation.examples.items():
         (plots_dir / EXAMPLES_DIR).mkdir(exist_ok=True)
         (plots_dir / EXAMPLES_DIR / name).write_bytes(png_bytes(picture))
-    write_atomic(metrics_path, json.dumps(jsonable(evaluation.metrics), indent=2, sort_keys=True) + "\n")
+    metrics = jsonable(evaluation.metrics)
+    write_atomic(metrics_path.with_suffix(DETAILS_SUFFIX), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_atomic(metrics_path, json.dumps(headline(metrics), indent=2, sort_keys=True) + "\n")
 
 
 def _csv_number(value: float) -> str:

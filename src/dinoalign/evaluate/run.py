@@ -34,7 +34,7 @@ from dinoalign.evaluate.segmentation import (
     scored_class_names,
 )
 from dinoalign.evaluate.visualize import (
-    label_palette,
+    class_palette,
     overlay,
     panels,
     with_legend,
@@ -59,6 +59,7 @@ class Evaluation:
     predictions: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     per_class_iou: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     confusion: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
+    class_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # confusion rows
     examples: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
 
 
@@ -134,6 +135,7 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
             block["segmentation"] = seg
             evaluation.per_class_iou[subset] = seg["per_class"]
             evaluation.confusion[subset] = confusion
+            evaluation.class_names[subset] = list(dataset.class_names)
             evaluation.examples.update(examples)
         else:
             block["segmentation"] = {"skipped": f"{model.name} has no dense head"}
@@ -185,6 +187,7 @@ def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evalua
         metrics["segmentation"] = seg
         evaluation.per_class_iou["all"] = seg["per_class"]
         evaluation.confusion["all"] = confusion
+        evaluation.class_names["all"] = list(dataset.class_names)
         evaluation.examples.update(examples)
         return evaluation
     images = (dataset[i][0] for i in range(count))
@@ -329,7 +332,7 @@ def segmentation_block(
         "pamr": head.cfg.pamr,
     }
     examples = {}
-    palette = label_palette(len(dataset.class_names), background=dataset.has_background)
+    palette = class_palette(dataset.class_names, background=dataset.has_background)
     keep = (0,) if dataset.has_background else ()
     for i in range(min(cfg.num_examples, int(raw["num_images"]))):
         image, label, _name = dataset[i]

@@ -1,11 +1,13 @@
-"""Pictures of segmentations and confusion matrices, drawn with PIL only (no plotting
-library): label colours, overlays, side-by-side panels with a legend, heat maps."""
+"""Pictures of segmentations, confusion matrices and training curves: label colours
+(a class named after a colour is drawn in it), overlays, side-by-side panels with a
+legend (PIL), and matplotlib charts with axes, ticks, legends and colour scales, rendered
+offline to PNG or SVG bytes (no pyplot, no display)."""
 
 from __future__ import annotations
 
 import colorsys
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -24,6 +26,50 @@ def label_palette(num_labels: int, background: bool = False) -> np.ndarray:
     palette = np.asarray(colours, dtype=np.uint8).reshape(num_labels, 3)
     if background and num_labels:
         palette[0] = (40, 40, 40)
+    return palette
+
+
+# Colour words a class name may hold (the demo world's "red circle"): such a class is
+# drawn in its colour, so that a picture never paints a "red star" blue. The demo's six
+# are its own (dinoalign.data.synthetic.COLOURS).
+NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 30),
+    "purple": (145, 45, 195),
+    "orange": (245, 130, 20),
+    "pink": (240, 110, 170),
+    "brown": (140, 85, 40),
+    "cyan": (30, 200, 210),
+    "magenta": (220, 40, 200),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "grey": (128, 128, 128),
+    "gray": (128, 128, 128),
+}
+
+
+def class_palette(names: Sequence[str], background: bool = False) -> np.ndarray:
+    """len(names)×3 uint8 colours: a class whose name holds a colour word
+    (:data:`NAMED_COLOURS`) in that colour, the classes sharing one in shades of it from
+    dark to light (``red circle`` … ``red star``); the others as :func:`label_palette`;
+    with ``background`` label 0 dark grey."""
+    palette = label_palette(len(names), background)
+    named: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if background and i == 0:
+            continue
+        word = next((w for w in str(name).lower().replace("-", " ").split() if w in NAMED_COLOURS), None)
+        if word is not None:
+            named.setdefault(word, []).append(i)
+    for word, indices in named.items():
+        base = np.asarray(NAMED_COLOURS[word], dtype=np.float64)
+        for rank, i in enumerate(indices):
+            # darker to lighter at the same hue, never so light that red reads as pink
+            shade = 0.0 if len(indices) == 1 else 0.65 * rank / (len(indices) - 1) - 0.45
+            colour = base * (1 + shade) if shade < 0 else base + (255 - base) * shade
+            palette[i] = colour.round().clip(0, 255).astype(np.uint8)
     return palette
 
 
@@ -75,32 +121,19 @@ def with_legend(
     picture: Image.Image, names: Sequence[str], palette: np.ndarray, present: Sequence[int]
 ) -> Image.Image:
     """``picture`` with a colour key of the labels in ``present`` below it."""
-    font = ImageFont.load_default()
-    row = 14
+    font = ImageFont.load_default(size=12)
+    row = 16
     rows = [i for i in present if 0 <= i < len(names)]
     canvas = Image.new(
-        "RGB", (max(picture.width, 160), picture.height + row * len(rows) + 4), "white"
+        "RGB", (max(picture.width, 180), picture.height + row * len(rows) + 4), "white"
     )
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for n, label in enumerate(rows):
         y = picture.height + 2 + n * row
-        draw.rectangle((2, y + 2, 12, y + 11), fill=tuple(int(c) for c in palette[label]))
-        draw.text((16, y), f"{label}: {names[label]}", fill=(0, 0, 0), font=font)
+        draw.rectangle((2, y + 2, 14, y + 13), fill=tuple(int(c) for c in palette[label]), outline=(0, 0, 0))
+        draw.text((18, y), f"{label}: {names[label]}", fill=(0, 0, 0), font=font)
     return canvas
-
-
-def heatmap(matrix: np.ndarray, cell: int = 6) -> Image.Image:
-    """A K×K count matrix as a picture: rows normalised to sum 1 (ground-truth recall),
-    white = 0, dark blue = 1; each entry is a ``cell``×``cell`` square."""
-    counts = np.asarray(matrix, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-    low, high = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
-    rgb = (low + share[..., None] * (high - low)).round().astype(np.uint8)
-    return Image.fromarray(rgb).resize(
-        (counts.shape[1] * cell, counts.shape[0] * cell), Image.Resampling.NEAREST
-    )
 
 
 def png_bytes(picture: Image.Image | np.ndarray) -> bytes:
@@ -110,3 +143,80 @@ def png_bytes(picture: Image.Image | np.ndarray) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def _figure(width: float, height: float):  # noqa: ANN202 (matplotlib imported lazily)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _encoded(figure, fmt: str) -> bytes:  # noqa: ANN001
+    import matplotlib
+
+    buffer = io.BytesIO()
+    # no date and a fixed id salt: the same chart gives the same bytes; SVG text stays
+    # <text> (DejaVu Sans, else the browser's sans-serif): smaller and searchable
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dinoalign"}):
+        figure.savefig(buffer, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})
+    return buffer.getvalue()
+
+
+def confusion_chart(
+    counts: np.ndarray, labels: Sequence[str], title: str, fmt: str = "png", size: float = 7.0
+) -> bytes:
+    """A K×K count matrix (rows ground truth, columns prediction) as a square heat map of
+    row shares (each row's recall; a row without pixels stays 0) with the class names on
+    both axes and a colour scale, PNG or SVG bytes."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    figure = _figure(size, size)
+    ax = figure.subplots()
+    shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ticks = np.arange(len(labels))
+    font = max(4.0, min(9.0, 260 / max(len(labels), 1)))
+    ax.set_xticks(ticks, [str(n) for n in labels], rotation=90, fontsize=font)
+    ax.set_yticks(ticks, [str(n) for n in labels], fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=10)
+    figure.colorbar(shown, ax=ax, shrink=0.8, label="share of the row (recall)")
+    return _encoded(figure, fmt)
+
+
+def curve_chart(
+    x: Sequence[float],
+    left: Mapping[str, Sequence[float]],
+    right: Mapping[str, Sequence[float]] | None = None,
+    x_label: str = "step",
+    left_label: str = "loss",
+    right_label: str = "learning rate",
+    title: str = "",
+) -> bytes:
+    """Line chart (SVG bytes) of the ``left`` series against ``x`` on the left axis and the
+    ``right`` series (e.g. the learning rate, dashed) on a second axis on the right, with
+    one legend for both."""
+    figure = _figure(4.6, 2.9)
+    ax = figure.subplots()
+    lines = [ax.plot(x, values, label=name, linewidth=1.6)[0] for name, values in left.items()]
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(left_label)
+    ax.grid(alpha=0.3)
+    if right:
+        twin = ax.twinx()
+        colours = ("#d62728", "#9467bd", "#8c564b")
+        lines += [
+            twin.plot(x, values, label=name, linestyle="--", linewidth=1.2, color=colours[i % len(colours)])[0]
+            for i, (name, values) in enumerate(right.items())
+        ]
+        twin.set_ylabel(right_label)
+        twin.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
+    return _encoded(figure, "svg")
+

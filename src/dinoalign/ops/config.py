@@ -14,7 +14,8 @@ class RetrainConfig:
 
     - ``recipes``: the models compared and promoted, registered as ``dinoalign-<recipe>`` (``tracking.registered_model_name``).
     - ``metrics``: per recipe, the key of its evaluation (the evaluate stage's
-      ``metrics/<recipe>.json`` layout, dotted) that decides; higher is better. A recipe
+      ``metrics/<recipe>.details.json`` layout, dotted; the headline ones are also in
+      ``metrics/<recipe>.json``) that decides; higher is better. A recipe
       not listed uses its own default, the ``promotion_metric`` of its class in
       ``dinoalign.recipes``.
     - ``tolerance``: ``@champion`` moves to the candidate when
