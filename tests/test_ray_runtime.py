@@ -39,3 +39,35 @@ def test_torch_threads_reach_the_calling_thread() -> None:
     assert seen["init_thread"] == 2
     assert seen["call_without"] == 1  # the defect this guards against is real here
     assert seen["call_with"] == 2
+
+
+def test_a_ray_address_where_nothing_listens_fails_in_seconds_naming_it(monkeypatch) -> None:
+    """ray.init retries a GCS that does not answer for minutes without a word; the
+    address is tried first and a ConfigError (one line from the CLI, exit 2) names it."""
+    import socket
+    import time
+
+    import pytest
+    import ray
+
+    from dinoalign.errors import ConfigError
+    from dinoalign.ray_runtime import init_ray
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def init(*args, **kwargs):
+        raise AssertionError("ray.init was called: it would wait for this address for minutes")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever this session's tests started
+    monkeypatch.setattr(ray, "init", init)
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        start = time.monotonic()
+        with pytest.raises(ConfigError) as caught:
+            init_ray()
+        assert time.monotonic() - start < 10
+        message = str(caught.value)
+        assert message.startswith(f"RAY_ADDRESS={address}: no Ray ") and f"127.0.0.1:{port}" in message
+        assert "\n" not in message

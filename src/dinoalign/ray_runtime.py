@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 
@@ -19,6 +20,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
@@ -36,6 +38,35 @@ def init_ray(num_cpus: int | None = None) -> None:
             "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
         },
     )
+
+
+# ray.init retries a GCS that does not answer for minutes, silently: the address is tried
+# first, for this long
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ConfigError, naming ``RAY_ADDRESS``, unless something accepts a TCP connection
+    at ``address`` (``host:port`` of a GCS, default port 6379, or ``ray://host:port`` of a
+    Ray Client server, default 10001) within ``timeout_s``. ``auto`` and ``local`` are
+    Ray's own and left to it."""
+    if address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    hostport = address.removeprefix("ray://").rstrip("/")
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    if not port.isdigit():
+        port = "10001" if client else "6379"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ConfigError(
+            f"RAY_ADDRESS={address}: no Ray {'client server' if client else 'head'} at {host}:{port} "
+            f"({reason}): start it (`ray start --head`), correct RAY_ADDRESS, "
+            "or unset RAY_ADDRESS to run on a local Ray"
+        ) from None
 
 
 # Without the dashboard (a local Ray here) the State API is not served, and Ray Train's

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 import stat
 import time
@@ -168,6 +169,58 @@ class ReadTimedOut(ReadLimitExceeded):
 
 class ReadTooLarge(ReadLimitExceeded):
     """The object has (or streamed) more than ``max_bytes`` bytes."""
+
+
+# HTTP statuses that say "not now" rather than "never": timeout, too early, too many
+# requests, and the server-side 5xx errors
+TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# s3fs turns S3's 5xx and SlowDown into OSError(EBUSY / EREMOTEIO); the rest are sockets
+_TRANSIENT_ERRNOS = frozenset({
+    errno.EBUSY, getattr(errno, "EREMOTEIO", 121), errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET,
+    errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN,
+})
+_TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                                 "ServiceUnavailable", "InternalError", "RequestLimitExceeded"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed read may succeed if tried again: a timeout (:class:`ReadTimedOut`
+    included), a refused, reset or dropped connection, HTTP 408/425/429/5xx, S3 throttling
+    or 5xx (botocore's and s3fs's forms). A missing object, a denied one, a read over its
+    byte cap or any other error is permanent. Follows ``__cause__`` (s3fs wraps botocore)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (TimeoutError, ReadTimedOut, ConnectionError)):
+            return True
+        status = getattr(exc, "status", None)  # aiohttp.ClientResponseError
+        if isinstance(status, int):
+            return status in TRANSIENT_HTTP_STATUSES
+        response = getattr(exc, "response", None)  # botocore ClientError
+        if isinstance(response, dict) and "Error" in response:
+            code = str(response["Error"].get("Code", ""))
+            http = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code in _TRANSIENT_S3_CODES or http in TRANSIENT_HTTP_STATUSES
+        if _is_connection_error(exc):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """aiohttp's and botocore's own connection errors (not OSError subclasses)."""
+    kinds: list[type] = []
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        kinds += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions as bce
+
+        kinds += [bce.ConnectionError, bce.HTTPClientError]
+    return isinstance(exc, tuple(kinds))
 
 
 _READ_CHUNK = 1 << 20

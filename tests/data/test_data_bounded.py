@@ -30,6 +30,7 @@ from dinoalign.data.schema import make_uid
 from dinoalign.storage import ReadTimedOut, ReadTooLarge, read_bytes
 
 LIMITS = {"max_pixels": 10**8, "min_side": 14}
+ONCE = {"read_attempts": 1}  # the deadline tests time one read (a read_timeout is retried)
 DEADLINE_S = 2.0
 SLACK_S = 8.0  # generous: a 2-core machine shared with other test runs
 STRIP = (1_000_000, 14)  # width × height: 14 M pixels, under data.max_pixels
@@ -113,7 +114,7 @@ def server() -> Iterator[str]:
 def _reason(uri: str, **limits: object) -> tuple[str, float]:
     start = time.monotonic()
     with pytest.raises(ImageRejected) as caught:
-        probe_image(uri, **{**LIMITS, "read_timeout_s": DEADLINE_S, "max_bytes": 2**20, **limits})
+        probe_image(uri, **{**LIMITS, **ONCE, "read_timeout_s": DEADLINE_S, "max_bytes": 2**20, **limits})
     return caught.value.reason, time.monotonic() - start
 
 
@@ -177,6 +178,63 @@ def test_bounded_read_errors_are_typed(server: str) -> None:
     assert read_bytes(server + "/normal.png", max_bytes=len(NORMAL_PNG), timeout_s=10) == NORMAL_PNG
     with pytest.raises(ValueError, match="max_bytes must be positive"):
         read_bytes(server + "/normal.png", max_bytes=0)
+
+
+@pytest.mark.timeout(60)
+def test_transient_failures_are_retried_with_backoff_and_permanent_ones_are_not() -> None:
+    """Issue #20: a 503, 429 or 5xx, a refused connection or a timeout may pass if tried
+    again (``unavailable``, ``read_timeout``: tried ``read_attempts`` times); a 404, 403 or
+    400 will not (``missing``, ``read_error``: tried once)."""
+    import socket
+
+    from flaky_http import flaky_server
+
+    retry = {**LIMITS, "read_timeout_s": DEADLINE_S, "read_attempts": 3, "read_backoff_s": 0.05}
+    with flaky_server() as srv:
+        start = time.monotonic()
+        image = load_image(srv.url + "/flaky/2/a.png", **retry)  # 503, 503, then the image
+        assert image.shape == (30, 40, 3) and srv.hits["/flaky/2/a.png"] == 3
+        assert time.monotonic() - start >= 0.05 * (0.5 + 1)  # it waited between tries
+        with pytest.raises(ImageRejected) as caught:
+            load_image(srv.url + "/flaky/5/b.png", **retry)
+        assert caught.value.reason == "unavailable" and "503" in caught.value.detail
+        assert "(tried 3 times)" in caught.value.detail and srv.hits["/flaky/5/b.png"] == 3
+        for code, reason, tries in [(429, "unavailable", 3), (500, "unavailable", 3), (502, "unavailable", 3),
+                                    (404, "missing", 1), (403, "read_error", 1), (400, "read_error", 1)]:
+            with pytest.raises(ImageRejected) as caught:
+                probe_image(f"{srv.url}/status/{code}/c.png", **retry)
+            assert (caught.value.reason, srv.hits[f"/status/{code}/c.png"]) == (reason, tries), code
+    with socket.socket() as s:  # nothing listens here: connection refused
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}/x.png"
+    with pytest.raises(ImageRejected) as caught:
+        load_image(refused, **retry)
+    assert caught.value.reason == "unavailable" and "(tried 3 times)" in caught.value.detail
+
+
+def test_transient_is_told_from_permanent_for_s3_errors() -> None:
+    """S3's throttling and 5xx as botocore raises them, and as s3fs wraps them."""
+    import errno
+
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from dinoalign.storage import is_transient
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def wrapped(cause: BaseException, code: int) -> OSError:  # s3fs.errors.translate_boto_error
+        exc = OSError(code, "from s3fs")
+        exc.__cause__ = cause
+        return exc
+
+    for exc in [client_error("SlowDown", 503), client_error("InternalError", 500), client_error("X", 502),
+                EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), ReadTimeoutError(endpoint_url="x"),
+                wrapped(client_error("ServiceUnavailable", 503), errno.EBUSY), ConnectionResetError()]:
+        assert is_transient(exc), exc
+    for exc in [client_error("AccessDenied", 403), client_error("InvalidRange", 416), PermissionError(),
+                FileNotFoundError(), ValueError("bad url"), wrapped(client_error("AccessDenied", 403), errno.EACCES)]:
+        assert not is_transient(exc), exc
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -273,7 +331,7 @@ def test_prepare_pairs_ends_every_hostile_url_in_rejects_with_its_reason(
     params = load_params(repo_root / "params.yaml", [
         "data.source=pairs", f"data.pairs.path={table}", "paths.incoming=null",
         f"paths.pairs={tmp_path / 'pairs'}", f"data.read_timeout_s={DEADLINE_S}",
-        "data.max_bytes=1048576",
+        "data.max_bytes=1048576", "data.read_attempts=1",
     ])
     start = time.monotonic()
     summary = prepare_pairs(params.data, params.prepare.shard_size, params.prepare.validate_images,
@@ -296,19 +354,20 @@ def test_segment_and_classify_image_read_is_one_line_not_a_runtime_error(
     """`dinoalign segment` on a 14×100000 image used to reach the segmentation resize
     (a 0-pixel side) and raise a RuntimeError; now the read refuses it: InferenceError,
     which the CLI prints as one line with exit 2 (cli.main)."""
-    from dinoalign.infer import InferenceError, _read_image
+    from dinoalign.errors import InferenceError
+    from dinoalign.predict import read_image
 
     path = tmp_path / "strip.png"
     path.write_bytes(_png((100_000, 14), "L"))
-    params = load_params(repo_root / "params.yaml", [f"data.read_timeout_s={DEADLINE_S}"])
+    params = load_params(repo_root / "params.yaml", [f"data.read_timeout_s={DEADLINE_S}", "data.read_attempts=1"])
     for uri in (str(path), server + "/tarpit.png"):
         with pytest.raises(InferenceError) as caught:
-            _read_image(uri, params)
+            read_image(uri, params.data)
         assert "\n" not in str(caught.value)
     assert "extreme_aspect_ratio" in str(
-        pytest.raises(InferenceError, _read_image, str(path), params).value
+        pytest.raises(InferenceError, read_image, str(path), params.data).value
     )
-    assert _read_image(server + "/normal.png", params).shape == (30, 40, 3)
+    assert read_image(server + "/normal.png", params.data).shape == (30, 40, 3)
 
 
 @pytest.mark.parametrize(
@@ -317,6 +376,8 @@ def test_segment_and_classify_image_read_is_one_line_not_a_runtime_error(
         ("data.read_timeout_s=0", "data.read_timeout_s must be > 0, got 0"),
         ("data.max_bytes=0", "data.max_bytes must be >= 1, got 0"),
         ("data.max_aspect_ratio=0.5", "data.max_aspect_ratio must be >= 1, got 0.5"),
+        ("data.read_attempts=0", "data.read_attempts must be >= 1, got 0"),
+        ("data.read_backoff_s=-1", "data.read_backoff_s must be >= 0 seconds, got -1"),
     ],
 )
 def test_bound_params_are_checked_at_load(repo_root: Path, override: str, message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from dinoalign.config import load_params
 from dinoalign.data.prepare import read_pairs
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import head_embeddings, image_features
-from dinoalign.embed.engine import decode_batch, run_embed
+from dinoalign.embed.engine import ShardWriter, decode_batch, run_embed
 from dinoalign.embed.store import FeatureStore, load_image_features
 
 
@@ -62,6 +63,37 @@ def world(tmp_path: Path, tiny_clip_dir: Path) -> tuple[Path, list[str]]:
 
 def _uids(store_uri: str, kind: str = "images", key: str = "uid") -> list[str]:
     return FeatureStore(store_uri).read_all(kind, [key]).column(key).to_pylist()
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    """md5 of every file under ``folder`` by relative path (what DVC's folder hash is made of)."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_shard_writer_writes_rows_in_key_order_whatever_order_they_arrive(tmp_path: Path) -> None:
+    keys = [f"{i:02d}" for i in range(10)]
+    rows = {"uid": np.array(keys, dtype=object), "cls": np.arange(20, dtype=np.float32).reshape(10, 2)}
+
+    def write(folder: str, order: list[list[int]]) -> FeatureStore:
+        store = FeatureStore(str(tmp_path / folder))
+        writer = ShardWriter(store, "images", 4, {"cls": [2]}, ("uid",), "uid", keys)
+        for part in order:
+            rejected = [i for i in part if i == 3]
+            writer.drop([keys[i] for i in rejected])
+            writer.add({k: v[[i for i in part if i not in rejected]] for k, v in rows.items()})
+        writer.close()
+        return store
+
+    in_order = write("a", [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
+    write("b", [[9, 7], [3, 5, 1], [8, 6, 4], [2, 0]])  # how an engine's workers may finish
+    assert _file_digests(tmp_path / "a") == _file_digests(tmp_path / "b")
+    assert [in_order.read_table("images", n).column("uid").to_pylist() for n in in_order.shards("images")] == [
+        ["00", "01", "02", "04"], ["05", "06", "07", "08"], ["09"]]
+    lost = ShardWriter(FeatureStore(str(tmp_path / "c")), "images", 4, {"cls": [2]}, ("uid",), "uid", keys)
+    lost.add({k: v[:9] for k, v in rows.items()})
+    with pytest.raises(RuntimeError, match="1 images rows never came back from the engine"):
+        lost.close()
 
 
 def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[str]]) -> None:
@@ -129,6 +161,9 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
     stats_file = client.download_artifacts(run.info.run_id, "ray_data_stats.txt", str(root / "dl"))
     assert "MapBatches(ImageEmbedder)" in Path(stats_file).read_text()
 
+    # the same inputs give the same bytes (the DVC hash of the features) whichever order
+    # Ray Data's workers finish in: rows are written by uid, as the plain loop writes them
+    assert _file_digests(root / "ray") == _file_digests(root / "local")
     cols = ["cls", "token_mean", "head_embeddings", "clip_image"]
     a = load_image_features(str(root / "local"), cols)
     b = load_image_features(str(root / "ray"), cols)
@@ -190,6 +225,53 @@ def test_bad_files_end_in_rejects_and_good_ones_in_shards(tmp_path: Path, tiny_c
     # a second run retries nothing and loses nothing
     again = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
     assert again["images_embedded"] == 0 and again["rejects_total"] == len(rejects)
+
+
+@pytest.mark.timeout(300)
+def test_a_transient_reject_is_retried_on_the_next_run_a_permanent_one_is_not(
+    tmp_path: Path, tiny_clip_dir: Path
+) -> None:
+    """Issue #20: an image whose server answered 503 past this run's tries is a transient
+    reject (``unavailable``) the next run tries again, and embeds once the server is back;
+    a 404 (``missing``) or 403 (``read_error``) is never asked for again."""
+    from flaky_http import flaky_server
+
+    with flaky_server() as srv:
+        paths = {"ok": "/ok/a.png", "blip": "/flaky/1/b.png", "outage": "/flaky/2/c.png",
+                 "gone": "/status/404/d.png", "denied": "/status/403/e.png"}
+        table = tmp_path / "pairs.csv"
+        with table.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "caption"])
+            for name, path in paths.items():
+                w.writerow([srv.url + path, f"caption of {name}"])
+        ov = _prepare(tmp_path, tiny_clip_dir, **{
+            "data.source": "pairs", "data.pairs.path": str(table), "prepare.validate_images": "false",
+            "embed.engine": "local", "data.read_attempts": "2", "data.read_backoff_s": "0.01"})
+        params = load_params("/nonexistent/params.yaml", ov)
+        manifest = read_pairs(tmp_path / "pairs")
+        uid = {n: u for u, uri in zip(manifest.column("uid").to_pylist(), manifest.column("image_uri").to_pylist())
+               for n, p in paths.items() if uri == srv.url + p}
+
+        first = run_embed(params, manifest)
+        # the blip (one 503) passed on its second try; the outage (two 503s) did not
+        assert sorted(_uids(str(tmp_path / "features"))) == sorted([uid["ok"], uid["blip"]])
+        rejects = {r["uid"]: r["reason"] for r in FeatureStore(str(tmp_path / "features")).read_rejects().to_pylist()}
+        assert rejects == {uid["outage"]: "unavailable", uid["gone"]: "missing", uid["denied"]: "read_error"}
+        assert first["images_rejected_transient"] == 1 and first["images_rejected"] == 3
+        assert [srv.hits[paths[n]] for n in ("blip", "outage", "gone", "denied")] == [2, 2, 1, 1]
+
+        second = run_embed(params, manifest)
+        assert second["images_embedded"] == 1 and second["images_retried"] == 1
+        assert second["images_skipped"] == 4 and second["images_rejected"] == 0
+        assert [srv.hits[paths[n]] for n in ("ok", "blip", "outage", "gone", "denied")] == [1, 2, 3, 1, 1]
+    uids = _uids(str(tmp_path / "features"))
+    assert sorted(uids) == sorted([uid["ok"], uid["blip"], uid["outage"]]) and len(set(uids)) == 3
+    rejects = {r["uid"]: r["reason"] for r in FeatureStore(str(tmp_path / "features")).read_rejects().to_pylist()}
+    assert rejects == {uid["gone"]: "missing", uid["denied"]: "read_error"}  # one row per uid, the last outcome
+    assert set(uids) | set(rejects) == set(uid.values())  # every input accounted
+    caps = _uids(str(tmp_path / "features"), "captions", "uid")
+    assert sorted(caps) == sorted(uids)  # the retried image's caption too
 
 
 def test_real_coco_images_reach_the_shards_at_the_papers_preprocessing(

@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import io
 import math
+import random
+import time
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dinoalign.storage import ReadTimedOut, ReadTooLarge, read_bytes
+from dinoalign.storage import ReadTimedOut, ReadTooLarge, is_transient, read_bytes
 
 REJECT_REASONS: dict[str, str] = {
     "missing": "the file or object does not exist",
@@ -58,16 +60,26 @@ REJECT_REASONS: dict[str, str] = {
     "checked from the header before decoding",
     "too_small": "a side shorter than min_side (one ViT patch)",
     "unsupported_mode": "a pixel mode PIL cannot convert to RGB",
-    "read_error": "an I/O or network error while reading the bytes",
+    "read_error": "an error reading the bytes that trying again will not mend (access denied, "
+    "a bad request, an unreadable file)",
     "read_timeout": "the bytes did not arrive within read_timeout_s (a stalled or trickling "
-    "server): the read is abandoned, not waited for",
+    "server): the read is abandoned, not waited for; transient",
+    "unavailable": "the source failed for now (HTTP 429 or 5xx, a refused or reset connection, "
+    "S3 throttling or a server error); transient",
     "too_large": "more than max_bytes bytes (declared or streamed): the read stops at the cap",
     "extreme_aspect_ratio": "long side / short side above max_aspect_ratio, checked from the "
     "header before decoding",
 }
 
+# Reasons of a read that may succeed later: each read is tried again within the call
+# (read_attempts, with backoff), and the embed stage retries their uids on its next run
+# instead of remembering them as done.
+TRANSIENT_REASONS = frozenset({"read_timeout", "unavailable"})
+
 # Defaults of the read and shape bounds (DataConfig's; callers pass params.data's values).
 DEFAULT_READ_TIMEOUT_S = 60.0
+DEFAULT_READ_ATTEMPTS = 3
+DEFAULT_READ_BACKOFF_S = 1.0
 DEFAULT_MAX_BYTES = 64 * 2**20
 DEFAULT_MAX_ASPECT_RATIO = 20.0
 
@@ -137,6 +149,8 @@ def image_limits(data: Any) -> dict[str, Any]:
         "max_aspect_ratio": data.max_aspect_ratio,
         "max_bytes": data.max_bytes,
         "read_timeout_s": data.read_timeout_s,
+        "read_attempts": data.read_attempts,
+        "read_backoff_s": data.read_backoff_s,
     }
 
 
@@ -160,13 +174,17 @@ def load_image(
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     max_bytes: int = DEFAULT_MAX_BYTES,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    read_attempts: int = DEFAULT_READ_ATTEMPTS,
+    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
 ) -> np.ndarray:
     """Read ``uri`` (local path, ``s3://``, ``http(s)://``) and decode it: H×W×3 uint8 RGB.
 
     The read stops at ``max_bytes`` (``too_large``) or after ``read_timeout_s`` in all
-    (``read_timeout``); see :func:`dinoalign.storage.read_bytes`."""
+    (``read_timeout``); see :func:`dinoalign.storage.read_bytes`. A transient failure
+    (:data:`TRANSIENT_REASONS`) is tried ``read_attempts`` times in all, waiting
+    ``read_backoff_s`` × 2^k (k = 0, 1, ...; jittered) between tries."""
     return decode_image(
-        _read(uri, max_bytes, read_timeout_s),
+        _read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s),
         max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
     )
 
@@ -176,11 +194,14 @@ def probe_image(
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     max_bytes: int = DEFAULT_MAX_BYTES,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    read_attempts: int = DEFAULT_READ_ATTEMPTS,
+    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
 ) -> tuple[int, int]:
     """Validate ``uri`` with a full decode (truncation is caught) and return its upright
-    ``(width, height)``, skipping the EXIF rotation and RGB conversion of the pixels."""
+    ``(width, height)``, skipping the EXIF rotation and RGB conversion of the pixels.
+    Reads as :func:`load_image` does."""
     image = _open_validated(
-        _read(uri, max_bytes, read_timeout_s),
+        _read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s),
         max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
     )
     width, height = image.size
@@ -323,7 +344,23 @@ def _resize_centre_window(array: np.ndarray, scale: int, size: int, interpolatio
     return np.array(resized)
 
 
-def _read(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
+def _read(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+          attempts: int = DEFAULT_READ_ATTEMPTS, backoff_s: float = DEFAULT_READ_BACKOFF_S) -> bytes:
+    """The bytes at ``uri``, tried up to ``attempts`` times while the failure is transient."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _read_once(uri, max_bytes, timeout_s)
+        except ImageRejected as exc:
+            if exc.reason not in TRANSIENT_REASONS or attempt >= attempts:
+                if attempt > 1:
+                    exc.detail = f"{exc.detail} (tried {attempt} times)"
+                raise
+        # exponential backoff with jitter, so that workers do not retry a server in step
+        time.sleep(backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _read_once(uri: str, max_bytes: int, timeout_s: float) -> bytes:
     try:
         return read_bytes(uri, max_bytes=max_bytes, timeout_s=timeout_s)
     except FileNotFoundError:
@@ -333,7 +370,8 @@ def _read(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, timeout_s: float = DEFAU
     except (ReadTimedOut, TimeoutError) as exc:  # TimeoutError: a client's own timeout
         raise ImageRejected("read_timeout", str(exc) or f"{uri}: {type(exc).__name__}") from None
     except Exception as exc:  # fsspec backends raise their own network/client error types
-        raise ImageRejected("read_error", f"{uri}: {type(exc).__name__}: {exc}") from None
+        reason = "unavailable" if is_transient(exc) else "read_error"
+        raise ImageRejected(reason, f"{uri}: {type(exc).__name__}: {exc}") from None
 
 
 def _open_validated(

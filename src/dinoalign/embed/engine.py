@@ -7,8 +7,13 @@ Two engines share the same decode function, model holders and writer:
 - ``local``: a single-process loop with a torch DataLoader for decoding (the benchmark
   baseline, and handy for tiny runs).
 
-Incremental: uids already in complete shards (same feature spec) or already rejected
-are skipped; a changed spec (other models, weights or preprocessing) starts afresh.
+Incremental: uids already in complete shards (same feature spec) or rejected for good
+are skipped; a transient reject (``read_timeout``, ``unavailable``) is tried again; a
+changed spec (other models, weights or preprocessing) starts afresh.
+
+Reproducible: rows are written in uid order (captions by uid, caption index), whatever
+order the engine returns them in (:class:`ShardWriter`), and this run's rejects by uid, so
+two runs over the same inputs write the same bytes (the same DVC hash of the folder).
 
 Preprocessing comes from each model's own config: the backbone's mean, std,
 interpolation and crop from timm's data config of the built model (``embed.interpolation``
@@ -23,10 +28,11 @@ import hashlib
 import json
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
@@ -34,7 +40,10 @@ from dinoalign.config import Params
 from dinoalign.data.images import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_BYTES,
+    DEFAULT_READ_ATTEMPTS,
+    DEFAULT_READ_BACKOFF_S,
     DEFAULT_READ_TIMEOUT_S,
+    TRANSIENT_REASONS,
     ImageRejected,
     load_image,
     resize_crop,
@@ -54,7 +63,8 @@ def decode_batch(
     batch: dict[str, np.ndarray], *, img_size: int, interpolation: str, max_pixels: int, min_side: int,
     crop_pct: float = 1.0, crop_mode: str = "center",
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_BYTES,
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, read_attempts: int = DEFAULT_READ_ATTEMPTS,
+    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
 ) -> dict[str, np.ndarray]:
     """uids + image URIs -> uint8 images N×S×S×3 (:func:`~dinoalign.data.images.resize_crop`:
     at crop_pct 1 and ``center``, short-side resize + centre crop) and a reject reason per
@@ -68,7 +78,8 @@ def decode_batch(
             images[i] = resize_crop(
                 load_image(str(uri), max_pixels=max_pixels, min_side=min_side,
                            max_aspect_ratio=max_aspect_ratio, max_bytes=max_bytes,
-                           read_timeout_s=read_timeout_s),
+                           read_timeout_s=read_timeout_s, read_attempts=read_attempts,
+                           read_backoff_s=read_backoff_s),
                 img_size, interpolation,
                 crop_pct, crop_mode,
             )
@@ -231,6 +242,8 @@ def _ray_stream(
     ctx.enable_progress_bars = True
     n_blocks = max(1, min(len(rows) // max(cfg.decode_batch_size, 1), 64))
     ds = ray.data.from_arrow(rows).repartition(n_blocks)
+    # rows come back in input order, so the writer's reorder buffer (ShardWriter) stays small
+    ds.context.execution_options.preserve_order = True
     if decode:
         ds = ds.map_batches(make_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
                             num_cpus=cfg.decode_num_cpus)
@@ -300,7 +313,8 @@ class _Decode:
                        crop_pct=preprocessing["crop_pct"], crop_mode=preprocessing["crop_mode"],
                        max_pixels=params.data.max_pixels, min_side=params.data.min_side,
                        max_aspect_ratio=params.data.max_aspect_ratio,
-                       max_bytes=params.data.max_bytes, read_timeout_s=params.data.read_timeout_s)
+                       max_bytes=params.data.max_bytes, read_timeout_s=params.data.read_timeout_s,
+                       read_attempts=params.data.read_attempts, read_backoff_s=params.data.read_backoff_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return decode_batch(batch, **self.kw)
@@ -308,47 +322,79 @@ class _Decode:
 
 # ----------------------------------------------------------------------------- writer
 class ShardWriter:
-    """Buffers streamed rows and writes whole shards of ``shard_rows``."""
+    """Writes streamed rows as whole shards of ``shard_rows``, in the order of ``keys``.
+
+    Engines deliver rows in whatever order their workers finish (Ray Data's, today), so
+    the writer puts them back in the planned order (the callers sort ``keys``): the same
+    inputs give the same shards, byte for byte, and the same DVC hash. Every planned key
+    arrives exactly once, as a row (:meth:`add`, keyed by its ``key`` column) or as a
+    reject (:meth:`drop`); a row waits until every earlier key has arrived, and
+    :meth:`close` raises if a key never did, so no row is lost without a trace."""
 
     def __init__(self, store: FeatureStore, kind: str, shard_rows: int, shapes: dict[str, list[int]],
-                 string_cols: tuple[str, ...]) -> None:
+                 string_cols: tuple[str, ...], key: str, keys: Sequence[str]) -> None:
         self.store, self.kind, self.shard_rows = store, kind, shard_rows
-        self.shapes, self.string_cols = shapes, string_cols
-        self.buffer: list[dict[str, np.ndarray]] = []
-        self.buffered = 0
+        self.shapes, self.string_cols, self.key = shapes, string_cols, key
+        self.position = {k: i for i, k in enumerate(keys)}
+        self.waiting: dict[int, dict[str, Any] | None] = {}  # arrived out of order; None: dropped
+        self.next = 0  # position of the first key that has not arrived
+        self.ready: list[dict[str, Any]] = []  # rows in order, fewer than shard_rows
         self.written = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        if len(next(iter(batch.values()))) == 0:
-            return
-        self.buffer.append(batch)
-        self.buffered += len(next(iter(batch.values())))
-        while self.buffered >= self.shard_rows:
-            self._flush(self.shard_rows)
+        """Rows of one output batch (every column, one row per key)."""
+        for i, k in enumerate(batch[self.key]):
+            self._arrive(str(k), {c: v[i] for c, v in batch.items()})
+        self._release()
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Planned keys that end as rejects, not rows."""
+        for k in keys:
+            self._arrive(str(k), None)
+        self._release()
 
     def close(self) -> None:
-        while self.buffered:
-            self._flush(min(self.buffered, self.shard_rows))
+        missing = len(self.position) - self.next
+        if missing:
+            first = next(k for k, i in self.position.items() if i == self.next)
+            raise RuntimeError(
+                f"embed: {missing} {self.kind} rows never came back from the engine (first: {first}); "
+                "the shards written so far are kept: re-run embed to finish"
+            )
+        if self.ready:
+            self._write()
 
-    def _flush(self, n: int) -> None:
-        merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
-        head = {k: v[:n] for k, v in merged.items()}
-        rest = {k: v[n:] for k, v in merged.items()}
-        self.buffer = [rest] if len(next(iter(rest.values()))) else []
-        self.buffered -= n
+    def _arrive(self, key: str, row: dict[str, Any] | None) -> None:
+        pos = self.position.get(key)
+        if pos is None or pos < self.next or pos in self.waiting:
+            raise RuntimeError(f"embed: {self.kind} key {key} was not planned for this run or came back twice")
+        self.waiting[pos] = row
+
+    def _release(self) -> None:
+        while self.next in self.waiting:
+            row = self.waiting.pop(self.next)
+            self.next += 1
+            if row is not None:
+                self.ready.append(row)
+                if len(self.ready) == self.shard_rows:
+                    self._write()
+
+    def _write(self) -> None:
+        rows, self.ready = self.ready, []
         arrays, names = [], []
         for c in self.string_cols:
-            arrays.append(pa.array([str(x) for x in head[c]], type=pa.string()))
+            arrays.append(pa.array([str(r[c]) for r in rows], type=pa.string()))
             names.append(c)
-        if "caption_index" in head:
-            arrays.append(pa.array(head["caption_index"].astype(np.int32)))
+        if "caption_index" in rows[0]:
+            arrays.append(pa.array([int(r["caption_index"]) for r in rows], type=pa.int32()))
             names.append("caption_index")
         for c in self.shapes:
-            if c in head:
-                arrays.append(vector_column(head[c], pa.float16() if c in HALF_COLUMNS else pa.float32()))
+            if c in rows[0]:
+                values = np.stack([r[c] for r in rows])
+                arrays.append(vector_column(values, pa.float16() if c in HALF_COLUMNS else pa.float32()))
                 names.append(c)
         self.store.write_shard(self.kind, pa.Table.from_arrays(arrays, names=names))
-        self.written += n
+        self.written += len(rows)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -375,12 +421,18 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
     # ---- images
     done = store.keys("images", "uid")
     rejects = store.read_rejects()
-    rejected = set(rejects.column("uid").to_pylist())
+    # a transient reject (a timeout, a 5xx) is not done: its uid is tried again, and this
+    # run's outcome replaces its old row
+    transient = pc.is_in(rejects.column("reason"), value_set=pa.array(sorted(TRANSIENT_REASONS)))
+    rejected = set(rejects.filter(pc.invert(transient)).column("uid").to_pylist())
     manifest_uids = manifest.column("uid").to_pylist()
     todo_mask = [u not in done and u not in rejected for u in manifest_uids]
-    todo = manifest.filter(pa.array(todo_mask)).select(["uid", "image_uri"])
+    todo = manifest.filter(pa.array(todo_mask)).select(["uid", "image_uri"]).sort_by("uid")
+    in_todo = pc.is_in(rejects.column("uid"), value_set=todo.column("uid"))
+    retried, rejects = rejects.filter(in_todo), rejects.filter(pc.invert(in_todo))
     image_shapes = {c: s for c, s in spec["columns"].items() if not c.startswith("text_")}
-    writer = ShardWriter(store, "images", cfg.shard_rows, image_shapes, ("uid",))
+    writer = ShardWriter(store, "images", cfg.shard_rows, image_shapes, ("uid",), "uid",
+                         todo.column("uid").to_pylist())
     new_rejects: list[dict[str, str]] = []
     model_seconds = 0.0
     t0 = time.perf_counter()
@@ -392,6 +444,7 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
                 new_rejects.append({"uid": str(batch["uid"][i]), "stage": STAGE, "reason": str(batch["reject_reason"][i]),
                                     "detail": str(batch["reject_detail"][i]), "key": ""})
             model_seconds += float(batch["model_seconds"].sum())
+            writer.drop(batch["uid"][bad])
             writer.add({k: v[~bad] for k, v in batch.items() if k not in ("reject_reason", "reject_detail", "model_seconds")})
         writer.close()
         _save_rejects(store, rejects, new_rejects)
@@ -402,7 +455,8 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
     done_captions = store.keys("captions", "caption_id")
     cap_rows = _caption_rows(manifest, embedded, done_captions)
     text_shapes = {c: s for c, s in spec["columns"].items() if c.startswith("text_")}
-    cwriter = ShardWriter(store, "captions", cfg.shard_rows * 4, text_shapes, ("caption_id", "uid", "caption"))
+    cwriter = ShardWriter(store, "captions", cfg.shard_rows * 4, text_shapes, ("caption_id", "uid", "caption"),
+                          "caption_id", cap_rows.column("caption_id").to_pylist())
     t0 = time.perf_counter()
     caption_report: dict[str, Any] = {}
     if len(cap_rows):
@@ -417,6 +471,8 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
         "images_embedded": writer.written,
         "captions_embedded": cwriter.written,
         "images_rejected": len(new_rejects),
+        "images_rejected_transient": sum(r["reason"] in TRANSIENT_REASONS for r in new_rejects),
+        "images_retried": retried.num_rows,
         "images_total": sum(e["rows"] for e in entries if e["kind"] == "images"),
         "captions_total": sum(e["rows"] for e in entries if e["kind"] == "captions"),
         "rejects_total": all_rejects.num_rows,
@@ -442,7 +498,9 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
 
 
 def _save_rejects(store: FeatureStore, old: pa.Table, new: list[dict[str, str]]) -> None:
-    store.write_rejects(pa.concat_tables([old.cast(REJECTS_SCHEMA), pa.Table.from_pylist(new, schema=REJECTS_SCHEMA)]))
+    # this run's rejects by uid, not in the engine's order: the same inputs, the same bytes
+    new_table = pa.Table.from_pylist(sorted(new, key=lambda r: r["uid"]), schema=REJECTS_SCHEMA)
+    store.write_rejects(pa.concat_tables([old.cast(REJECTS_SCHEMA), new_table]))
 
 
 def _caption_rows(manifest: pa.Table, embedded: set[str], done: set[str]) -> pa.Table:
@@ -457,4 +515,5 @@ def _caption_rows(manifest: pa.Table, embedded: set[str], done: set[str]) -> pa.
                 cids.append(cid)
                 idxs.append(i)
                 texts.append(cap)
-    return pa.table({"caption_id": cids, "uid": uids, "caption_index": pa.array(idxs, pa.int32()), "caption": texts})
+    table = pa.table({"caption_id": cids, "uid": uids, "caption_index": pa.array(idxs, pa.int32()), "caption": texts})
+    return table.sort_by([("uid", "ascending"), ("caption_index", "ascending")])
