@@ -167,7 +167,22 @@ def demo_models(demo_features: DemoFeatures, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="session")
 def evaluated_demo(demo_models: DemoModels) -> DemoModels:
-    """``demo_models`` after ``dinoalign evaluate`` (all three recipes)."""
+    """``demo_models`` after ``dinoalign evaluate`` (all three recipes); dinotxt's weights
+    registered first, as the align stage registers them (a logged model, a version of
+    dinoalign-dinotxt tagged with the weights' sha256), so its evaluation finds the version."""
+    import hashlib
+
+    import mlflow
+
+    from dinoalign.tracking import WEIGHTS_TAG, registered_model_name
+
+    sha = hashlib.sha256((demo_models.model_dir("dinotxt") / "model.safetensors").read_bytes()).hexdigest()
+    mlflow.set_tracking_uri(f"sqlite:///{demo_models.root / 'mlruns.db'}")
+    hand = mlflow.create_experiment("registered-by-hand", artifact_location=(demo_models.root / "hand").as_uri())
+    mlflow.set_experiment(experiment_id=hand)
+    with mlflow.start_run(run_name="align@dinotxt"):
+        logged = mlflow.initialize_logged_model(name="model", tags={WEIGHTS_TAG: sha})
+        mlflow.register_model(f"models:/{logged.model_id}", registered_model_name("dinotxt"), tags={WEIGHTS_TAG: sha})
     assert demo_models.main("evaluate") == 0
     return demo_models
 

@@ -61,11 +61,15 @@ def test_mlflow_runs_are_opened_only_by_stages_and_retrain() -> None:
 RUN_METADATA = {"tracking", "profile"}
 # Sections a stage hands whole to the library, which reads the declared parts: align
 # gives its section to plan_align/fit, which read align.<recipe> and the Ray keys (listed
-# one by one in dvc.yaml so that align@talk2dino does not re-run for dinotxt's section).
-WHOLE_SECTIONS = {"align": {"align"}}
+# one by one in dvc.yaml so that align@talk2dino does not re-run for dinotxt's section);
+# evaluate gives its section to evaluate_model, which reads every key but mlflow_ui, and
+# its command sets evaluate.recipes (test_evaluate_declares_each_evaluate_key_but_the_reports).
+# Evaluate's AlignedModel.from_params reads align.<recipe>.text_encoder of every recipe
+# that has one (Towers: only talk2dino; declared as such).
+WHOLE_SECTIONS = {"align": {"align"}, "evaluate": {"evaluate", "evaluate.recipes", "align"}}
 # A DataConfig passed whole to image_limits reads exactly the image bounds.
 IMAGE_LIMITS = ("data.max_pixels", "data.min_side", "data.max_aspect_ratio", "data.max_bytes",
-                "data.read_timeout_s")
+                "data.read_timeout_s", "data.read_attempts", "data.read_backoff_s")
 
 
 def _chain(node: ast.AST) -> list[str] | None:
@@ -121,6 +125,80 @@ def test_dvc_declares_the_params_a_stage_reads(name: str) -> None:
     assert undeclared == [], f"dvc.yaml {name}: params lacks {undeclared}"
 
 
+def test_evaluate_declares_each_evaluate_key_but_the_reports() -> None:
+    """evaluate@<recipe> depends on every ``evaluate.*`` key except ``recipes`` (its command
+    sets it) and ``mlflow_ui`` (only the report's links use it), so that neither re-runs
+    the three evaluations."""
+    import dataclasses
+
+    from dinoalign.evaluate.config import EvaluateConfig
+
+    declared = {p for p in DVC["evaluate"]["do"]["params"] if p.startswith("evaluate")}
+    fields = {f"evaluate.{f.name}" for f in dataclasses.fields(EvaluateConfig)}
+    assert declared == fields - {"evaluate.recipes", "evaluate.mlflow_ui"}
+    assert "evaluate" in DVC["report"]["params"]
+
+
+def test_the_dvc_metrics_are_the_evaluate_headlines_and_the_report_reads_the_details() -> None:
+    """Issue #17: ``dvc exp show`` / ``metrics diff`` columns are the headline numbers of
+    metrics/<recipe>.json only; its details file is a plain out, which the report reads."""
+    metrics = {name: DVC[name].get("do", DVC[name]).get("metrics", []) for name in STAGE_NAMES}
+    assert {k: v for k, v in metrics.items() if v} == {"evaluate": ["metrics/${item}.json"]}
+    assert "metrics/${item}.details.json" in DVC["evaluate"]["do"]["outs"]
+    recipes = DVC["evaluate"]["foreach"]
+    assert [d for d in DVC["report"]["deps"] if d.startswith("metrics/")] == [
+        f"metrics/{r}.details.json" for r in recipes
+    ]
+
+
+def _stage_outputs() -> list[str]:
+    """Every out, metric and plot file of dvc.yaml's stages, ``foreach`` expanded."""
+    found = []
+    for stage in DVC.values():
+        body = stage.get("do", stage)
+        for item in stage.get("foreach", [None]):
+            for kind in ("outs", "metrics", "plots"):
+                for out in body.get(kind, []):
+                    path = out if isinstance(out, str) else next(iter(out))
+                    found.append(path.replace("${item}", item or ""))
+    return found
+
+
+def test_a_report_only_key_makes_only_the_report_stale(tmp_path: Path) -> None:
+    """Issue #17: with a dvc.lock that matches the tree (``dvc commit --force`` over a
+    skeleton of every output: nothing runs), changing a key only the report reads makes
+    ``dvc status`` list the report alone (``evaluate.mlflow_ui`` re-ran all evaluations)."""
+    import json
+    import subprocess
+    import sys
+
+    from ops.ops_checkout import copy_checkout
+
+    from dinoalign.config import apply_overrides
+
+    root = copy_checkout(REPO, tmp_path, {})
+    for name in _stage_outputs():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix:  # a file (x.json, curve.csv, index.html), else a directory
+            path.write_text("{}\n")
+        else:
+            path.mkdir(exist_ok=True)
+            (path / "skeleton").write_text("")
+    dvc = [str(Path(sys.executable).with_name("dvc"))]
+
+    def status() -> dict:
+        done = subprocess.run([*dvc, "status", "--json"], cwd=root, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    subprocess.run([*dvc, "commit", "--force", "--quiet"], cwd=root, check=True, capture_output=True)
+    assert status() == {}
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, ["evaluate.mlflow_ui=http://mlflow:80"])))
+    assert list(status()) == ["report"]
+
+
 def test_run_stage_refuses_an_unknown_stage() -> None:
     with pytest.raises(KeyError, match="unknown stage 'nope'; stages: prepare, teacher"):
         run_stage("nope", None, REPO)
@@ -156,7 +234,7 @@ def test_summary_ends_the_demo_with_headline_numbers_the_report_and_mlflow(tmp_p
     (tmp_path / "metrics").mkdir()
     block = {"zeroshot": {"top1": 0.25, "chance_top1": 1 / 30},
              "segmentation": {"miou": 0.125, "chance_miou": 0.003}}
-    (tmp_path / "metrics" / "dinotxt.json").write_text(json.dumps({**block, "heldout": block}))
+    (tmp_path / "metrics" / "dinotxt.details.json").write_text(json.dumps({**block, "heldout": block}))
     assert main(["summary", "-p", str(tmp_path / "params.yaml")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "evaluate@dinotxt [seen]: zero-shot top-1 0.250 (chance 0.033), mIoU 0.125 (chance 0.003)" in out

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The pipeline stages, in order: " + " -> ".join(STAGE_NAMES)
         + ". `dvc repro` runs them all; `dinoalign <stage>` runs one. README.md has the rest.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     for name in STAGE_NAMES:
         _params_args(sub.add_parser(name, help=f"stage: {summary(name)}"))
@@ -81,13 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _summary(params: typing.Any, root: Path) -> str:
     """What ``make demo`` ends with: per recipe the evaluate stage's summary line (each
-    number with its chance level), the report's path and the MLflow UI command."""
+    number with its chance level, from ``metrics/<recipe>.details.json``), the report's
+    path and the MLflow UI command."""
+    from dinoalign.evaluate.headline import details_path
     from dinoalign.evaluate.outputs import summary_line
     from dinoalign.storage import under_root
 
     lines = []
     for recipe in params.evaluate.recipes:
-        path = Path(under_root(params.paths.metrics, root)) / f"{recipe}.json"
+        path = details_path(under_root(params.paths.metrics, root), recipe)
         if path.is_file():
             lines.append(summary_line(recipe, json.loads(path.read_text())))
         else:
@@ -98,7 +100,7 @@ def _summary(params: typing.Any, root: Path) -> str:
     return "\n".join(lines)
 
 
-def _version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -41,10 +41,13 @@ from dinoalign.train.config import AlignConfig
 
 @dataclasses.dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow: ``uri`` None means ``$MLFLOW_TRACKING_URI`` or the embedded sqlite store."""
+    """MLflow: ``uri`` None means ``$MLFLOW_TRACKING_URI`` or the embedded sqlite store;
+    ``system_metrics``: every stage run also records CPU, memory, disk and network use
+    (MLflow's system metrics, psutil; GPUs with pynvml)."""
 
     uri: str | None = None
     experiment: str = "dinoalign"
+    system_metrics: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,10 @@ class DataConfig:
     read_timeout_s: float = 60.0
     max_bytes: int = 64 * 2**20
     max_aspect_ratio: float = 20.0
+    # a transient read failure (read_timeout, unavailable) is tried this many times in all,
+    # read_backoff_s × 2^k apart (jittered); the embed stage also retries it on its next run
+    read_attempts: int = 3
+    read_backoff_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCE_NAMES:  # else the registry (its modules load pandas, pyarrow)
@@ -83,7 +90,10 @@ class DataConfig:
                                  f"got {self.allowed_roots!r}")
             if self.pairs.allowed_roots is None:
                 object.__setattr__(self, "pairs", dataclasses.replace(self.pairs, allowed_roots=list(self.allowed_roots)))
-        _check_at_least(self, "data", 1, "max_pixels", "min_side", "max_bytes", "max_aspect_ratio")
+        _check_at_least(self, "data", 1, "max_pixels", "min_side", "max_bytes", "max_aspect_ratio", "read_attempts")
+        if isinstance(self.read_backoff_s, bool) or not isinstance(self.read_backoff_s, (int, float)) \
+                or not 0 <= self.read_backoff_s < float("inf"):
+            raise ConfigError(f"data.read_backoff_s must be >= 0 seconds, got {self.read_backoff_s!r}")
         if isinstance(self.read_timeout_s, bool) or not isinstance(self.read_timeout_s, (int, float)) \
                 or not 0 < self.read_timeout_s < float("inf"):
             raise ConfigError(f"data.read_timeout_s must be > 0, got {self.read_timeout_s!r}")

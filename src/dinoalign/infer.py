@@ -20,29 +20,26 @@ outside them, so a class with such a word is refused (``--allow-unknown`` to go 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dinoalign.config import Params, load_params
-from dinoalign.data.images import ImageRejected, image_limits, load_image
 from dinoalign.errors import InferenceError
+from dinoalign.predict import MAX_SEGMENT_CLASSES
 from dinoalign.storage import under_root
 
 if TYPE_CHECKING:
     from dinoalign.model import AlignedModel
+    from dinoalign.predict import Predictor
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
 INDEX_META = "index.json"
-MAX_SEGMENT_CLASSES = 254  # labels 0..255 in an 8-bit PNG, one reserved for background
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def _check_output(path: Path | None, flag: str) -> None:
@@ -68,25 +65,18 @@ def _handle(
 
 
 def _load(args: argparse.Namespace, params: Params, root: Path) -> AlignedModel:
-    import torch
+    return _predictor(args, params, root).model
 
-    from dinoalign.model import AlignedModel
+
+def _predictor(args: argparse.Namespace, params: Params, root: Path) -> Predictor:
+    """The model of ``--model`` (a folder relative to the cwd, or an MLflow URI) with the
+    towers and settings of the params; the vocabulary check off with ``--allow-unknown``."""
+    from dinoalign.predict import Predictor
 
     reference = args.model
     if "://" not in reference and not reference.startswith(("models:/", "runs:/")):
-        reference = str(
-            Path(reference).resolve()
-        )  # a folder on the command line is relative to the cwd
-    device = args.device or params.evaluate.device
-    torch.set_num_threads(params.evaluate.torch_threads)
-    return AlignedModel.load(reference, params, root, device, params.evaluate.batch_size)
-
-
-def _read_image(uri: str, params: Params) -> np.ndarray:
-    try:
-        return load_image(uri, **image_limits(params.data))
-    except ImageRejected as e:
-        raise InferenceError(f"cannot use image {uri}: {e}") from None
+        reference = str(Path(reference).resolve())  # a folder on the command line is relative to the cwd
+    return Predictor.from_params(reference, params, root, args.device)
 
 
 # ----------------------------------------------------------------------------- classes
@@ -95,64 +85,16 @@ def _read_image(uri: str, params: Params) -> np.ndarray:
 def parse_classes(text: str, max_classes: int | None = None) -> list[str]:
     """``"cat, dog,sky"`` -> ``["cat", "dog", "sky"]``; empty names, repeats (ignoring
     case) and more than ``max_classes`` names are errors."""
-    names = [n.strip() for n in text.split(",")]
-    if not text.strip() or any(not n for n in names):
+    from dinoalign.predict import check_classes
+
+    if not text.strip() or any(not n.strip() for n in text.split(",")):
         raise InferenceError(
             f"--classes {text!r} has an empty class name: give names separated by commas"
         )
-    seen: dict[str, str] = {}
-    for name in names:
-        if name.lower() in seen:
-            raise InferenceError(f"class {name!r} is given twice in --classes")
-        seen[name.lower()] = name
-    if max_classes is not None and len(names) > max_classes:
-        raise InferenceError(
-            f"{len(names)} classes; at most {max_classes} fit in an 8-bit label map"
-        )
-    return names
-
-
-def training_vocabulary(params: Params, root: Path) -> set[str] | None:
-    """Lower-case words of the train-split captions of the pairs manifest (what a text
-    encoder trained on them has seen), None when the manifest is not here."""
-    from dinoalign.data.prepare import read_pairs
-
-    pairs_dir = Path(under_root(params.paths.pairs, root))
-    if not (pairs_dir / "summary.json").is_file():
-        return None
-    table = read_pairs(pairs_dir)
-    words: set[str] = set()
-    for split, captions in zip(
-        table.column("split").to_pylist(), table.column("captions").to_pylist()
-    ):
-        if split == "train":
-            for caption in captions:
-                words.update(_WORD.findall(caption.lower()))
-    return words
-
-
-def check_known_classes(
-    model: AlignedModel, classes: Sequence[str], params: Params, root: Path
-) -> None:
-    """Refuse class words that the model's text encoder cannot know: a recipe's own text
-    tower (``text_input`` ``own``: dinotxt's) and the demo teacher CLIP
-    (``teacher.enabled``) learnt only the train captions."""
-    from dinoalign.recipes.base import OWN_TEXT
-
-    if model.recipe.text_input != OWN_TEXT and not params.teacher.enabled:
-        return  # a pretrained CLIP text tower: open vocabulary
-    vocabulary = training_vocabulary(params, root)
-    if vocabulary is None:
-        return
-    unknown = {c: [w for w in _WORD.findall(c.lower()) if w not in vocabulary] for c in classes}
-    unknown = {c: words for c, words in unknown.items() if words}
-    if unknown:
-        listed = "; ".join(f"{c!r} ({', '.join(w)})" for c, w in unknown.items())
-        raise InferenceError(
-            f"unknown classes for this {model.name} model: {listed}. Its text encoder was trained only "
-            f"on the captions of {params.paths.pairs}, which never use these words, so it cannot "
-            f"recognise them; pass --allow-unknown to score them anyway"
-        )
+    try:
+        return check_classes(text.split(","), max_classes)
+    except InferenceError as e:
+        raise InferenceError(f"--classes: {e}") from None
 
 
 # ----------------------------------------------------------------------------- segment / classify
@@ -160,84 +102,50 @@ def check_known_classes(
 
 def segment_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
     """Label map of ``--image`` over ``--classes`` (label 0 = background unless
-    ``--no-background``), written as a palette PNG; optionally an overlay."""
-    import torch
-    from PIL import Image
-
-    from dinoalign.evaluate.segmentation import segment
-    from dinoalign.evaluate.visualize import label_palette, overlay, with_legend
-
+    ``--no-background``), written as a palette PNG; optionally an overlay. The work is
+    :meth:`dinoalign.predict.Predictor.segment`, as in the served model."""
     _check_output(args.out, "--out")
     _check_output(args.overlay, "--overlay")
-
     classes = parse_classes(args.classes, MAX_SEGMENT_CLASSES)
-    model = _load(args, params, root)
-    if not args.allow_unknown:
-        check_known_classes(model, classes, params, root)
-    image = _read_image(args.image, params)
-    cfg = params.evaluate.segmentation_for(model.name)
-    threshold, threshold_from = None, "--no-background"
-    if not args.no_background:
-        threshold, threshold_from = args.bg_threshold, "--bg-threshold"
-        if threshold is None:
-            threshold, threshold_from = evaluated_bg_threshold(model, params, root)
-    cfg = dataclasses.replace(cfg, pamr=cfg.pamr or args.pamr)
-    from dinoalign.evaluate.config import DEMO_DATASET
-
-    # One image with a background threshold cleans as the demo world and VOC do (``auto``).
-    clean = (
-        params.evaluate.cleans_background(threshold is not None, DEMO_DATASET)
-        and model.recipe.has_background_cleaning
+    predictor = _predictor(args, params, root)
+    image = predictor.read_image(args.image)
+    threshold: Any = args.bg_threshold
+    threshold_from = "--bg-threshold"
+    if threshold is None:
+        threshold, threshold_from = evaluated_bg_threshold(predictor.model, params, root)
+    result = predictor.segment(
+        image, classes, threshold, threshold_from, background=not args.no_background,
+        pamr=args.pamr, allow_unknown=args.allow_unknown,
     )
-    embeddings = model.class_embeddings(classes, params.evaluate.dense_templates)
-    logits_fn = model.dense_logits_fn(embeddings, clean, params.evaluate.cleaning_lambda)
-    pixels = (
-        torch.from_numpy(np.ascontiguousarray(image))
-        .permute(2, 0, 1)[None]
-        .float()
-        .to(model.device)
-    )
-    with torch.no_grad():
-        labels = (
-            segment(pixels, logits_fn, len(classes), cfg, threshold)[0]
-            .cpu()
-            .numpy()
-            .astype(np.uint8)
-        )
-    names = (["background"] if threshold is not None else []) + classes
-    palette = label_palette(len(names), background=threshold is not None)
-    mask = Image.fromarray(labels)
-    mask.putpalette(palette.reshape(-1).tolist())  # L -> P, the indices stay the labels
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    mask.save(args.out, format="PNG")
-    result: dict[str, Any] = {
+    args.out.write_bytes(result.png())
+    answer: dict[str, Any] = {
         "model": args.model,
-        "recipe": model.name,
+        "recipe": predictor.name,
         "image": args.image,
-        "labels": dict(enumerate(names)),
-        "pixel_fraction": {n: float((labels == i).mean()) for i, n in enumerate(names)},
-        "bg_threshold": threshold,
-        "bg_threshold_from": threshold_from,
-        "pamr": cfg.pamr,
+        "labels": dict(enumerate(result.names)),
+        "pixel_fraction": result.pixel_fraction(),
+        "bg_threshold": result.bg_threshold,
+        "bg_threshold_from": result.bg_threshold_from,
+        "pamr": result.pamr,
         "mask": str(args.out),
     }
     if args.overlay is not None:
-        keep = (0,) if threshold is not None else ()
-        picture = Image.fromarray(overlay(image, labels, palette, keep=keep))
-        present = sorted(np.unique(labels).tolist())
         args.overlay.parent.mkdir(parents=True, exist_ok=True)
-        with_legend(picture, names, palette, present).save(args.overlay, format="PNG")
-        result["overlay"] = str(args.overlay)
-    return result
+        args.overlay.write_bytes(result.overlay_png(image))
+        answer["overlay"] = str(args.overlay)
+    return answer
 
 
 def evaluated_bg_threshold(
     model: AlignedModel, params: Params, root: Path
 ) -> tuple[float | None, str]:
     """(background threshold, where it comes from): the one the evaluate stage used for
-    these very weights (``metrics/<recipe>.json``, chosen on the val split in the demo),
-    else the params' ``evaluate.segmentation.bg_threshold`` / ``bg_thresholds``."""
-    path = Path(under_root(params.paths.metrics, root)) / f"{model.name}.json"
+    these very weights (``metrics/<recipe>.details.json``, chosen on the val split in the
+    demo), else the params' ``evaluate.segmentation.bg_threshold`` / ``bg_thresholds``."""
+    from dinoalign.evaluate.headline import details_path
+
+    path = details_path(under_root(params.paths.metrics, root), model.name)
     if path.is_file() and model.info is not None:
         metrics = json.loads(path.read_text())
         evaluated = (metrics.get("info", {}).get("model") or {}).get("weights_sha256")
@@ -250,26 +158,22 @@ def evaluated_bg_threshold(
 def classify_command(args: argparse.Namespace, params: Params, root: Path) -> dict[str, Any]:
     """Zero-shot scores of ``--image`` for each of ``--classes`` (the recipe's own
     similarity against template-averaged class embeddings), best first; probabilities
-    are softmax(100·score) as in CLIP."""
-    import torch
-
+    are the softmax of the scores at the model's own logit scale
+    (:meth:`dinoalign.predict.Predictor.classify`, as in the served model)."""
     classes = parse_classes(args.classes)
     if args.top_k < 1:
         raise InferenceError(f"--top-k must be >= 1, got {args.top_k}")
-    model = _load(args, params, root)
-    if not args.allow_unknown:
-        check_known_classes(model, classes, params, root)
-    image = _read_image(args.image, params)
-    embeddings = model.class_embeddings(classes, params.evaluate.zeroshot_templates)
-    scores = model.scores(embeddings, model.image_batch([image]))[:, 0]
-    probabilities = torch.softmax(100.0 * scores, dim=0)
-    order = torch.argsort(scores, descending=True)[: args.top_k].tolist()
+    predictor = _predictor(args, params, root)
+    image = predictor.read_image(args.image)
+    scores, probabilities = predictor.classify([image], classes, args.allow_unknown)
+    order = scores[0].argsort()[::-1][: args.top_k].tolist()
     return {
         "model": args.model,
-        "recipe": model.name,
+        "recipe": predictor.name,
         "image": args.image,
+        "logit_scale": predictor.model.logit_scale(),
         "predictions": [
-            {"class": classes[i], "score": float(scores[i]), "probability": float(probabilities[i])}
+            {"class": classes[i], "score": float(scores[0, i]), "probability": float(probabilities[0, i])}
             for i in order
         ],
     }
@@ -324,6 +228,7 @@ def index_command(args: argparse.Namespace, params: Params, root: Path) -> dict[
                 "uid": uids,
                 "image_uri": [pairs[u]["image_uri"] for u in uids],
                 "split": [pairs[u]["split"] for u in uids],
+                "captions": [list(pairs[u]["captions"]) for u in uids],
             }
         ),
         args.out / ITEMS_FILE,
@@ -377,7 +282,8 @@ def retrieve_command(args: argparse.Namespace, params: Params, root: Path) -> di
             f"{args.index} is not an index folder (no {INDEX_META}): build one with `dinoalign index`"
         )
     meta = json.loads(meta_path.read_text())
-    model = _load(args, params, root)
+    predictor = _predictor(args, params, root)
+    model = predictor.model
     if model.info is not None and meta["model_sha256"] != model.info.weights_sha256:
         raise InferenceError(
             f"the index {args.index} was built with another model ({meta['model']}, weights "
@@ -385,7 +291,7 @@ def retrieve_command(args: argparse.Namespace, params: Params, root: Path) -> di
             f"rebuild it with `dinoalign index --model {args.model} --out {args.index}`"
         )
     if not args.allow_unknown:
-        check_known_classes(model, [args.text], params, root)
+        predictor.check_known([args.text])
     index = faiss.read_index(str(args.index / INDEX_FILE))
     items = pq.read_table(args.index / ITEMS_FILE).to_pylist()
     query = model.encode_texts([args.text]).numpy()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoalign.config import Params
+from dinoalign.config import BackboneConfig, ClipConfig, Params, TextEncoderConfig
 from dinoalign.errors import InferenceError
 from dinoalign.recipes import Recipe, load_recipe
 from dinoalign.recipes.base import (
@@ -64,13 +64,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(reference: str, params: Params, root: Path) -> tuple[Recipe, ModelInfo]:
+def load_model(reference: str, root: Path, tracking_uri: str | None = None) -> tuple[Recipe, ModelInfo]:
     """The recipe saved under ``reference``: a folder (path relative to ``root``, absolute,
     or an ``s3://`` URI) or an MLflow model URI (``models:/dinoalign-talk2dino@champion``,
-    ``runs:/<id>/model``) resolved against ``tracking.uri``."""
+    ``runs:/<id>/model``) resolved against ``tracking_uri``."""
     if reference.startswith(MLFLOW_SCHEMES):
         with tempfile.TemporaryDirectory(prefix="dinoalign-model-") as tmp:
-            local = _download_mlflow_model(reference, params, Path(tmp))
+            local = _download_mlflow_model(reference, tracking_uri, Path(tmp))
             return _load_dir(str(local), reference)
     return _load_dir(under_root(reference, root), reference)
 
@@ -90,15 +90,14 @@ def _load_dir(directory: str, reference: str) -> tuple[Recipe, ModelInfo]:
     return recipe, ModelInfo(reference, config["recipe"], weights_sha, config)
 
 
-def _download_mlflow_model(reference: str, params: Params, dst: Path) -> Path:
+def _download_mlflow_model(reference: str, tracking_uri: str | None, dst: Path) -> Path:
     """Download an MLflow model's artifacts and return the folder in them that holds the
     recipe files (the model may have been logged as a plain folder or inside a flavour)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from dinoalign.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(params))
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(dst)))
     except MlflowException as e:
@@ -118,6 +117,34 @@ def _download_mlflow_model(reference: str, params: Params, dst: Path) -> Path:
     return candidates[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Towers:
+    """What rebuilds the frozen towers around a trained recipe, exactly as the embed stage
+    built them: the backbone section and the seed (random-init backbones), the image size
+    and interpolation of ``embed``, the CLIP, the embed text encoders and which one each
+    recipe was trained on (``align.<recipe>.text_encoder``). :meth:`from_params` picks them."""
+
+    backbone: BackboneConfig
+    seed: int
+    img_size: int
+    interpolation: str | None
+    clip: ClipConfig
+    text_encoders: tuple[TextEncoderConfig, ...]
+    text_encoder_keys: Mapping[str, str]  # recipe -> embed text encoder key
+
+    @classmethod
+    def from_params(cls, params: Params) -> Towers:
+        from dinoalign.train.config import recipe_names
+
+        keys = {}
+        for name in recipe_names():
+            key = getattr(getattr(params.align, name, None), "text_encoder", None)
+            if key is not None:
+                keys[name] = key
+        return cls(params.backbone, params.seed, params.embed.img_size, params.embed.interpolation,
+                   params.clip, tuple(params.embed.text_encoders), keys)
+
+
 class AlignedModel:
     """``recipe`` + the frozen backbone and text tower named in ``params``.
 
@@ -132,7 +159,7 @@ class AlignedModel:
     def __init__(
         self,
         recipe: Recipe,
-        params: Params,
+        towers: Towers,
         root: Path,
         device: torch.device | str = "cpu",
         info: ModelInfo | None = None,
@@ -140,7 +167,7 @@ class AlignedModel:
     ) -> None:
         self.recipe = recipe.to(device).eval()
         self.name: str = recipe.cfg.name
-        self.params = params
+        self.towers = towers
         self.root = root
         self.device = torch.device(device)
         self.info = info
@@ -148,26 +175,38 @@ class AlignedModel:
 
     @classmethod
     def load(
+        cls, reference: str, towers: Towers, root: Path, device: str = "auto", batch_size: int = 64,
+        tracking_uri: str | None = None,
+    ) -> AlignedModel:
+        """The model at ``reference`` (:func:`load_model`) with ``towers``."""
+        recipe, info = load_model(reference, root, tracking_uri)
+        return cls(recipe, towers, root, resolve_device(device), info, batch_size)
+
+    @classmethod
+    def from_params(
         cls, reference: str, params: Params, root: Path, device: str = "auto", batch_size: int = 64
     ) -> AlignedModel:
-        recipe, info = load_model(reference, params, root)
-        return cls(recipe, params, root, resolve_device(device), info, batch_size)
+        """:meth:`load` with the towers and tracking URI of ``params`` (what stages call)."""
+        from dinoalign.tracking import tracking_uri
+
+        uri = tracking_uri(params) if reference.startswith(MLFLOW_SCHEMES) else None
+        return cls.load(reference, Towers.from_params(params), root, device, batch_size, uri)
 
     # ------------------------------------------------------------------ frozen towers
 
     @functools.cached_property
     def backbone(self) -> Any:
-        """The frozen DINOv2 of ``params.backbone``, seeded as the embed stage seeds it."""
+        """The frozen DINOv2 of ``towers.backbone``, seeded as the embed stage seeds it."""
         from dinoalign.backbones.dinov2 import build_backbone_from
 
-        cfg = self.params.backbone
+        cfg = self.towers.backbone
         recipe_backbone = getattr(self.recipe.cfg, "backbone", cfg.name)
         if recipe_backbone != cfg.name:
             raise InferenceError(
                 f"the {self.name} model was trained on backbone {recipe_backbone!r} but "
                 f"params name {cfg.name!r}: run with backbone.name={recipe_backbone}"
             )
-        backbone = build_backbone_from(cfg, self.params.seed).to(self.device)
+        backbone = build_backbone_from(cfg, self.towers.seed).to(self.device)
         vision_dim = getattr(self.recipe.cfg, "vision_dim", backbone.embed_dim)
         if backbone.embed_dim != vision_dim:
             raise InferenceError(
@@ -188,7 +227,7 @@ class AlignedModel:
 
         text_input = self.recipe.text_input
         if text_input == CLIP_TEXT:
-            clip = self.params.clip
+            clip = self.towers.clip
             return build_text_encoder(
                 "open_clip", self._under_root(clip.name), pretrained=clip.pretrained
             ).to(self.device)
@@ -196,8 +235,8 @@ class AlignedModel:
             raise InferenceError(
                 f"{self.name} encodes strings with its own text tower: it has no frozen one"
             )
-        key = getattr(self.params.align, self.name).text_encoder
-        configs = {t.key: t for t in self.params.embed.text_encoders}
+        key = self.towers.text_encoder_keys[self.name]
+        configs = {t.key: t for t in self.towers.text_encoders}
         if key not in configs:
             raise InferenceError(
                 f"align.{self.name}.text_encoder is {key!r} but embed.text_encoders has only {sorted(configs)}"
@@ -214,7 +253,7 @@ class AlignedModel:
         from dinoalign.backbones.text import load_open_clip
 
         model, preprocess, _ = load_open_clip(
-            self._under_root(self.params.clip.name), self.params.clip.pretrained
+            self._under_root(self.towers.clip.name), self.towers.clip.pretrained
         )
         return model.eval().to(self.device), preprocess
 
@@ -222,16 +261,14 @@ class AlignedModel:
     def preprocessing(self) -> dict[str, Any]:
         """How images reach the backbone, as the embed stage records it (the model's data
         config at ``embed.img_size``, ``embed.interpolation`` overriding when set)."""
-        from dinoalign.backbones.dinov2 import backbone_preprocessing
-
-        return backbone_preprocessing(self.backbone, self.params.embed)
+        return self.backbone.preprocessing(self.towers.img_size, self.towers.interpolation)
 
     def _resize_crop(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 images -> B×S×S×3 crops at ``embed.img_size`` by the backbone's preprocessing."""
         from dinoalign.data.images import resize_crop
 
         p = self.preprocessing
-        size = self.params.embed.img_size
+        size = self.towers.img_size
         return np.stack(
             [resize_crop(img, size, p["interpolation"], p["crop_pct"], p["crop_mode"]) for img in images]
         )
@@ -380,6 +417,19 @@ class AlignedModel:
                     self.recipe.similarity(text_embeddings.to(self.device), part).float().cpu()
                 )
         return torch.cat(parts, dim=1)
+
+    def logit_scale(self) -> float:
+        """The scale of :meth:`scores` in a softmax: the recipe's trained one
+        (:meth:`~dinoalign.recipes.Recipe.score_scale`), else its CLIP's (the projector's
+        scores are cosines in CLIP's image space), else CLIP's customary 100."""
+        scale = self.recipe.score_scale()
+        if scale is not None:
+            return scale
+        if self.recipe.has_clip_reference:
+            clip_scale = getattr(self.clip[0], "logit_scale", None)
+            if clip_scale is not None:
+                return float(clip_scale.detach().exp().clamp(max=100.0))
+        return 100.0
 
     def score_batches(
         self, text_embeddings: Tensor, batches: Iterator[Mapping[str, Tensor]]

@@ -199,11 +199,11 @@ def test_manifest_records_both_preprocessings(embedded: tuple[Path, list[str]]) 
 
 
 def _projector(root: Path, ov: list[str], *extra: str) -> Any:
-    from dinoalign.model import AlignedModel
+    from dinoalign.model import AlignedModel, Towers
     from dinoalign.recipes import build
 
     recipe = build("projector", {"vision_dim": 48, "embed_dim": TINY_CLIP.embed_dim})
-    return AlignedModel(recipe, load_params(MISSING, [*ov, *extra]), root)
+    return AlignedModel(recipe, Towers.from_params(load_params(MISSING, [*ov, *extra])), root)
 
 
 def test_evaluation_refuses_features_of_other_preprocessing(

@@ -1,6 +1,6 @@
 """The evaluate stage on the demo world (real prepare/teacher/embed outputs, seeded
-untrained models): every metric of metrics/<recipe>.json against an independent
-computation, the plots and MLflow records, the registered-dataset path, and errors."""
+untrained models): every metric of metrics/<recipe>.details.json against an independent
+computation, metrics/<recipe>.json its headline subset, the plots and MLflow records, the registered-dataset path, and errors."""
 
 from __future__ import annotations
 
@@ -21,17 +21,19 @@ from PIL import Image
 from dinoalign.backbones.text import build_text_encoder
 from dinoalign.config import ConfigError
 from dinoalign.data.images import image_limits, load_image, load_mask
-from dinoalign.data.prepare import read_pairs
+from dinoalign.data.prepare import read_pairs, split_digest
 from dinoalign.embed.store import load_image_features
 from dinoalign.model import AlignedModel
+from dinoalign.evaluate.headline import headline
 from dinoalign.evaluate.templates import TALK2DINO_TEMPLATES
 from dinoalign.recipes import load_recipe
+from dinoalign.tracking import logged_model_id
 
 MAX_IMAGES = 24  # evaluate.max_images of the demo_models overrides
 
 
 def _metrics(models: DemoModels, recipe: str) -> dict:
-    return json.loads((models.root / "metrics" / f"{recipe}.json").read_text())
+    return json.loads((models.root / "metrics" / f"{recipe}.details.json").read_text())
 
 
 def _subset_rows(models: DemoModels, subset: str) -> list[dict]:
@@ -211,6 +213,7 @@ def test_metrics_json_plots_and_mlflow_records(evaluated_demo: DemoModels) -> No
     models = evaluated_demo
     for recipe in DemoModels.RECIPES:
         metrics = _metrics(models, recipe)
+        assert json.loads((models.root / "metrics" / f"{recipe}.json").read_text()) == headline(metrics)
         assert metrics["info"]["subsets"] == {"seen": MAX_IMAGES, "heldout": MAX_IMAGES}
         assert metrics["info"]["model"]["recipe"] == recipe
         weights = (models.model_dir(recipe) / "model.safetensors").read_bytes()
@@ -250,6 +253,20 @@ def test_metrics_json_plots_and_mlflow_records(evaluated_demo: DemoModels) -> No
         assert f"{recipe}.json" in artifacts and (recipe == "projector") != (
             "examples" in artifacts
         )
+        # the evaluation split as the run's dataset, its digest the split's uids
+        (evaluated,) = run.inputs.dataset_inputs
+        assert (evaluated.dataset.name, evaluated.dataset.digest) == (
+            "pairs:test", split_digest(read_pairs(models.features.pairs_dir), "test"))
+
+    # issue #16: the metrics reach the registered version of the weights they measured (the
+    # evaluated_demo fixture registered dinotxt's only): its tags and its logged model
+    (version,) = client.search_model_versions("name = 'dinoalign-dinotxt'")
+    dinotxt = _metrics(models, "dinotxt")
+    assert version.tags["dinoalign.eval.zeroshot.top1"] == f"{dinotxt['zeroshot']['top1']:.6f}"
+    assert version.tags["dinoalign.eval.run_id"] == dinotxt["info"]["mlflow"]["run_id"]
+    logged = {m.key: m.value for m in client.get_logged_model(logged_model_id(version.source)).metrics}
+    assert logged["heldout.retrieval.t2i.r5"] == pytest.approx(dinotxt["heldout"]["retrieval"]["t2i"]["r5"])
+    assert [m.name for m in client.search_registered_models()] == ["dinoalign-dinotxt"]
 
 
 @pytest.mark.parametrize(
@@ -266,7 +283,7 @@ def test_images_take_the_embed_stages_path(
     """Features computed from the images match the feature store: evaluation, the
     inference commands and training see the same preprocessing and backbone."""
     params = demo_models.params()
-    model = AlignedModel.load(
+    model = AlignedModel.from_params(
         str(demo_models.model_dir(recipe)), params, demo_models.features.root, "cpu"
     )
     rows = _subset_rows(demo_models, "seen")[:4]
@@ -359,7 +376,7 @@ def test_registered_datasets_are_evaluated_by_their_task(
         )
         == 0
     )
-    metrics = json.loads((out / f"{recipe}.json").read_text())
+    metrics = json.loads((out / f"{recipe}.details.json").read_text())
     assert (
         metrics["info"]["task"] == task.replace("zeroshot", "classification")
         and "heldout" not in metrics
@@ -416,7 +433,7 @@ def test_background_threshold_chosen_on_val_is_recorded_and_used(
         "evaluate.max_images=6",
     )
     assert demo_models.main("evaluate", *overrides) == 0
-    metrics = json.loads((out / "talk2dino.json").read_text())
+    metrics = json.loads((out / "talk2dino.details.json").read_text())
     seg, heldout = metrics["segmentation"], metrics["heldout"]["segmentation"]
     calibration = seg["bg_threshold_calibration"]
     assert calibration["split"] == "val" and calibration["images"] == 8
@@ -424,7 +441,7 @@ def test_background_threshold_chosen_on_val_is_recorded_and_used(
     # the recorded val mIoU is that of the recorded threshold on the first 8 val images
     params = demo_models.params(*overrides)
     root = demo_models.features.root
-    model = AlignedModel.load(str(demo_models.model_dir("talk2dino")), params, root, "cpu")
+    model = AlignedModel.from_params(str(demo_models.model_dir("talk2dino")), params, root, "cpu")
     val, _ = load_demo(demo_models.features.pairs_dir, "synthetic", "val", root)
     dataset = DemoSegmentation(val["seen"].head(8), image_limits(params.data))
     names = list(dataset.class_names[1:])

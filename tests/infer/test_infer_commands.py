@@ -78,7 +78,7 @@ def test_segment_gives_the_evaluate_stages_label_map(
     )
     assert sum(result["pixel_fraction"].values()) == pytest.approx(1.0)
     # the threshold the evaluate stage used for these weights, read from its metrics
-    metrics = evaluated_demo.root / "metrics" / f"{recipe}.json"
+    metrics = evaluated_demo.root / "metrics" / f"{recipe}.details.json"
     assert result["bg_threshold_from"].startswith(str(metrics))
     with Image.open(tmp_path / "overlay.png") as overlay:  # the image above its legend
         assert overlay.width >= labels.shape[1] and overlay.height > labels.shape[0]
@@ -109,6 +109,10 @@ def test_classify_ranks_like_the_evaluate_stage(evaluated_demo: DemoModels, caps
     scores = [p["score"] for p in predictions]
     assert scores == sorted(scores, reverse=True)
     assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+    # issue #17: the softmax at talk2dino's own trained scale 1/τ (τ = 0.07, fixed), not CLIP's 100
+    assert result["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+    expected = torch.softmax(result["logit_scale"] * torch.tensor(scores, dtype=torch.float64), 0)
+    assert [p["probability"] for p in predictions] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 @pytest.mark.parametrize("recipe", ["talk2dino", "projector"])
@@ -145,7 +149,7 @@ def test_index_and_retrieve_find_the_brute_force_top_k(
     )
     assert code == 0, found
     # brute force over the feature store with the recipe's own pair score
-    model = AlignedModel.load(
+    model = AlignedModel.from_params(
         str(demo_models.model_dir(recipe)), demo_models.params(), demo_models.features.root, "cpu"
     )
     column = "head_embeddings" if recipe == "talk2dino" else "token_mean"
@@ -160,18 +164,22 @@ def test_index_and_retrieve_find_the_brute_force_top_k(
     )
     assert [r["rank"] for r in found["results"]] == [1, 2, 3, 4, 5]
     assert all(Path(r["image_uri"]).is_file() for r in found["results"])
+    pairs = {r["uid"]: r for r in read_pairs(demo_models.features.pairs_dir).to_pylist()}
+    assert [r["captions"] for r in found["results"]] == [pairs[r["uid"]]["captions"] for r in found["results"]]
 
 
 def test_a_registered_model_uri_works_like_its_folder(demo_models: DemoModels, capsys) -> None:
     import mlflow
 
+    from dinoalign.serve import log_model
     from dinoalign.tracking import MODEL_ARTIFACT, register_model
 
     mlflow.set_tracking_uri(f"sqlite:///{demo_models.root / 'mlruns.db'}")
     mlflow.set_experiment("serve-test")
-    with mlflow.start_run() as run:  # logged and registered as the align stage does it
-        mlflow.log_artifacts(str(demo_models.model_dir("projector")), MODEL_ARTIFACT)
-        register_model("projector", run.info.run_id, "serve-test")
+    with mlflow.start_run():  # logged and registered as the align stage does it
+        logged = log_model(demo_models.model_dir("projector"), demo_models.params(),
+                           demo_models.root, MODEL_ARTIFACT)
+        register_model("projector", logged.model_uri)
     mlflow.set_tracking_uri(None)
     image = read_pairs(demo_models.features.pairs_dir).to_pylist()[0]["image_uri"]
     answers = [

@@ -141,8 +141,12 @@ def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromiu
         assert any("checkpoint" in k for k in keys("checkpoints/"))  # Ray Train wrote to the bucket
         experiment = client.get_experiment_by_name("dinoalign")
         runs = client.search_runs([experiment.experiment_id])
+        (parent,) = [r for r in runs if r.data.tags["dinoalign.stage"] == "pipeline"]  # one dvc exp run
+        runs = [r for r in runs if r is not parent]
         assert sorted(r.data.tags["mlflow.runName"] for r in runs) == sorted(STAGES)
-        assert all(r.data.tags["dinoalign.profile"] == "stack" for r in runs)
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+        assert parent.data.tags["dvc.exp_name"] and parent.info.status == "FINISHED"
+        assert all(r.data.tags["dinoalign.profile"] == "stack" for r in [parent, *runs])
         assert keys(f"mlflow/{experiment.experiment_id}/")  # run artifacts went through the server
         model = f"dinoalign-{RECIPE}"
         assert str(client.get_model_version_by_alias(model, "candidate").version) == "1"
@@ -163,7 +167,7 @@ def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromiu
         assert "up to date" in _run([sys.executable, "-m", "dvc", "status", TARGET], clone, env)
 
         check_mlflow_ui(chromium, env["MLFLOW_TRACKING_URI"], experiment.experiment_id, STAGES,
-                        {model: "candidate"}, tmp_path / "shots")
+                        {model: "candidate"}, tmp_path / "shots", pipelines=1, datasets={TARGET: "pairs:test"})
 
         # ---- 2. new caption data lands: retrain
         _run([sys.executable, "-m", "dvc", "freeze", "teacher"], root, env)  # the stand-in CLIP stays put

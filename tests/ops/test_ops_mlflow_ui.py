@@ -1,6 +1,6 @@
 """The MLflow UI of a real ``mlflow server`` (artifacts in SeaweedFS), opened in headless
-Chromium: it lists the runs a pipeline stage logged and the registered models with their
-aliases."""
+Chromium: it lists the runs a pipeline stage logged, nested under their pipeline's parent
+run with their datasets, and the registered models with their aliases."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def test_mlflow_ui_shows_pipeline_runs_and_registered_models(tracking_stack: Any
     from mlflow import MlflowClient
 
     url = tracking_stack.mlflow.url
-    env = {**os.environ, **tracking_stack.env}
-    for run_name, n_train in (("prepare", 12), ("prepare", 16)):  # the real stage, twice
+    env = {**os.environ, **tracking_stack.env, "DINOALIGN_PIPELINE_RUN_ID": "ui-check"}  # one pipeline execution
+    for n_train in (12, 16):  # the real stage, twice
         done = subprocess.run(
             [sys.executable, "-m", "dinoalign.cli", "prepare", "-p", str(tmp_path / "none.yaml"),
              f"tracking.uri={url}", "tracking.experiment=ui-check", f"paths.pairs={tmp_path / 'pairs'}",
@@ -34,8 +34,10 @@ def test_mlflow_ui_shows_pipeline_runs_and_registered_models(tracking_stack: Any
 
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("ui-check")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [r.data.tags["dinoalign.stage"] for r in runs] == ["prepare", "prepare"]
+    parent, *runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert parent.info.run_name == "pipeline ui-check" and [r.data.tags["dinoalign.stage"] for r in runs] == [
+        "prepare", "prepare"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     # the stage's artifact went through the server into the bucket
     key = f"mlflow/{experiment.experiment_id}/{runs[0].info.run_id}/artifacts/summary.json"
     s3 = boto3_client(settings=tracking_stack.settings)
@@ -46,6 +48,35 @@ def test_mlflow_ui_shows_pipeline_runs_and_registered_models(tracking_stack: Any
         version = client.create_model_version(name, source=f"{run.info.artifact_uri}", run_id=run.info.run_id)
         client.set_registered_model_alias(name, alias, version.version)
 
+    # a real model version as align registers it: a pyfunc with a signature (dinotxt: its own
+    # text tower, so no CLIP is needed; a tiny untrained one)
+    version = _register_pyfunc(url, experiment.experiment_id, tmp_path)
+
     check_mlflow_ui(chromium, url, experiment.experiment_id, ["prepare"],
-                    {"dinoalign-projector": "champion", "dinoalign-talk2dino": "candidate"}, tmp_path / "shots")
+                    {"dinoalign-projector": "champion", "dinoalign-talk2dino": "candidate",
+                     "dinoalign-dinotxt": "candidate"}, tmp_path / "shots",
+                    pipelines=1, datasets={"prepare": "pairs"},
+                    signatures={("dinoalign-dinotxt", version): ["image_b64", "classes", "mask_png_b64"]})
     assert (tmp_path / "shots" / "runs.png").stat().st_size > 10_000
+
+
+def _register_pyfunc(url: str, experiment_id: str, tmp_path: Path) -> str:
+    import mlflow
+    from pipeline_testing import TINY_BACKBONE, TINY_VIT
+
+    from dinoalign.config import load_params
+    from dinoalign.recipes import build
+    from dinoalign.serve import log_model
+    from dinoalign.tracking import MODEL_ARTIFACT, register_model
+
+    params = load_params(tmp_path / "none.yaml", [f"paths.pairs={tmp_path / 'pairs'}", "backbone.img_size=56",
+                                                  f"backbone.model_kwargs={TINY_BACKBONE}", "embed.img_size=56"])
+    build("dinotxt", {"vision_dim": TINY_VIT["embed_dim"], "vision_heads": TINY_VIT["num_heads"],
+                      "text_width": 32, "text_heads": 2}).save(str(tmp_path / "dinotxt"))
+    mlflow.set_tracking_uri(url)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name="dinotxt model"):
+            logged = log_model(tmp_path / "dinotxt", params, tmp_path, MODEL_ARTIFACT)
+        return register_model("dinotxt", logged.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)

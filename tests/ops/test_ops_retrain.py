@@ -99,6 +99,8 @@ def test_decide_and_apply_move_the_champion_only_by_the_rule(tmp_path: Path) -> 
     assert str(client.get_model_version_by_alias(model, "champion").version) == v2
     tags = client.get_model_version(model, v3).tags
     assert tags["dinoalign.retrain.decision"] == "keep" and tags["dinoalign.eval.zeroshot.top1"] == "0.100000"
+    assert tags["dinoalign.retrain.compared_with"] == f"version {v2} (@champion)"  # what the version page shows
+    assert (tags["dinoalign.retrain.champion_value"], tags["dinoalign.retrain.metric"]) == ("0.370000", "zeroshot.top1")
 
     # 4. a candidate from another pipeline run is not this retrain's model: nothing moves
     stale = promotion.decide(client, "dinotxt", params, "run-4", "evalset", _scores({}))

@@ -160,7 +160,11 @@ def test_talk2dino_stage_trains_logs_registers_and_beats_chance(
     assert version.run_id == run.info.run_id and str(version.version) == str(summary["model_version"])
     downloaded = download_artifacts("models:/dinoalign-talk2dino@candidate", dst_path=str(tmp_path / "dl"),
                                     tracking_uri=demo_features.tracking_uri)
-    registered, exported = load_recipe(downloaded), load_recipe(str(model_dir))
+    # an MLflow pyfunc model (dinoalign.serve) whose bundle holds the trained recipe
+    assert "python_function" in (Path(downloaded) / "MLmodel").read_text()
+    assert version.tags["dinoalign.weights_sha256"] == summary["weights_sha256"]
+    registered = load_recipe(str(Path(downloaded) / "artifacts" / "bundle" / "recipe"))
+    exported = load_recipe(str(model_dir))
     for (name, a), b in zip(registered.state_dict().items(), exported.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -24,9 +25,6 @@ import pyarrow.parquet as pq
 
 from dinoalign.config import DataConfig
 from dinoalign.data.images import (
-    DEFAULT_MAX_ASPECT_RATIO,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_READ_TIMEOUT_S,
     ImageRejected,
     image_limits,
     probe_image,
@@ -40,23 +38,21 @@ from dinoalign.data.schema import (
     rejects_to_table,
 )
 from dinoalign.data.sources import build_source
-from dinoalign.errors import DataFileMissing
+from dinoalign.errors import DataError, DataFileMissing
 from dinoalign.storage import atomic_path, write_atomic
 
 STAGE = "prepare"
 
 
 def validate_records(
-    records: Iterable[PairRecord], *, max_pixels: int, min_side: int, workers: int = 8,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_BYTES,
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    records: Iterable[PairRecord], *, max_pixels: int, min_side: int, workers: int = 8, **limits: Any,
 ) -> Iterator[PairRecord | Reject]:
     """Decode every image once (threads: decoding is I/O + C code) and turn failures into
     rejects with the decoder's reason code. Order of the output is not significant. Each
-    read is bounded (``read_timeout_s``, ``max_bytes``), so a stalled or endless URL is a
-    ``read_timeout`` / ``too_large`` reject, not a hung or killed stage."""
-    limits = dict(max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
-                  max_bytes=max_bytes, read_timeout_s=read_timeout_s)
+    read is bounded (``limits``: :func:`probe_image`'s other bounds, ``read_timeout_s``,
+    ``max_bytes``, ...), so a stalled or endless URL is a ``read_timeout`` / ``too_large``
+    reject, not a hung or killed stage; a transient failure is tried ``read_attempts`` times."""
+    limits = dict(max_pixels=max_pixels, min_side=min_side, **limits)
 
     def check(rec: PairRecord) -> PairRecord | Reject:
         try:
@@ -160,6 +156,27 @@ def _validate_stream(items: Iterable[PairRecord | Reject], data: DataConfig) -> 
 def _atomic_parquet(table: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def manifest_digest(pairs_dir: str | Path) -> str:
+    """sha256 (16 hex) of the manifest shards' bytes in order: the pairs as the later
+    stages read them (the MLflow dataset digest of ``paths.pairs``)."""
+    pairs_dir = Path(pairs_dir)
+    summary = json.loads((pairs_dir / "summary.json").read_text())
+    h = hashlib.sha256()
+    for shard in summary["shards"]:
+        h.update((pairs_dir / shard["file"]).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def split_digest(manifest: Any, split: str) -> str:
+    """sha256 (16 hex) of the sorted uids of ``split`` in a pairs manifest table: the
+    evaluation set's fingerprint (its MLflow dataset digest, retrain's ``eval_set``)."""
+    uids = sorted(u for u, s in zip(manifest.column("uid").to_pylist(), manifest.column("split").to_pylist())
+                  if s == split)
+    if not uids:
+        raise DataError(f"the pairs manifest has no {split!r} split to evaluate on")
+    return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
 
 
 def read_pairs(pairs_dir: str | Path) -> Any:

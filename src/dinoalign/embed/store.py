@@ -144,6 +144,17 @@ class FeatureStore:
     def read_manifest(self) -> dict[str, Any] | None:
         return self.read_json("manifest.json")
 
+    def digest(self) -> str:
+        """sha256 (16 hex) of the spec hash and every shard's sha256 in the manifest: the
+        features' content without reading a shard (the MLflow dataset digest)."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            raise DataFileMissing(f"{self.uri}/manifest.json is missing: run the embed stage first (dvc repro embed)")
+        h = hashlib.sha256(manifest["spec"]["spec_hash"].encode())
+        for entry in sorted(manifest["shards"], key=lambda e: e["file"]):
+            h.update(entry["sha256"].encode())
+        return h.hexdigest()[:16]
+
     def clear(self) -> None:
         """Remove every shard, rejects and the manifest (a changed feature spec)."""
         for kind in KINDS:

@@ -11,13 +11,12 @@ alias and tags both versions; nothing else ever moves ``champion``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dinoalign.config import Params
-from dinoalign.errors import ConfigError, DataError
+from dinoalign.errors import ConfigError
 from dinoalign.tracking import CANDIDATE, CHAMPION, registered_model_name
 
 PROMOTE, KEEP = "promote", "keep"
@@ -63,15 +62,6 @@ def metric_value(metrics: Mapping[str, Any], key: str) -> float:
     return float(node)
 
 
-def eval_set_fingerprint(manifest: Any, split: str) -> str:
-    """sha256 (16 hex) of the sorted uids of ``split`` in a pairs manifest table."""
-    uids = sorted(u for u, s in zip(manifest.column("uid").to_pylist(), manifest.column("split").to_pylist())
-                  if s == split)
-    if not uids:
-        raise DataError(f"the pairs manifest has no {split!r} split to evaluate on")
-    return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
-
-
 def evaluate_with_stage_code(params: Params, root: Path) -> Evaluate:
     """Evaluate a model URI exactly as the evaluate stage does (same dataset and split)."""
 
@@ -79,7 +69,7 @@ def evaluate_with_stage_code(params: Params, root: Path) -> Evaluate:
         from dinoalign.model import AlignedModel
         from dinoalign.evaluate.run import evaluate_model
 
-        model = AlignedModel.load(reference, params, root, params.evaluate.device, params.evaluate.batch_size)
+        model = AlignedModel.from_params(reference, params, root, params.evaluate.device, params.evaluate.batch_size)
         return evaluate_model(model, params, root).metrics
 
     return evaluate
@@ -138,14 +128,20 @@ def decide(client: Any, recipe: str, params: Params, pipeline_run_id: str, eval_
 
 
 def apply(client: Any, decision: Decision, retrain_run_id: str) -> None:
-    """Record ``decision`` on the candidate version and, for ``promote``, move
-    ``@champion`` to it. The only place the champion alias is ever set."""
+    """Record ``decision`` on the candidate version (tags the version page shows: the
+    action, the reason, the metric, both values, the champion it was compared with) and,
+    for ``promote``, move ``@champion`` to it. The only place the champion alias is ever set."""
     if decision.candidate_version is None:
         return
     tags = {"dinoalign.retrain.decision": decision.action, "dinoalign.retrain.reason": decision.reason,
-            "dinoalign.retrain.run_id": retrain_run_id, "dinoalign.retrain.eval_set": decision.eval_set}
+            "dinoalign.retrain.run_id": retrain_run_id, "dinoalign.retrain.eval_set": decision.eval_set,
+            "dinoalign.retrain.metric": decision.metric}
     if decision.candidate_value is not None:
         tags[f"dinoalign.eval.{decision.metric}"] = f"{decision.candidate_value:.6f}"
+    if decision.champion_version is not None:
+        tags["dinoalign.retrain.compared_with"] = f"version {decision.champion_version} (@{CHAMPION})"
+    if decision.champion_value is not None:
+        tags["dinoalign.retrain.champion_value"] = f"{decision.champion_value:.6f}"
     for key, value in tags.items():
         client.set_model_version_tag(decision.model, decision.candidate_version, key, value[:5000])
     if decision.action == PROMOTE:

@@ -43,15 +43,18 @@ from mlflow import MlflowClient
 
 from dinoalign.config import Params
 from dinoalign.data import incoming
-from dinoalign.data.prepare import read_pairs
+from dinoalign.data.prepare import read_pairs, split_digest
 from dinoalign.errors import ConfigError, DataError, RetrainError
 from dinoalign.ops import dvc as ops_dvc
 from dinoalign.ops import promotion
 from dinoalign.storage import under_root, write_atomic
-from dinoalign.tracking import run_url, stage_run, tracking_uri
+from dinoalign.tracking import log_dataset, run_url, stage_run, tracking_uri
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
 DECISION_FILE, HISTORY_FILE, LEDGER_FILE = "decision.json", "history.jsonl", "batches.json"
+# What the retrain run logs as its params (it is no DVC stage; the pipeline's stages log theirs)
+PARAMS_READ = ("retrain", "evaluate", "paths.incoming", "paths.decisions", "paths.retrain_lock", "paths.pairs",
+               "data.allowed_roots")
 
 
 @contextlib.contextmanager
@@ -150,16 +153,16 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
     previous = os.environ.get("DINOALIGN_PIPELINE_RUN_ID")
     os.environ["DINOALIGN_PIPELINE_RUN_ID"] = batch["id"]  # the retrain run is tagged like the stages
     try:
-        with stage_run("retrain", params, run_name=f"retrain {batch['id']}") as run:
+        with stage_run("retrain", params, run_name=f"retrain {batch['id']}", param_keys=PARAMS_READ) as run:
             record["mlflow_run"] = run_url(run)
+            log_dataset("new pairs", batch["source"], batch["fingerprint"], "new data", rows=batch["appended"])
             try:
                 started = time.perf_counter()
                 ops_dvc.dvc(root, "add", "-q", str(folder.relative_to(root)))  # version the appended pairs
                 _say(f"retrain: dvc repro {' '.join(cfg.targets)}".rstrip())
                 ops_dvc.dvc(root, "repro", *cfg.targets, env=env)
                 record["repro_seconds"] = round(time.perf_counter() - started, 1)
-                eval_set = promotion.eval_set_fingerprint(read_pairs(under_root(params.paths.pairs, root)),
-                                                          params.evaluate.split)
+                eval_set = split_digest(read_pairs(under_root(params.paths.pairs, root)), params.evaluate.split)
                 client = MlflowClient(tracking_uri(params))
                 evaluate = promotion.evaluate_with_stage_code(params, root)
                 decisions = [promotion.decide(client, r, params, batch["id"], eval_set, evaluate)

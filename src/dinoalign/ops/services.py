@@ -290,6 +290,22 @@ def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, en
     return _started(svc, lambda: wait_http(svc.url + "/health", timeout=120, service=svc))
 
 
+def start_model_server(model_uri: str, log_dir: Path, env: dict[str, str] | None = None,
+                       port: int | None = None, timeout: float = 240) -> Service:
+    """``mlflow models serve -m <model_uri> --env-manager local`` on 127.0.0.1 (one worker),
+    ready once ``/ping`` answers 200. ``env`` reaches only the server: ``MLFLOW_TRACKING_URI``
+    for a ``models:/`` URI, ``DINOALIGN_IMAGE_ROOTS`` to let requests name image files.
+    mlflow looks uvicorn up on PATH: this interpreter's folder goes first."""
+    port = port or free_port()
+    cmd = [_bin("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = log_dir / "model-server.log"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    pid, started = _spawn(cmd, log, {"PATH": path, **(env or {})})
+    svc = Service("model-server", pid, f"http://127.0.0.1:{port}", str(log), {"http": port}, started)
+    return _started(svc, lambda: wait_http(svc.url + "/ping", timeout=timeout, service=svc))
+
+
 # ----------------------------------------------------------------------------- Ray
 RAY_PORTS = ("gcs", "node_manager", "object_manager", "dashboard", "dashboard_agent_listen",
              "dashboard_agent_grpc", "runtime_env_agent", "metrics_export")

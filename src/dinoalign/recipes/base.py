@@ -75,7 +75,7 @@ class Recipe(nn.Module, abc.ABC):
     # Whether Talk2DINO's background cleaning of the dense map applies (needs the
     # backbone's ``attn_logits``; see dense_logits_from_images).
     has_background_cleaning: ClassVar[bool] = False
-    # The evaluate-stage metric (dotted key of metrics/<recipe>.json, higher is better)
+    # The evaluate-stage metric (a dotted headline key of metrics/<recipe>.json, higher is better)
     # that decides retrain promotion unless retrain.metrics.<name> overrides it.
     promotion_metric: ClassVar[str]
 
@@ -117,6 +117,14 @@ class Recipe(nn.Module, abc.ABC):
         ``encode_text`` outputs and a batch of B images: cosines with ``encode_image``
         unless a recipe scores pairs its own way."""
         return text_embeddings.to(self.param_device) @ self.encode_image(batch).T
+
+    def score_scale(self) -> float | None:
+        """The factor its contrastive loss multiplies scores by before the softmax (its
+        trained logit scale 1/τ), so that ``softmax(scale · scores)`` are the probabilities
+        the model was trained to give; None for a recipe trained without one (the
+        projector regresses CLIP's image embedding: CLIP's own scale applies)."""
+        scale = getattr(self, "logit_scale", None)
+        return float(scale().detach()) if isinstance(scale, LogitScale) else None
 
     @abc.abstractmethod
     def dense_logits(

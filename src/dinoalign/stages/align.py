@@ -26,9 +26,13 @@ from mlflow.exceptions import MlflowException
 from dinoalign.config import Params
 from dinoalign.curate.tables import UIDS_FILE
 from dinoalign.data.images import image_limits
+from dinoalign.data.prepare import manifest_digest
+from dinoalign.embed.store import FeatureStore
 from dinoalign.recipes import load_recipe
+from dinoalign.serve import log_model
 from dinoalign.storage import under_root
-from dinoalign.tracking import MODEL_ARTIFACT, register_model, run_url, stage_run, tracking_uri
+from dinoalign.tracking import MODEL_ARTIFACT, log_dataset, register_model, run_url, stage_run, tracking_uri
+from dinoalign.train.data import uids_digest
 from dinoalign.train.loop import TrainJob, fit, latest_checkpoint, read_trainer_state
 from dinoalign.train.plan import CURVE_FILE, METRICS_FILE, export_model, plan_align, write_curve
 
@@ -52,7 +56,7 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
     resume_id = _resumable_mlflow_run(params, previous)
     counts = plan.data.describe()
 
-    with stage_run("align", params, run_name=f"align@{plan.recipe}", resume_run_id=resume_id) as run:
+    with stage_run(f"align@{plan.recipe}", params, resume_run_id=resume_id) as run:
         mlflow.set_tags(
             {
                 "dinoalign.recipe": plan.recipe,
@@ -64,6 +68,7 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
         )
         if resume_id is None:
             mlflow.log_params({f"model.{k}": v for k, v in dataclasses.asdict(plan.model_config).items()})
+            _log_inputs(plan, under_root(paths.pairs, root), under_root(paths.features, root))
         mlflow.log_metrics(
             {
                 "data.train_uids": len(plan.selection.uids),
@@ -105,9 +110,14 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
             "mlflow_run_id": run.info.run_id,
         }
         mlflow.log_metrics({f"final.{k}": summary[k] for k in ("final_loss", "mean_samples_per_s")})
-        mlflow.log_artifacts(str(model_dir), MODEL_ARTIFACT)
         mlflow.log_artifact(str(curves_dir / CURVE_FILE))
-        summary["model_version"] = register_model(plan.recipe, run.info.run_id, plan.run_name)
+        logged = log_model(model_dir, params, root, MODEL_ARTIFACT)  # pyfunc: load, serve
+        summary["model_id"] = logged.model_id
+        summary["weights_sha256"] = logged.info["weights_sha256"]
+        summary["model_version"] = register_model(
+            plan.recipe, logged.model_uri,
+            {"dinoalign.align_run": plan.run_name, "dinoalign.weights_sha256": logged.info["weights_sha256"]},
+        )
         (curves_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         summary["mlflow_run"] = run_url(run)
 
@@ -119,6 +129,15 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
         f"align: MLflow run {summary['mlflow_run']}"
     )
     return summary
+
+
+def _log_inputs(plan: Any, pairs_dir: str, features: str) -> None:
+    """The pairs, the features and the curated uids (when used) as the run's datasets."""
+    log_dataset("pairs", f"{pairs_dir}/manifest", manifest_digest(pairs_dir), "training")
+    log_dataset("features", features, FeatureStore(features).digest(), "training")
+    if plan.selection.curated:
+        log_dataset("curated_uids", plan.selection.curated, uids_digest(plan.selection.uids), "training",
+                    rows=len(plan.selection.uids))
 
 
 def _resumable_mlflow_run(params: Params, checkpoint: Any) -> str | None:

@@ -19,9 +19,12 @@ from typing import Any
 import mlflow
 
 from dinoalign.config import Params
-from dinoalign.curate.tables import PLOTS_DIR, STATS_FILE, curate_train_split, stats_metrics, write_outputs
+from dinoalign.curate.tables import PLOTS_DIR, STATS_FILE, UIDS_FILE, curate_train_split, stats_metrics, write_outputs
+from dinoalign.data.prepare import manifest_digest
+from dinoalign.embed.store import FeatureStore
 from dinoalign.storage import under_root
-from dinoalign.tracking import run_url, stage_run
+from dinoalign.tracking import log_dataset, run_url, stage_run
+from dinoalign.train.data import uids_digest
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
@@ -33,8 +36,12 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     out = Path(under_root(params.paths.curated, root))
 
     with stage_run("curate", params) as run:
+        log_dataset("pairs", str(pairs_dir / "manifest"), manifest_digest(pairs_dir), "curation")
+        log_dataset("features", features, FeatureStore(features).digest(), "curation")
         curated = curate_train_split(cfg, pairs_dir, features)
         write_outputs(out, curated.table, curated.stats)
+        kept = curated.table.filter(curated.table.column("kept")).column("uid").to_pylist()
+        log_dataset("curated_uids", str(out / UIDS_FILE), uids_digest(sorted(kept)), "output", rows=len(kept))
         stats = curated.stats
         mlflow.log_metrics({**stats_metrics(stats), "seconds": curated.seconds})
         mlflow.set_tag("curate.faiss_device", stats["kmeans"]["device"])

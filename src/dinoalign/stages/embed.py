@@ -20,17 +20,22 @@ from typing import Any
 import mlflow
 
 from dinoalign.config import Params
-from dinoalign.data.prepare import read_pairs
+from dinoalign.data.prepare import manifest_digest, read_pairs
 from dinoalign.embed.engine import run_embed
+from dinoalign.embed.store import FeatureStore
 from dinoalign.storage import under_root
-from dinoalign.tracking import run_url, stage_run
+from dinoalign.tracking import log_dataset, run_url, stage_run
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
-    manifest = read_pairs(under_root(params.paths.pairs, root))
+    pairs_dir = Path(under_root(params.paths.pairs, root))
+    manifest = read_pairs(pairs_dir)
 
     with stage_run("embed", params) as run:
+        log_dataset("pairs", str(pairs_dir / "manifest"), manifest_digest(pairs_dir), "embedding", rows=manifest.num_rows)
         summary = run_embed(params, manifest)
+        features = under_root(params.paths.features, root)
+        log_dataset("features", features, FeatureStore(features).digest(), "output")
         operators, stats_text = summary["operators"], summary.pop("ray_data_stats")
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_metrics(operator_metrics(operators))
@@ -43,6 +48,9 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         f"embed: {summary['images_embedded']} images + {summary['captions_embedded']} captions embedded "
         f"({summary['images_per_s']:.1f} images/s), {summary['images_skipped']} skipped, "
         f"{summary['images_rejected']} rejected -> {params.paths.features}\n"
+        + (f"embed: {summary['images_rejected_transient']} of the rejects are transient (read_timeout, "
+           "unavailable): the next run tries them again (DVC sees no change: dvc repro -s -f embed)\n"
+           if summary["images_rejected_transient"] else "")
         + "".join(
             f"embed: {kind} operators (busy s / span s): "
             + ", ".join(f"{name} {t['wall_s']:.1f}/{t['span_s']:.1f}" for name, t in ops.items()) + "\n"

@@ -22,12 +22,22 @@ import mlflow
 import torch
 
 from dinoalign.config import Params
+from dinoalign.data.prepare import read_pairs, split_digest
 from dinoalign.errors import InferenceError
+from dinoalign.evaluate.config import DEMO_DATASET
+from dinoalign.evaluate.headline import details_path, headline
 from dinoalign.evaluate.outputs import numeric_metrics, summary_line, write_outputs
 from dinoalign.evaluate.run import EXAMPLES_DIR, STAGE, evaluate_model
 from dinoalign.model import AlignedModel
 from dinoalign.storage import under_root
-from dinoalign.tracking import run_url, stage_run, without_credentials
+from dinoalign.tracking import (
+    log_dataset,
+    record_evaluation,
+    registered_model_name,
+    run_url,
+    stage_run,
+    without_credentials,
+)
 
 
 def run(params: Params, root: Path) -> dict[str, dict[str, Any]]:
@@ -43,8 +53,9 @@ def evaluate_recipe(params: Params, root: Path, recipe: str) -> dict[str, Any]:
     plots_dir = Path(under_root(params.paths.plots, root)) / recipe
     started = time.perf_counter()
 
-    with stage_run(STAGE, params, run_name=f"{STAGE}@{recipe}") as run:
-        model = AlignedModel.load(reference, params, root, cfg.device, cfg.batch_size)
+    with stage_run(f"{STAGE}@{recipe}", params) as run:
+        model = AlignedModel.from_params(reference, params, root, cfg.device, cfg.batch_size)
+        eval_set = _log_evaluation_set(params, root)
         if model.name != recipe:
             raise InferenceError(f"{reference} holds a {model.name} model, not {recipe}")
         shutil.rmtree(plots_dir, ignore_errors=True)  # no stale picture of an earlier run
@@ -59,15 +70,32 @@ def evaluate_recipe(params: Params, root: Path, recipe: str) -> dict[str, Any]:
         write_outputs(evaluation, metrics_path, plots_dir)
         mlflow.set_tags({"dinoalign.recipe": recipe, "dinoalign.model_sha256": model.info.weights_sha256})
         mlflow.log_metrics(numeric_metrics(evaluation.metrics))
+        versions = record_evaluation(recipe, model.info.weights_sha256, numeric_metrics(headline(evaluation.metrics)),
+                                     eval_set)
         mlflow.log_artifact(str(metrics_path))
+        mlflow.log_artifact(str(details_path(metrics_path.parent, recipe)))
         if (plots_dir / EXAMPLES_DIR).is_dir():
             mlflow.log_artifacts(str(plots_dir / EXAMPLES_DIR), EXAMPLES_DIR)
 
+    name = registered_model_name(recipe)
     print(
         summary_line(recipe, evaluation.metrics)
-        + f"\n{STAGE}@{recipe}: -> {metrics_path}, {plots_dir}/; MLflow run {run_url(run)}"
+        + f"\n{STAGE}@{recipe}: -> {metrics_path}, {plots_dir}/; MLflow run {run_url(run)}\n"
+        + (f"{STAGE}@{recipe}: metrics attached to {name} version {', '.join(versions)}" if versions else
+           f"{STAGE}@{recipe}: no version of {name} holds these weights (sha256 {model.info.weights_sha256[:12]}...): "
+           "metrics attached to no model version")
     )
     return evaluation.metrics
+
+
+def _log_evaluation_set(params: Params, root: Path) -> Any:
+    """The demo world's evaluation split as the run's dataset (digest: its uids, as
+    retrain's ``eval_set``); None for a registered dataset, which has no digest yet."""
+    if params.evaluate.dataset != DEMO_DATASET:
+        return None
+    pairs_dir = under_root(params.paths.pairs, root)
+    digest = split_digest(read_pairs(pairs_dir), params.evaluate.split)
+    return log_dataset(f"pairs:{params.evaluate.split}", f"{pairs_dir}/manifest", digest, "evaluation")
 
 
 def model_reference(params: Params, recipe: str) -> str:

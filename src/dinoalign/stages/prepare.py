@@ -18,9 +18,9 @@ from typing import Any
 import mlflow
 
 from dinoalign.config import Params
-from dinoalign.data.prepare import prepare_pairs
+from dinoalign.data.prepare import manifest_digest, prepare_pairs
 from dinoalign.storage import under_root
-from dinoalign.tracking import run_url, stage_run
+from dinoalign.tracking import log_dataset, run_url, stage_run
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
@@ -40,6 +40,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             }
         )
         mlflow.log_artifact(str(out / "summary.json"))
+        log_dataset("pairs", str(out / "manifest"), manifest_digest(out), "output", rows=summary["n_pairs"])
         summary["mlflow_run"] = run_url(run)
 
     print(

@@ -22,7 +22,8 @@ from dinoalign.config import Params
 from dinoalign.data.images import image_limits
 from dinoalign.teacher import run_teacher
 from dinoalign.storage import under_root
-from dinoalign.tracking import run_url, stage_run
+from dinoalign.data.prepare import manifest_digest
+from dinoalign.tracking import log_dataset, run_url, stage_run
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
@@ -40,8 +41,10 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         print(f"teacher: epoch {row['epoch']} loss {row['loss']:.3f} ({row['samples_per_s']:.0f} samples/s)")
         mlflow.log_metrics({"loss": row["loss"], "samples_per_s": row["samples_per_s"]}, step=int(row["step"]))
 
+    pairs_dir = Path(under_root(params.paths.pairs, root))
     with stage_run("teacher", params) as run:
-        metrics = run_teacher(cfg, Path(under_root(params.paths.pairs, root)), image_limits(params.data), params.seed, out, log=log)
+        log_dataset("pairs", str(pairs_dir / "manifest"), manifest_digest(pairs_dir), "training")
+        metrics = run_teacher(cfg, pairs_dir, image_limits(params.data), params.seed, out, log=log)
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(out / "metrics.json"))
         metrics["mlflow_run"] = run_url(run)
