@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dinoalign.data.synthetic import COLOURS as DEMO_COLOURS
+
 PANEL_GAP = 4
 
 
@@ -31,14 +33,9 @@ def label_palette(num_labels: int, background: bool = False) -> np.ndarray:
 
 # Colour words a class name may hold (the demo world's "red circle"): such a class is
 # drawn in its colour, so that a picture never paints a "red star" blue. The demo's six
-# are its own (dinoalign.data.synthetic.COLOURS).
+# come from the generator (dinoalign.data.synthetic.COLOURS).
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (35, 170, 60),
-    "blue": (40, 80, 225),
-    "yellow": (240, 215, 30),
-    "purple": (145, 45, 195),
-    "orange": (245, 130, 20),
+    **DEMO_COLOURS,
     "pink": (240, 110, 170),
     "brown": (140, 85, 40),
     "cyan": (30, 200, 210),
