@@ -70,13 +70,26 @@ def _load(args: argparse.Namespace, params: Params, root: Path) -> AlignedModel:
 
 def _predictor(args: argparse.Namespace, params: Params, root: Path) -> Predictor:
     """The model of ``--model`` (a folder relative to the cwd, or an MLflow URI) with the
-    towers and settings of the params; the vocabulary check off with ``--allow-unknown``."""
-    from dinoalign.predict import Predictor
+    towers and settings of the params and, for a text encoder that learnt only the train
+    captions, their vocabulary (the check is off with ``--allow-unknown``)."""
+    import torch
+
+    from dinoalign.model import MLFLOW_SCHEMES, AlignedModel, Towers
+    from dinoalign.predict import Predictor, needs_vocabulary, training_vocabulary
+    from dinoalign.tracking import tracking_uri
 
     reference = args.model
     if "://" not in reference and not reference.startswith(("models:/", "runs:/")):
         reference = str(Path(reference).resolve())  # a folder on the command line is relative to the cwd
-    return Predictor.from_params(reference, params, root, args.device)
+    cfg = params.evaluate
+    torch.set_num_threads(cfg.torch_threads)
+    towers = Towers.from_sections(params.backbone, params.seed, params.embed, params.clip, params.align)
+    uri = tracking_uri(params) if reference.startswith(MLFLOW_SCHEMES) else None
+    model = AlignedModel.load(reference, towers, root, args.device or cfg.device, cfg.batch_size, uri)
+    vocabulary = None
+    if needs_vocabulary(model.recipe, params.teacher.enabled):
+        vocabulary = training_vocabulary(Path(under_root(params.paths.pairs, root)))
+    return Predictor(model, cfg, params.data, vocabulary, reference)
 
 
 # ----------------------------------------------------------------------------- classes

@@ -2,7 +2,7 @@
 
 A saved recipe (``model.safetensors`` + ``config.json``) holds only what was trained;
 the frozen DINOv2 backbone and, for talk2dino and the projector, the CLIP text tower
-are rebuilt from params exactly as the embed stage builds them
+are rebuilt from the params sections in :class:`Towers` exactly as the embed stage builds them
 (:func:`dinoalign.backbones.dinov2.build_backbone_from`: ``backbone`` + ``seed``; the
 images resized and centre-cropped to ``embed.img_size``), so evaluation, the inference
 commands and the training features all see the same image path.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoalign.config import BackboneConfig, ClipConfig, Params, TextEncoderConfig
+from dinoalign.config import BackboneConfig, ClipConfig, EmbedConfig, TextEncoderConfig
 from dinoalign.errors import InferenceError
 from dinoalign.recipes import Recipe, load_recipe
 from dinoalign.recipes.base import (
@@ -38,6 +38,7 @@ from dinoalign.recipes.base import (
     join_uri,
 )
 from dinoalign.storage import fs_for, read_bytes, under_root
+from dinoalign.train.config import AlignConfig, recipe_names
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -122,7 +123,8 @@ class Towers:
     """What rebuilds the frozen towers around a trained recipe, exactly as the embed stage
     built them: the backbone section and the seed (random-init backbones), the image size
     and interpolation of ``embed``, the CLIP, the embed text encoders and which one each
-    recipe was trained on (``align.<recipe>.text_encoder``). :meth:`from_params` picks them."""
+    recipe was trained on (``align.<recipe>.text_encoder``). :meth:`from_sections` picks them
+    from those params sections."""
 
     backbone: BackboneConfig
     seed: int
@@ -133,20 +135,23 @@ class Towers:
     text_encoder_keys: Mapping[str, str]  # recipe -> embed text encoder key
 
     @classmethod
-    def from_params(cls, params: Params) -> Towers:
-        from dinoalign.train.config import recipe_names
-
+    def from_sections(
+        cls, backbone: BackboneConfig, seed: int, embed: EmbedConfig, clip: ClipConfig, align: AlignConfig
+    ) -> Towers:
+        """The towers of these params sections: ``embed`` gives the image size,
+        interpolation and text encoders, ``align`` each recipe's ``text_encoder``, as in
+        ``Towers.from_sections(params.backbone, params.seed, params.embed, params.clip,
+        params.align)``."""
         keys = {}
         for name in recipe_names():
-            key = getattr(getattr(params.align, name, None), "text_encoder", None)
+            key = getattr(getattr(align, name, None), "text_encoder", None)
             if key is not None:
                 keys[name] = key
-        return cls(params.backbone, params.seed, params.embed.img_size, params.embed.interpolation,
-                   params.clip, tuple(params.embed.text_encoders), keys)
+        return cls(backbone, seed, embed.img_size, embed.interpolation, clip, tuple(embed.text_encoders), keys)
 
 
 class AlignedModel:
-    """``recipe`` + the frozen backbone and text tower named in ``params``.
+    """``recipe`` + the frozen backbone and text tower of ``towers``.
 
     Image batches are ``dict[str, Tensor]`` with the keys the recipe reads
     (talk2dino ``head_embeddings`` B×H×D, projector ``token_mean`` B×D, dinotxt
@@ -178,19 +183,10 @@ class AlignedModel:
         cls, reference: str, towers: Towers, root: Path, device: str = "auto", batch_size: int = 64,
         tracking_uri: str | None = None,
     ) -> AlignedModel:
-        """The model at ``reference`` (:func:`load_model`) with ``towers``."""
+        """The model at ``reference`` (:func:`load_model`; an MLflow URI is resolved
+        against ``tracking_uri``) with ``towers``."""
         recipe, info = load_model(reference, root, tracking_uri)
         return cls(recipe, towers, root, resolve_device(device), info, batch_size)
-
-    @classmethod
-    def from_params(
-        cls, reference: str, params: Params, root: Path, device: str = "auto", batch_size: int = 64
-    ) -> AlignedModel:
-        """:meth:`load` with the towers and tracking URI of ``params`` (what stages call)."""
-        from dinoalign.tracking import tracking_uri
-
-        uri = tracking_uri(params) if reference.startswith(MLFLOW_SCHEMES) else None
-        return cls.load(reference, Towers.from_params(params), root, device, batch_size, uri)
 
     # ------------------------------------------------------------------ frozen towers
 
@@ -221,7 +217,7 @@ class AlignedModel:
         """The frozen text encoder whose features the recipe reads (its ``text_input``):
         ``text_encoder`` (talk2dino) the embed text encoder it was trained on
         (``align.<recipe>.text_encoder``, a key of ``embed.text_encoders``), ``clip_text``
-        (the projector) the text tower of its CLIP (``params.clip``). A recipe with its
+        (the projector) the text tower of its CLIP (``towers.clip``). A recipe with its
         own text tower (dinotxt) has none."""
         from dinoalign.backbones.text import build_text_encoder
 
@@ -248,7 +244,7 @@ class AlignedModel:
 
     @functools.cached_property
     def clip(self) -> tuple[Any, dict[str, Any]]:
-        """(the full CLIP of ``params.clip`` in eval mode, its open_clip preprocess config):
+        """(the full CLIP of ``towers.clip`` in eval mode, its open_clip preprocess config):
         the projector's teacher, whose own retrieval is the projector's reference."""
         from dinoalign.backbones.text import load_open_clip
 

@@ -6,7 +6,9 @@ MLflow pyfunc model that ``mlflow.pyfunc.load_model`` and ``mlflow models serve`
 (:mod:`dinoalign.serve`, a self-contained bundle). The same image bytes and class names
 give the same label map, byte for byte, whichever door they came in by.
 
-    predictor = Predictor.from_params("artifacts/models/talk2dino", params, root)
+    towers = Towers.from_sections(params.backbone, params.seed, params.embed, params.clip, params.align)
+    model = AlignedModel.load("artifacts/models/talk2dino", towers, root)
+    predictor = Predictor(model, params.evaluate, params.data)
     result = predictor.segment(image, ["red circle", "blue square"])   # Segmentation
     png = result.png()                                                 # palette PNG bytes
 
@@ -29,9 +31,10 @@ import numpy as np
 from dinoalign.errors import InferenceError
 
 if TYPE_CHECKING:
-    from dinoalign.config import DataConfig, Params
+    from dinoalign.config import DataConfig
     from dinoalign.evaluate.config import EvaluateConfig
     from dinoalign.model import AlignedModel
+    from dinoalign.recipes import Recipe
 
 MAX_SEGMENT_CLASSES = 254  # labels 0..255 in an 8-bit PNG, one reserved for background
 _WORD = re.compile(r"[a-z0-9]+")
@@ -133,25 +136,6 @@ class Predictor:
         self.data = data
         self.vocabulary = vocabulary
         self.reference = reference or (model.info.reference if model.info else model.name)
-
-    @classmethod
-    def from_params(
-        cls, reference: str, params: Params, root: Path, device: str | None = None
-    ) -> Predictor:
-        """The model at ``reference`` (folder or MLflow URI) with the frozen towers and
-        settings of ``params`` (the inference commands' way)."""
-        import torch
-
-        from dinoalign.model import AlignedModel
-
-        torch.set_num_threads(params.evaluate.torch_threads)
-        model = AlignedModel.from_params(
-            reference, params, root, device or params.evaluate.device, params.evaluate.batch_size
-        )
-        vocabulary = None
-        if needs_vocabulary(model, params):
-            vocabulary = training_vocabulary(params, root)
-        return cls(model, params.evaluate, params.data, vocabulary, reference)
 
     @property
     def name(self) -> str:
@@ -289,20 +273,20 @@ def read_image(uri: str, data: Any) -> np.ndarray:
         raise InferenceError(f"cannot use image {uri}: {e}") from None
 
 
-def needs_vocabulary(model: AlignedModel, params: Params) -> bool:
-    """Whether ``model``'s text encoder learnt only this project's captions: a recipe's own
-    text tower (dinotxt) or the demo teacher CLIP (``teacher.enabled``)."""
+def needs_vocabulary(recipe: Recipe, teacher_clip: bool) -> bool:
+    """Whether ``recipe``'s text encoder learnt only this project's captions: its own text
+    tower (dinotxt), or any when the CLIP is the demo teacher trained on them
+    (``teacher_clip``: ``teacher.enabled``)."""
     from dinoalign.recipes.base import OWN_TEXT
 
-    return model.recipe.text_input == OWN_TEXT or params.teacher.enabled
+    return recipe.text_input == OWN_TEXT or teacher_clip
 
 
-def training_vocabulary(params: Params, root: Path) -> set[str] | None:
-    """Words of the train-split captions of the pairs manifest, None when it is not here."""
+def training_vocabulary(pairs_dir: Path) -> set[str] | None:
+    """Words of the train-split captions of the pairs manifest in ``pairs_dir`` (the
+    prepare stage's folder, ``paths.pairs``), None when it is not here."""
     from dinoalign.data.prepare import read_pairs
-    from dinoalign.storage import under_root
 
-    pairs_dir = Path(under_root(params.paths.pairs, root))
     if not (pairs_dir / "summary.json").is_file():
         return None
     table = read_pairs(pairs_dir)

@@ -21,12 +21,15 @@ files the other stages wrote:
 
 Charts are matplotlib SVGs inlined as ``data:`` images, with axes, ticks, legends and
 colour scales. Missing inputs (a stage not run yet) are shown as missing, never invented.
+What the page is made of and where it lies is one :class:`ReportInputs`, which the report
+stage (:mod:`dinoalign.stages.report`) builds from the params.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import datetime
 import html
 import json
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dinoalign.config import Params
+from dinoalign.config import BackboneConfig, ClipConfig, PathsConfig
 from dinoalign.evaluate.headline import details_path
 from dinoalign.storage import under_root, write_atomic
 
@@ -69,6 +72,24 @@ nav.toc ol{margin:4px 0;padding-left:22px;columns:2}img.chart{image-rendering:au
 
 
 # ----------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportInputs:
+    """Everything the page shows and where to find it: the recipes it compares, what its
+    header and versions name, the locations the other stages wrote (``paths``, relative to
+    the checkout ``root``) and the MLflow store that holds their runs and models."""
+
+    recipes: tuple[str, ...]  # evaluate.recipes
+    dataset: str  # evaluate.dataset
+    profile: str
+    backbone: BackboneConfig
+    clip: ClipConfig
+    paths: PathsConfig
+    root: Path
+    tracking_uri: str  # tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded store
+    experiment: str  # tracking.experiment
+    mlflow_ui: str  # evaluate.mlflow_ui: the UI of an embedded store (make mlflow-ui)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -104,21 +125,19 @@ UPSTREAM_STAGES = ("prepare", "teacher", "embed", "curate")
 
 
 def mlflow_runs(
-    params: Params, shown: Mapping[str, str]
+    tracking_uri: str, experiment_name: str, shown: Mapping[str, str]
 ) -> tuple[list[dict[str, Any]], str | None]:
     """(runs, None) or ([], why not): the runs of ``shown`` (label -> run id: the align
     and evaluate runs whose outputs the page shows) and the latest run of each upstream
-    stage in the experiment."""
+    stage in the experiment ``experiment_name`` of the store at ``tracking_uri``."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dinoalign.tracking import tracking_uri
-
     try:
-        client = MlflowClient(tracking_uri(params))
-        experiment = client.get_experiment_by_name(params.tracking.experiment)
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            return [], f"no MLflow experiment {params.tracking.experiment!r} yet"
+            return [], f"no MLflow experiment {experiment_name!r} yet"
         runs = []
         for stage in UPSTREAM_STAGES:
             found = client.search_runs(
@@ -139,18 +158,19 @@ def mlflow_runs(
 
 
 def registry_versions(
-    params: Params, recipes: Sequence[str], per_model: int = 5
+    tracking_uri: str, recipes: Sequence[str], per_model: int = 5
 ) -> tuple[list[dict[str, Any]], str | None]:
     """(rows, None) or ([], why not): the latest ``per_model`` versions of each recipe's
-    registered model, newest first, with their aliases (``@candidate``, ``@champion``)."""
+    registered model in the store at ``tracking_uri``, newest first, with their aliases
+    (``@candidate``, ``@champion``)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dinoalign.tracking import registered_model_name, tracking_uri
+    from dinoalign.tracking import registered_model_name
 
     rows = []
     try:
-        client = MlflowClient(tracking_uri(params))
+        client = MlflowClient(tracking_uri)
         for recipe in recipes:
             name = registered_model_name(recipe)
             found = client.search_model_versions(f"name = '{name}'")
@@ -186,14 +206,13 @@ def _run_row(label: str, run: Any, run_id: str | None) -> dict[str, Any]:
     }
 
 
-def run_link(params: Params, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI address of a run: the tracking server's when it is one, otherwise
-    ``evaluate.mlflow_ui`` (``make mlflow-ui`` serves the embedded store there)."""
+def run_link(tracking_uri: str, mlflow_ui: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI address of a run: the tracking server's when ``tracking_uri`` is one,
+    otherwise ``mlflow_ui`` (``evaluate.mlflow_ui``: ``make mlflow-ui`` serves the
+    embedded store there)."""
     from dinoalign.tracking import without_credentials
-    from dinoalign.tracking import tracking_uri
 
-    uri = tracking_uri(params)
-    base = without_credentials(uri) if uri.startswith("http") else params.evaluate.mlflow_ui
+    base = without_credentials(tracking_uri) if tracking_uri.startswith("http") else mlflow_ui
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -420,12 +439,12 @@ def zeroshot_confusion(path: Path) -> tuple[str, list[str], np.ndarray] | None:
     return subset, names, counts
 
 
-def _section_zeroshot(params: Params, root: Path, recipes: Sequence[str]) -> str:
+def _section_zeroshot(paths: PathsConfig, root: Path, recipes: Sequence[str]) -> str:
     from dinoalign.evaluate.visualize import confusion_chart
 
     cards = []
     for recipe in recipes:
-        found = zeroshot_confusion(_at(params.paths.plots, root) / recipe / "zeroshot_predictions.csv")
+        found = zeroshot_confusion(_at(paths.plots, root) / recipe / "zeroshot_predictions.csv")
         if found is not None:
             subset, names, counts = found
             svg = confusion_chart(counts, names, f"{recipe}: zero-shot ({subset}, {counts.sum()} images)",
@@ -436,11 +455,11 @@ def _section_zeroshot(params: Params, root: Path, recipes: Sequence[str]) -> str
     return heading("Zero-shot confusion") + '<div class="grid">' + "".join(cards) + "</div>"
 
 
-def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
+def _section_curves(paths: PathsConfig, root: Path, recipes: Sequence[str]) -> str:
     out = [heading("Training curves"), '<div class="grid">']
     for recipe in recipes:
-        curve = read_curve(_at(params.paths.curves, root) / recipe / "curve.csv")
-        summary = read_json(_at(params.paths.curves, root) / recipe / "metrics.json") or {}
+        curve = read_curve(_at(paths.curves, root) / recipe / "curve.csv")
+        summary = read_json(_at(paths.curves, root) / recipe / "metrics.json") or {}
         body = curve_charts(curve, recipe) if curve else "<p><small>no curve.csv yet</small></p>"
         note = "<p><small>no align metrics.json</small></p>"
         if summary:
@@ -451,7 +470,7 @@ def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
                 f"{esc(summary.get('train_uids', '?'))} train images, final loss {final}</small></p>"
             )
         out.append(f'<div class="card"><h3>{esc(recipe)}</h3>{body}{note}</div>')
-    teacher = read_curve(_at(params.paths.teacher, root) / "curve.csv")
+    teacher = read_curve(_at(paths.teacher, root) / "curve.csv")
     if teacher:
         out.append(f'<div class="card"><h3>teacher CLIP (demo)</h3>{curve_charts(teacher, "teacher")}</div>')
     out.append("</div>")
@@ -459,14 +478,14 @@ def _section_curves(params: Params, root: Path, recipes: Sequence[str]) -> str:
 
 
 def _section_segmentation(
-    params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]
+    paths: PathsConfig, root: Path, metrics: Mapping[str, Mapping[str, Any]]
 ) -> str:
     dense = {r: m for r, m in metrics.items() if "per_class" in m.get("segmentation", {})}
     if not dense:
         return ""
     out = [heading("Segmentation")]
     for recipe in dense:
-        plots = _at(params.paths.plots, root) / recipe
+        plots = _at(paths.plots, root) / recipe
         seg = dense[recipe]["segmentation"]
         threshold = seg.get("bg_threshold")
         threshold = "none" if threshold is None else f"{threshold:.3g}"
@@ -545,13 +564,13 @@ def _curation_table(curate: Mapping[str, Any]) -> str:
     return table(["", "pairs"], rows)
 
 
-def _section_data(params: Params, root: Path) -> str:
+def _section_data(paths: PathsConfig, root: Path) -> str:
     from dinoalign.embed.store import FeatureStore
 
     out = [heading("Data, rejects and curation"), '<div class="grid">']
-    pairs = read_json(_at(params.paths.pairs, root) / "summary.json")
-    manifest = FeatureStore(under_root(params.paths.features, root)).read_manifest()
-    curate = read_json(_at(params.paths.curated, root) / "stats.json")
+    pairs = read_json(_at(paths.pairs, root) / "summary.json")
+    manifest = FeatureStore(under_root(paths.features, root)).read_manifest()
+    curate = read_json(_at(paths.curated, root) / "stats.json")
     out.append(_card("pairs (prepare)", _pairs_table(pairs) if pairs else None))
     features = None
     if manifest is not None:
@@ -572,15 +591,15 @@ def _section_data(params: Params, root: Path) -> str:
     return "".join(out)
 
 
-def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
+def _section_versions(inputs: ReportInputs, metrics: Mapping[str, Mapping[str, Any]]) -> str:
     from dinoalign.tracking import git_commit
 
     out = [heading("Versions")]
-    backbone = params.backbone
+    backbone, clip = inputs.backbone, inputs.clip
     random_init = not backbone.pretrained and not backbone.weights
     rows = [
-        ["git commit", git_commit(root)],
-        ["profile", params.profile],
+        ["git commit", git_commit(inputs.root)],
+        ["profile", inputs.profile],
         [
             "backbone",
             f"{backbone.name} {backbone.model_kwargs or ''}"
@@ -592,7 +611,7 @@ def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[
         ],
         [
             "CLIP (text tower, projector target)",
-            f"{params.clip.name} {params.clip.pretrained or ''}",
+            f"{clip.name} {clip.pretrained or ''}",
         ],
     ]
     for recipe, m in metrics.items():
@@ -604,7 +623,7 @@ def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[
             ]
         )
     out.append(table(["", ""], rows))
-    lock = dvc_lock_outputs(root)
+    lock = dvc_lock_outputs(inputs.root)
     if lock:
         out.append(
             "<h3>DVC outputs (dvc.lock)</h3>"
@@ -617,9 +636,9 @@ def _section_versions(params: Params, root: Path, metrics: Mapping[str, Mapping[
     return "".join(out)
 
 
-def _section_registry(params: Params) -> str:
+def _section_registry(tracking_uri: str, recipes: Sequence[str]) -> str:
     out = [heading("Model registry")]
-    rows, problem = registry_versions(params, params.evaluate.recipes)
+    rows, problem = registry_versions(tracking_uri, recipes)
     if problem:
         return "".join(out) + f"<p><small>{esc(problem)}</small></p>"
     cells = [
@@ -635,31 +654,30 @@ def _section_registry(params: Params) -> str:
     return "".join(out)
 
 
-def _section_mlflow(params: Params, root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    from dinoalign.tracking import tracking_uri
-
+def _section_mlflow(inputs: ReportInputs, metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    paths = inputs.paths
     shown: dict[str, str] = {}
-    for recipe in params.evaluate.recipes:
-        align = read_json(_at(params.paths.curves, root) / recipe / "metrics.json") or {}
+    for recipe in inputs.recipes:
+        align = read_json(_at(paths.curves, inputs.root) / recipe / "metrics.json") or {}
         if align.get("mlflow_run_id"):
             shown[f"align@{recipe}"] = align["mlflow_run_id"]
         evaluated = _get(metrics.get(recipe, {}), ("info", "mlflow", "run_id"))
         if evaluated:
             shown[f"evaluate@{recipe}"] = evaluated
-    runs, problem = mlflow_runs(params, shown)
+    runs, problem = mlflow_runs(inputs.tracking_uri, inputs.experiment, shown)
     out = [heading("MLflow runs")]
     if problem:
         return "".join(out) + f"<p><small>{esc(problem)}</small></p>"
-    if not tracking_uri(params).startswith("http"):
+    if not inputs.tracking_uri.startswith("http"):
         out.append(
             "<p><small>embedded store: start the UI with <code>make mlflow-ui</code> for these "
-            f"links ({esc(params.evaluate.mlflow_ui)})</small></p>"
+            f"links ({esc(inputs.mlflow_ui)})</small></p>"
         )
     rows = []
     for r in runs:
         link = esc(r["run_id"])
         if r["experiment_id"] is not None:
-            href = esc(run_link(params, r["experiment_id"], r["run_id"]))
+            href = esc(run_link(inputs.tracking_uri, inputs.mlflow_ui, r["experiment_id"], r["run_id"]))
             link = f'<a href="{href}">{esc(r["run_id"][:12])}</a>'
         started = f"{r['start']:%Y-%m-%d %H:%M:%S} UTC" if "start" in r else MISSING
         rows.append(
@@ -677,17 +695,17 @@ def _section_mlflow(params: Params, root: Path, metrics: Mapping[str, Mapping[st
 # ----------------------------------------------------------------------------- the page
 
 
-def render_report(params: Params, root: Path) -> str:
-    """The report page for the recipes of ``evaluate.recipes`` (module docstring)."""
-    recipes = list(params.evaluate.recipes)
+def render_report(inputs: ReportInputs) -> str:
+    """The report page for the recipes of ``inputs`` (module docstring)."""
+    recipes, paths, root = list(inputs.recipes), inputs.paths, inputs.root
     metrics: dict[str, dict[str, Any]] = {}
     for recipe in recipes:
-        found = read_json(details_path(_at(params.paths.metrics, root), recipe))
+        found = read_json(details_path(_at(paths.metrics, root), recipe))
         if found is not None:
             metrics[recipe] = found
     missing = [r for r in recipes if r not in metrics]
     now = datetime.datetime.now(datetime.timezone.utc)
-    backbone = params.backbone
+    backbone = inputs.backbone
     warn = ""
     if not backbone.pretrained and not backbone.weights:
         warn = (
@@ -695,22 +713,22 @@ def render_report(params: Params, root: Path) -> str:
             "<b>random-init</b> ViT and the data is the synthetic world; the numbers show that each recipe "
             "learns (compare with chance), not how it compares with the papers (docs/reproduce.md).</p>"
         )
-    dataset = params.evaluate.dataset
+    dataset = inputs.dataset
     sections = "".join(
         [
             _section_results(metrics, missing),
-            _section_zeroshot(params, root, recipes),
-            _section_curves(params, root, recipes),
-            _section_segmentation(params, root, metrics),
-            _section_data(params, root),
-            _section_versions(params, root, metrics),
-            _section_registry(params),
-            _section_mlflow(params, root, metrics),
+            _section_zeroshot(paths, root, recipes),
+            _section_curves(paths, root, recipes),
+            _section_segmentation(paths, root, metrics),
+            _section_data(paths, root),
+            _section_versions(inputs, metrics),
+            _section_registry(inputs.tracking_uri, recipes),
+            _section_mlflow(inputs, metrics),
         ]
     )
     body = (
         "<h1>dinoalign report</h1>"
-        f'<p class="sub">profile <b>{esc(params.profile)}</b> · dataset <b>{esc(dataset)}</b> · '
+        f'<p class="sub">profile <b>{esc(inputs.profile)}</b> · dataset <b>{esc(dataset)}</b> · '
         f"recipes {esc(', '.join(recipes))} · generated {now:%Y-%m-%d %H:%M} UTC</p>"
         + warn + table_of_contents(sections) + sections
     )
@@ -722,11 +740,12 @@ def render_report(params: Params, root: Path) -> str:
     )
 
 
-def write_report(params: Params, root: Path) -> Path:
+def write_report(inputs: ReportInputs) -> Path:
     """Render the report and write ``<paths.report>/index.html`` (whole, then
     renamed into place); returns its path."""
-    path = _at(params.paths.report, root) / REPORT_FILE
-    write_atomic(path, render_report(params, root))
+    paths = inputs.paths
+    path = _at(paths.report, inputs.root) / REPORT_FILE
+    write_atomic(path, render_report(inputs))
     return path
 
 

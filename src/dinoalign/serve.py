@@ -247,10 +247,10 @@ def _bundle_tower(section: dict[str, Any], key: str, root: Path, out: Path, towe
 def write_bundle(model_dir: str | Path, params: Params, root: Path, out: Path) -> Path:
     """The self-contained folder :class:`DinoalignModel` loads (module docstring)."""
     from dinoalign.config import to_dict
-    from dinoalign.model import AlignedModel, Towers
     from dinoalign.predict import needs_vocabulary, training_vocabulary
     from dinoalign.recipes import load_recipe
     from dinoalign.recipes.base import CLIP_TEXT, CONFIG_FILE, TEXT_ENCODER, WEIGHTS_FILE
+    from dinoalign.storage import under_root
     from dinoalign.tracking import git_commit
 
     model_dir = Path(model_dir)
@@ -281,9 +281,8 @@ def write_bundle(model_dir: str | Path, params: Params, root: Path, out: Path) -
     (out / PARAMS_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
     vocabulary = None
-    probe = AlignedModel(recipe, Towers.from_params(params), root)  # builds no tower: asks the recipe
-    if needs_vocabulary(probe, params):
-        words = training_vocabulary(params, root)
+    if needs_vocabulary(recipe, params.teacher.enabled):
+        words = training_vocabulary(Path(under_root(params.paths.pairs, root)))
         vocabulary = sorted(words) if words is not None else None
     (out / VOCABULARY_FILE).write_text(json.dumps(vocabulary) + "\n")
 
@@ -337,7 +336,8 @@ def load_bundle(bundle: Path, device: str | None = None) -> Predictor:
 
     model_info = ModelInfo(str(bundle), info["recipe"], info["weights_sha256"],
                            json.loads((bundle / RECIPE_DIR / "config.json").read_text()))
-    model = AlignedModel(recipe, Towers.from_params(bundled), bundle, resolve_device(device or bundled.evaluate.device),
+    towers = Towers.from_sections(bundled.backbone, bundled.seed, bundled.embed, bundled.clip, bundled.align)
+    model = AlignedModel(recipe, towers, bundle, resolve_device(device or bundled.evaluate.device),
                          model_info, bundled.evaluate.batch_size)
     words = set(vocabulary) if vocabulary is not None else None
     return Predictor(model, bundled.evaluate, bundled.data, words, str(bundle))

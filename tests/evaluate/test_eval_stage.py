@@ -23,10 +23,10 @@ from dinoalign.config import ConfigError
 from dinoalign.data.images import image_limits, load_image, load_mask
 from dinoalign.data.prepare import read_pairs, split_digest
 from dinoalign.embed.store import load_image_features
-from dinoalign.model import AlignedModel
 from dinoalign.evaluate.headline import headline
 from dinoalign.evaluate.templates import TALK2DINO_TEMPLATES
 from dinoalign.recipes import load_recipe
+from dinoalign.stages.evaluate import load_aligned_model
 from dinoalign.tracking import logged_model_id
 
 MAX_IMAGES = 24  # evaluate.max_images of the demo_models overrides
@@ -283,9 +283,7 @@ def test_images_take_the_embed_stages_path(
     """Features computed from the images match the feature store: evaluation, the
     inference commands and training see the same preprocessing and backbone."""
     params = demo_models.params()
-    model = AlignedModel.from_params(
-        str(demo_models.model_dir(recipe)), params, demo_models.features.root, "cpu"
-    )
+    model = load_aligned_model(params, demo_models.features.root, str(demo_models.model_dir(recipe)), "cpu")
     rows = _subset_rows(demo_models, "seen")[:4]
     images = [
         load_image(r["image_uri"], **image_limits(params.data))
@@ -441,7 +439,7 @@ def test_background_threshold_chosen_on_val_is_recorded_and_used(
     # the recorded val mIoU is that of the recorded threshold on the first 8 val images
     params = demo_models.params(*overrides)
     root = demo_models.features.root
-    model = AlignedModel.from_params(str(demo_models.model_dir("talk2dino")), params, root, "cpu")
+    model = load_aligned_model(params, root, str(demo_models.model_dir("talk2dino")), "cpu")
     val, _ = load_demo(demo_models.features.pairs_dir, "synthetic", "val", root)
     dataset = DemoSegmentation(val["seen"].head(8), image_limits(params.data))
     names = list(dataset.class_names[1:])

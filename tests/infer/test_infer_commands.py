@@ -16,7 +16,7 @@ from PIL import Image
 
 from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.store import load_image_features
-from dinoalign.model import AlignedModel
+from dinoalign.stages.evaluate import load_aligned_model
 
 
 def _run(models: DemoModels, capsys, *args: str) -> tuple[int, dict | str]:
@@ -149,8 +149,8 @@ def test_index_and_retrieve_find_the_brute_force_top_k(
     )
     assert code == 0, found
     # brute force over the feature store with the recipe's own pair score
-    model = AlignedModel.from_params(
-        str(demo_models.model_dir(recipe)), demo_models.params(), demo_models.features.root, "cpu"
+    model = load_aligned_model(
+        demo_models.params(), demo_models.features.root, str(demo_models.model_dir(recipe)), "cpu"
     )
     column = "head_embeddings" if recipe == "talk2dino" else "token_mean"
     store = load_image_features(str(demo_models.features.features_dir), [column])

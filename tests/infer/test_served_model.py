@@ -256,9 +256,8 @@ def test_the_reports_registry_table_shows_the_versions_and_aliases(registered: R
         second = register_model("talk2dino", first.source)  # the same logged model, a new version
     finally:
         mlflow.set_tracking_uri(None)
-    params = registered.models.params(f"tracking.uri={registered.tracking_uri}",
-                                      "evaluate.recipes=[talk2dino,projector]")
-    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", _section_registry(params))
+    section = _section_registry(registered.tracking_uri, ["talk2dino", "projector"])
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", section)
     assert rows == [("dinoalign-talk2dino", second, "@candidate"),
                     ("dinoalign-talk2dino", str(first.version), "@champion"),
                     ("dinoalign-projector", registered.versions["projector"], "@candidate")]

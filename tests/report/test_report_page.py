@@ -18,6 +18,7 @@ from pipeline_testing import DemoModels
 from PIL import Image
 
 from dinoalign.report import curve_charts, pct, write_report
+from dinoalign.stages.report import report_inputs
 
 @pytest.fixture(scope="module")
 def report(evaluated_demo: DemoModels) -> Path:
@@ -133,7 +134,7 @@ def test_report_says_what_is_missing(evaluated_demo: DemoModels, tmp_path: Path)
         f"paths.curves={tmp_path / 'no-curves'}",
         f"paths.curated={tmp_path / 'no-curate'}",
     )
-    html = write_report(params, evaluated_demo.features.root).read_text()
+    html = write_report(report_inputs(params, evaluated_demo.features.root)).read_text()
     assert "no metrics for dinotxt, projector" in html
     assert html.count("no curve.csv yet") == 3
     assert "curation (curate)</h3><small>not produced yet" in html

@@ -1,8 +1,10 @@
 """Evaluating one trained recipe: :func:`evaluate_model` gives every metric of an
 :class:`~dinoalign.model.AlignedModel` on ``evaluate.dataset`` (the demo world's test
 split, or a registered dataset) and the material for its plots, as an :class:`Evaluation`.
-The evaluate stage (:mod:`dinoalign.stages.evaluate`) writes it with
-:mod:`dinoalign.evaluate.outputs`; ``dinoalign retrain`` calls it for promotion.
+It takes the ``evaluate`` section and the :class:`EvaluationInputs` (locations and image
+bounds) that the evaluate stage (:mod:`dinoalign.stages.evaluate`) resolves from the
+params; the stage writes the result with :mod:`dinoalign.evaluate.outputs`, and
+``dinoalign retrain`` compares models with it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinoalign.config import Params
-from dinoalign.data.images import image_limits
 from dinoalign.evaluate.config import DEMO_DATASET, EvaluateConfig
 from dinoalign.evaluate.demo import DemoImages, DemoSegmentation, load_demo
 from dinoalign.model import AlignedModel
@@ -49,6 +49,19 @@ EXAMPLES_DIR = "examples"
 TOP_LEVEL_SUBSET = "seen"  # the demo's top-level blocks; "heldout" gets its own block
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluationInputs:
+    """What an evaluation reads besides the model and the ``evaluate`` section, resolved
+    once at the boundary (:func:`dinoalign.stages.evaluate.evaluation_inputs`)."""
+
+    pairs: Path  # paths.pairs: the demo world's manifest (images, captions, labels, masks)
+    demo_source: str  # data.synthetic.source: the folder of world.json under ``pairs``
+    features: str  # paths.features: the embed stage's store, a local path or an s3:// URI
+    plots: Path  # paths.plots: ``<plots>/<recipe>/predictions`` with ``save_predictions``
+    image_limits: dict[str, Any]  # load_image's bounds (data.*, from image_limits)
+    root: Path  # the checkout: manifest URIs and ``evaluate.root`` are relative to it
+
+
 @dataclasses.dataclass
 class Evaluation:
     """Everything the evaluation of one recipe produced: ``metrics`` (the JSON) and the
@@ -66,41 +79,39 @@ class Evaluation:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_model(model: AlignedModel, params: Params, root: Path) -> Evaluation:
-    """All the metrics of ``model`` on ``evaluate.dataset`` (the demo world, or a
-    registered dataset whose task decides what is measured)."""
-    cfg = params.evaluate
+def evaluate_model(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationInputs) -> Evaluation:
+    """All the metrics of ``model`` on ``cfg.dataset`` (the demo world, or a registered
+    dataset whose task decides what is measured). The backbone, CLIP and image size
+    recorded in ``info`` are those of the model's frozen towers."""
+    towers = model.towers
     info = {
         "recipe": model.name,
         "dataset": cfg.dataset,
         "model": dataclasses.asdict(model.info) if model.info else None,
-        "backbone": dataclasses.asdict(params.backbone),
-        "backbone_random_init": not params.backbone.pretrained and not params.backbone.weights,
-        "clip": dataclasses.asdict(params.clip),
-        "img_size": params.embed.img_size,
+        "backbone": dataclasses.asdict(towers.backbone),
+        "backbone_random_init": not towers.backbone.pretrained and not towers.backbone.weights,
+        "clip": dataclasses.asdict(towers.clip),
+        "img_size": towers.img_size,
         "zeroshot_templates": cfg.zeroshot_templates,
         "dense_templates": cfg.dense_templates,
         "max_images": cfg.max_images,
     }
     if cfg.dataset == DEMO_DATASET:
-        evaluation = _evaluate_demo(model, params, root)
+        evaluation = _evaluate_demo(model, cfg, inputs)
     else:
-        evaluation = _evaluate_dataset(model, params, root)
+        evaluation = _evaluate_dataset(model, cfg, inputs)
     evaluation.metrics["info"] = {**info, **evaluation.metrics.get("info", {})}
     return evaluation
 
 
-def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluation:
-    cfg = params.evaluate
-    predictions_dir = Path(under_root(params.paths.plots, root)) / model.name / "predictions"
-    subsets, world = load_demo(
-        Path(under_root(params.paths.pairs, root)), params.data.synthetic.source, cfg.split, root
-    )
+def _evaluate_demo(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationInputs) -> Evaluation:
+    predictions_dir = inputs.plots / model.name / "predictions"
+    subsets, world = load_demo(inputs.pairs, inputs.demo_source, cfg.split, inputs.root)
     class_names = list(world["classes"])
-    features_uri = under_root(params.paths.features, root)
+    features_uri = inputs.features
     use_store = model.store_has_columns(features_uri)
     zeroshot_classes = model.class_embeddings(class_names, cfg.zeroshot_templates)
-    head = _demo_dense_head(model, params, root) if model.recipe.has_dense_head else None
+    head = _demo_dense_head(model, cfg, inputs) if model.recipe.has_dense_head else None
     evaluation = Evaluation(metrics={})
     blocks: dict[str, dict[str, Any]] = {}
     for subset, images in subsets.items():
@@ -111,7 +122,7 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
         batch = (
             model.store_batch(features_uri, images.uids)
             if use_store
-            else _online_batch(model, images, params)
+            else _online_batch(model, images, inputs.image_limits, cfg.batch_size)
         )
         block: dict[str, Any] = {"num_images": len(images)}
         single = np.flatnonzero(images.labels >= 0)
@@ -127,10 +138,12 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
             ]
         reference = None
         if model.recipe.has_clip_reference:
-            reference = _clip_image_features(model, images, features_uri, params, use_store)
+            reference = _clip_image_features(
+                model, images, features_uri, inputs.image_limits, cfg.batch_size, use_store
+            )
         block["retrieval"] = retrieval_block(model, batch, images.captions, cfg.ks, reference)
         if head is not None:
-            dataset = DemoSegmentation(images, image_limits(params.data))
+            dataset = DemoSegmentation(images, inputs.image_limits)
             seg, confusion, examples = segmentation_block(model, dataset, head, cfg, subset, predictions_dir)
             block["segmentation"] = seg
             evaluation.per_class_iou[subset] = seg["per_class"]
@@ -153,27 +166,24 @@ def _evaluate_demo(model: AlignedModel, params: Params, root: Path) -> Evaluatio
     return evaluation
 
 
-def _demo_dense_head(model: AlignedModel, params: Params, root: Path) -> DenseHead:
+def _demo_dense_head(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationInputs) -> DenseHead:
     """The dense head on the demo's labels; with ``bg_threshold_split`` its background
     threshold is the one with the best mIoU on that split's images."""
-    cfg = params.evaluate
     split = cfg.bg_threshold_split
-    pairs_dir, source = Path(under_root(params.paths.pairs, root)), params.data.synthetic.source
-    reference, _ = load_demo(pairs_dir, source, split or cfg.split, root)
-    dataset = DemoSegmentation(reference["seen"], image_limits(params.data))
+    reference, _ = load_demo(inputs.pairs, inputs.demo_source, split or cfg.split, inputs.root)
+    dataset = DemoSegmentation(reference["seen"], inputs.image_limits)
     head = DenseHead.build(model, dataset, cfg)
     if split is None or head.cfg.bg_threshold is None:
         return head
     return head.calibrated(dataset, cfg.bg_threshold_images, split, model.device)
 
 
-def _evaluate_dataset(model: AlignedModel, params: Params, root: Path) -> Evaluation:
+def _evaluate_dataset(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationInputs) -> Evaluation:
     from dinoalign.evaluate.datasets import EVAL_DATASETS
 
-    cfg = params.evaluate
-    predictions_dir = Path(under_root(params.paths.plots, root)) / model.name / "predictions"
+    predictions_dir = inputs.plots / model.name / "predictions"
     dataset = EVAL_DATASETS.build(
-        cfg.dataset, under_root(str(cfg.root), root), **cfg.dataset_options
+        cfg.dataset, under_root(str(cfg.root), inputs.root), **cfg.dataset_options
     )
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     metrics: dict[str, Any] = {
@@ -378,24 +388,27 @@ def _online_batches(
         yield model.image_batch(chunk)
 
 
-def _load_demo_images(images: DemoImages, params: Params) -> Iterator[np.ndarray]:
+def _load_demo_images(images: DemoImages, limits: Mapping[str, Any]) -> Iterator[np.ndarray]:
     from dinoalign.data.images import load_image
 
     for uri in images.image_uris:
-        yield load_image(uri, **image_limits(params.data))
+        yield load_image(uri, **limits)
 
 
 def _online_batch(
-    model: AlignedModel, images: DemoImages, params: Params
+    model: AlignedModel, images: DemoImages, limits: Mapping[str, Any], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    parts = list(
-        _online_batches(model, _load_demo_images(images, params), params.evaluate.batch_size)
-    )
+    parts = list(_online_batches(model, _load_demo_images(images, limits), batch_size))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _clip_image_features(
-    model: AlignedModel, images: DemoImages, features_uri: str, params: Params, use_store: bool
+    model: AlignedModel,
+    images: DemoImages,
+    features_uri: str,
+    limits: Mapping[str, Any],
+    batch_size: int,
+    use_store: bool,
 ) -> torch.Tensor:
     """The teacher CLIP's image embeddings of the demo images: the embed stage's
     ``clip_image`` column when it is there, else computed the same way."""
@@ -408,7 +421,7 @@ def _clip_image_features(
         return torch.from_numpy(
             loaded["clip_image"][[row[u] for u in images.uids]].astype(np.float32)
         )
-    chunks = _chunks(_load_demo_images(images, params), params.evaluate.batch_size)
+    chunks = _chunks(_load_demo_images(images, limits), batch_size)
     return torch.cat([model.clip_image_features(chunk) for chunk in chunks])
 
 

@@ -66,11 +66,9 @@ def evaluate_with_stage_code(params: Params, root: Path) -> Evaluate:
     """Evaluate a model URI exactly as the evaluate stage does (same dataset and split)."""
 
     def evaluate(reference: str) -> Mapping[str, Any]:
-        from dinoalign.model import AlignedModel
-        from dinoalign.evaluate.run import evaluate_model
+        from dinoalign.stages.evaluate import evaluate_reference
 
-        model = AlignedModel.from_params(reference, params, root, params.evaluate.device, params.evaluate.batch_size)
-        return evaluate_model(model, params, root).metrics
+        return evaluate_reference(params, root, reference).metrics
 
     return evaluate
 

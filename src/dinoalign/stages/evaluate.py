@@ -8,7 +8,9 @@ Reads the trained model ``<paths.models>/<recipe>`` and ``evaluate.dataset`` (th
 world's test split from the pairs and features, or a registered dataset under
 ``evaluate.root``); writes the metrics (chance next to every number) and the plots
 (:mod:`dinoalign.evaluate.outputs` has the layout) under ``paths.metrics`` and
-``paths.plots``.
+``paths.plots``. The measuring is :func:`dinoalign.evaluate.run.evaluate_model`, given the
+``evaluate`` section and the :class:`~dinoalign.evaluate.run.EvaluationInputs` resolved
+here; ``dinoalign retrain`` evaluates through :func:`evaluate_reference`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import mlflow
 import torch
 
 from dinoalign.config import Params
+from dinoalign.data.images import image_limits
 from dinoalign.data.prepare import read_pairs, split_digest
 from dinoalign.errors import InferenceError
 from dinoalign.evaluate.config import DEMO_DATASET
 from dinoalign.evaluate.headline import details_path, headline
 from dinoalign.evaluate.outputs import numeric_metrics, summary_line, write_outputs
-from dinoalign.evaluate.run import EXAMPLES_DIR, STAGE, evaluate_model
-from dinoalign.model import AlignedModel
+from dinoalign.evaluate.run import EXAMPLES_DIR, STAGE, Evaluation, EvaluationInputs, evaluate_model
+from dinoalign.model import MLFLOW_SCHEMES, AlignedModel, Towers
 from dinoalign.storage import under_root
 from dinoalign.tracking import (
     log_dataset,
@@ -36,6 +39,7 @@ from dinoalign.tracking import (
     registered_model_name,
     run_url,
     stage_run,
+    tracking_uri,
     without_credentials,
 )
 
@@ -54,12 +58,12 @@ def evaluate_recipe(params: Params, root: Path, recipe: str) -> dict[str, Any]:
     started = time.perf_counter()
 
     with stage_run(f"{STAGE}@{recipe}", params) as run:
-        model = AlignedModel.from_params(reference, params, root, cfg.device, cfg.batch_size)
+        model = load_aligned_model(params, root, reference)
         eval_set = _log_evaluation_set(params, root)
         if model.name != recipe:
             raise InferenceError(f"{reference} holds a {model.name} model, not {recipe}")
         shutil.rmtree(plots_dir, ignore_errors=True)  # no stale picture of an earlier run
-        evaluation = evaluate_model(model, params, root)
+        evaluation = evaluate_model(model, cfg, evaluation_inputs(params, root))
         evaluation.metrics["info"]["seconds"] = time.perf_counter() - started
         evaluation.metrics["info"]["mlflow"] = {
             "run_id": run.info.run_id,
@@ -86,6 +90,34 @@ def evaluate_recipe(params: Params, root: Path, recipe: str) -> dict[str, Any]:
            "metrics attached to no model version")
     )
     return evaluation.metrics
+
+
+def evaluate_reference(params: Params, root: Path, reference: str) -> Evaluation:
+    """The model at ``reference`` measured as :func:`evaluate_recipe` measures it, with no
+    MLflow run and no outputs: how ``dinoalign retrain`` compares candidate and champion."""
+    model = load_aligned_model(params, root, reference)
+    return evaluate_model(model, params.evaluate, evaluation_inputs(params, root))
+
+
+def load_aligned_model(params: Params, root: Path, reference: str, device: str | None = None) -> AlignedModel:
+    """The trained recipe at ``reference`` (a folder or an MLflow model URI) with the frozen
+    towers of the params, on ``device`` (default ``evaluate.device``)."""
+    cfg = params.evaluate
+    towers = Towers.from_sections(params.backbone, params.seed, params.embed, params.clip, params.align)
+    uri = tracking_uri(params) if reference.startswith(MLFLOW_SCHEMES) else None
+    return AlignedModel.load(reference, towers, root, device or cfg.device, cfg.batch_size, uri)
+
+
+def evaluation_inputs(params: Params, root: Path) -> EvaluationInputs:
+    """The locations and image bounds evaluation reads, resolved against the checkout."""
+    return EvaluationInputs(
+        pairs=Path(under_root(params.paths.pairs, root)),
+        demo_source=params.data.synthetic.source,
+        features=under_root(params.paths.features, root),
+        plots=Path(under_root(params.paths.plots, root)),
+        image_limits=image_limits(params.data),
+        root=root,
+    )
 
 
 def _log_evaluation_set(params: Params, root: Path) -> Any:
