@@ -4,6 +4,7 @@ transient-vs-permanent read tests (importable as ``flaky_http``).
     /ok/<name>.png            a 40×30 PNG
     /flaky/<n>/<name>.png     HTTP 503 for the first n requests of that path, then the PNG
     /status/<code>/<name>.png always HTTP <code>
+    /stall/<name>.png         accepts the request and never answers (until the server stops)
 
 ``server.hits[path]`` counts the requests of each path (so a test sees what was retried).
 """
@@ -39,6 +40,9 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
             server.hits[self.path] += 1
             hits = server.hits[self.path]
         parts = self.path.strip("/").split("/")
+        if parts[0] == "stall":
+            server.stopping.wait(600)  # longer than any test waits: only a bounded read ends it
+            return
         if parts[0] == "ok" or (parts[0] == "flaky" and hits > int(parts[1])):
             status, body = 200, PNG
         elif parts[0] == "flaky":
@@ -59,6 +63,7 @@ class FlakyServer(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Flaky)
         self.hits: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 
@@ -70,6 +75,7 @@ def flaky_server() -> Iterator[FlakyServer]:
     try:
         yield server
     finally:
+        server.stopping.set()
         server.shutdown()
         server.server_close()
         thread.join(10)

@@ -369,16 +369,17 @@ def configure_dvc_remote(repo: str | os.PathLike[str], name: str, url: str, *, d
     dvc_dir = os.path.join(os.fspath(repo), ".dvc")
     if not os.path.isdir(dvc_dir):
         raise DataFileMissing(f"{repo} is not a DVC repository (no .dvc/): run `dvc init` there first")
+    # config.local holds the S3 secret: owner-only before anything is written into it (DVC
+    # rewrites the file in place, so the mode stays; umask plays no part)
+    local = os.path.join(dvc_dir, "config.local")
+    os.close(os.open(local, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(local, 0o600)
     config = Config(dvc_dir=dvc_dir, validate=False)
     where = {"url": url, "region": s.region}
     if s.endpoint_url:
         where["endpointurl"] = s.endpoint_url
     with config.edit("repo" if shared else "local") as conf:
         conf["remote"][name] = {**conf["remote"].get(name, {}), **where}
-    local = os.path.join(dvc_dir, "config.local")
-    if not os.path.exists(local):  # it holds the S3 secret: never readable by others
-        os.close(os.open(local, os.O_WRONLY | os.O_CREAT, 0o600))
-    os.chmod(local, 0o600)
     with config.edit("local") as conf:
         remote = conf["remote"].setdefault(name, {})
         if s.access_key and s.secret_key:

@@ -20,19 +20,36 @@ row, ``captions in records + rejects == rows``):
   ``../../etc/passwd`` or ``file:///etc/passwd`` is never opened).
 
 A key whose rows are all rejected yields no record.
+
+CSV/TSV text is read line by line (:func:`read_text_table`), so that every physical line
+ends as (part of) a row or as a reject naming its line (uid from ``"line:<n>"``, 1-based,
+the header is line 1; blank lines are skipped), and the details of a row's rejects name
+its line too:
+
+- ``stray_quote``: a quote opens a field and the field runs over the end of the line
+  into lines that each read as a whole row on their own, or never closes. A CSV reader
+  (pandas, ``csv``) would join those lines into one caption and lose their rows
+  silently; here the line with the quote is the reject and reading goes on at the next
+  line. A quoted caption that really spans lines (no inner line reads as a row) stays one row;
+- ``too_many_fields``: more fields than the header (an unquoted separator in a caption);
+- ``malformed_row``: a line the CSV reader refuses (a field over its 128 KiB limit).
+
+Fewer fields than the header are empty cells, as in pandas.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import math
 import os
 import posixpath
+import re
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -46,7 +63,10 @@ from dinoalign.storage import open_uri
 def pairs_source(cfg: PairsSourceConfig, workdir: Path) -> Iterator[PairRecord | Reject]:
     """Records merged by key from the table at ``cfg.path`` (``workdir`` is not needed:
     images stay where the table points)."""
-    columns = read_pairs_table(cfg)
+    table = read_pairs_table(cfg)
+    columns = table.columns
+    for line, reason, detail in table.malformed:
+        yield Reject(make_uid(cfg.name, f"line:{line}"), STAGE, reason, f"line {line}: {detail}", "")
     folder = parent_uri(cfg.path)
     n_rows = len(columns[cfg.image_column])
     records: dict[str, PairRecord] = {}
@@ -71,8 +91,9 @@ def pairs_source(cfg: PairsSourceConfig, workdir: Path) -> Iterator[PairRecord |
             problem = _conflict(records.get(key), image_uri, split)
         if problem is not None:
             reason, detail = problem
+            where = f" (line {table.lines[row]})" if table.lines is not None else ""
             yield Reject(
-                make_uid(cfg.name, f"row:{row}"), STAGE, reason, f"row {row}: {detail}", key or ""
+                make_uid(cfg.name, f"row:{row}"), STAGE, reason, f"row {row}: {detail}{where}", key or ""
             )
         elif key in records:
             records[key].captions.extend(captions)
@@ -112,8 +133,19 @@ def within_roots(uri: str, roots: list[str] | tuple[str, ...]) -> bool:
     return False
 
 
-def read_pairs_table(cfg: PairsSourceConfig) -> dict[str, list[Any]]:
-    """The configured columns of the table, as column name -> list of cell values."""
+@dataclasses.dataclass
+class PairsTable:
+    """The configured columns of a pairs table (column name -> cell values, one per row);
+    for CSV/TSV also the physical line each row starts on (1-based, header = line 1) and
+    the lines that are no row: ``(line, reason, detail)``."""
+
+    columns: dict[str, list[Any]]
+    lines: list[int] | None = None
+    malformed: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+
+
+def read_pairs_table(cfg: PairsSourceConfig) -> PairsTable:
+    """The configured columns of the table at ``cfg.path`` (see :class:`PairsTable`)."""
     table_format = cfg.format or TABLE_FORMATS.get(Path(cfg.path).suffix.lower())
     if table_format is None:
         raise ConfigError(
@@ -142,28 +174,120 @@ def read_pairs_table(cfg: PairsSourceConfig) -> dict[str, list[Any]]:
                 ) from None
             _check_columns(cfg.path, parquet.schema_arrow.names, wanted)
             table = parquet.read(columns=sorted({c for c in wanted.values() if c}))
-            return {name: table.column(name).to_pylist() for name in table.column_names}
-        try:
-            frame = pd.read_csv(
-                f, sep=separator, dtype=str, keep_default_na=False, encoding=cfg.encoding
-            )
-        except pd.errors.EmptyDataError:
-            raise ConfigError(
-                f"pairs table {cfg.path} is empty: it needs a header row with the columns "
-                f"{[c for c in wanted.values() if c]} and one row per (image, caption)"
-            ) from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(
-                f"pairs table {cfg.path} is not {cfg.encoding} text (byte {e.object[e.start]:#04x} "
-                f"at offset {e.start}): set pairs.encoding (e.g. latin-1 or cp1252)"
-            ) from None
-        except pd.errors.ParserError as e:
-            raise ConfigError(
-                f"pairs table {cfg.path} is not valid {table_format} with separator "
-                f"{separator!r}: {str(e).strip().splitlines()[-1]}"
-            ) from None
-    _check_columns(cfg.path, list(frame.columns), wanted, separator)
-    return {name: frame[name].tolist() for name in {c for c in wanted.values() if c}}
+            return PairsTable({name: table.column(name).to_pylist() for name in table.column_names})
+        data = f.read()
+    try:
+        text = data.decode(cfg.encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"pairs table {cfg.path} is not {cfg.encoding} text (byte {e.object[e.start]:#04x} "
+            f"at offset {e.start}): set pairs.encoding (e.g. latin-1 or cp1252)"
+        ) from None
+    header, rows, lines, malformed = read_text_table(text.removeprefix("\ufeff"), separator)
+    if header is None:
+        raise ConfigError(
+            f"pairs table {cfg.path} is empty: it needs a header row with the columns "
+            f"{[c for c in wanted.values() if c]} and one row per (image, caption)"
+        )
+    _check_columns(cfg.path, header, wanted, separator)
+    names = {c for c in wanted.values() if c}
+    index = {name: header.index(name) for name in names}
+    return PairsTable({name: [row[i] for row in rows] for name, i in index.items()}, lines, malformed)
+
+
+_PHYSICAL_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+_QUOTE = '"'
+
+
+class _LineFeed:
+    """Physical lines for ``csv.reader`` from index ``next``; ``exhausted`` once the reader
+    asked past the last one (mid-record: a quote that never closes)."""
+
+    def __init__(self, lines: list[str], start: int) -> None:
+        self.lines, self.next, self.exhausted = lines, start, False
+
+    def __iter__(self) -> "_LineFeed":
+        return self
+
+    def __next__(self) -> str:
+        if self.next >= len(self.lines):
+            self.exhausted = True
+            raise StopIteration
+        self.next += 1
+        return self.lines[self.next - 1]
+
+
+def read_text_table(
+    text: str, separator: str
+) -> tuple[list[str] | None, list[list[str]], list[int], list[tuple[int, str, str]]]:
+    """CSV/TSV ``text`` (quote ``"``, doubled inside a quoted field) read so that every
+    physical line is accounted: ``(header, rows, the line each row starts on, malformed
+    lines as (line, reason, detail))``; lines are 1-based, blank lines are skipped, the
+    header is None when there is no non-blank line. Rows are padded with empty cells to
+    the header's width. The reasons are in the module docstring."""
+    lines = _PHYSICAL_LINE.findall(text)
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    starts: list[int] = []
+    malformed: list[tuple[int, str, str]] = []
+    i = 0
+    while i < len(lines):
+        feed = _LineFeed(lines, i)
+        reader = csv.reader(feed, delimiter=separator, quotechar=_QUOTE, strict=False)
+        while True:
+            begin = feed.next
+            while begin < len(lines) and not lines[begin].strip():
+                begin += 1  # blank lines are no rows
+            feed.next = begin
+            try:
+                fields = next(reader)
+            except StopIteration:
+                i = len(lines)
+                break
+            except csv.Error as e:  # a field over the reader's limit, most likely
+                spanned = feed.next - begin > 1
+                malformed.append((begin + 1, "stray_quote" if spanned else "malformed_row",
+                                  f"{e}{_STRAY_QUOTE_HINT if spanned else ''}: {_excerpt(lines[begin])}"))
+                i = begin + 1
+                break
+            end = feed.next
+            if header is None:
+                header = fields
+                continue
+            if feed.exhausted or (end - begin > 1 and any(
+                    _reads_as_row(lines[j], separator, len(header)) for j in range(begin + 1, end))):
+                what = ("never closes" if feed.exhausted else
+                        f"closes only on line {end}, running over lines that each read as a row")
+                malformed.append((begin + 1, "stray_quote", f"a quoted field opens here and {what}"
+                                  f"{_STRAY_QUOTE_HINT}: {_excerpt(lines[begin])}"))
+                i = begin + 1
+                break
+            if len(fields) > len(header):
+                malformed.append((begin + 1, "too_many_fields",
+                                  f"{len(fields)} fields, the header has {len(header)} (an unquoted "
+                                  f"{separator!r} in a cell? quote the cell): {_excerpt(lines[begin])}"))
+                continue
+            rows.append(fields + [""] * (len(header) - len(fields)))
+            starts.append(begin + 1)
+    return header, rows, starts, malformed
+
+
+_STRAY_QUOTE_HINT = " (a stray quote? the line is rejected and reading goes on at the next line)"
+
+
+def _reads_as_row(line: str, separator: str, width: int) -> bool:
+    """True when ``line`` alone is a complete record of ``width`` fields."""
+    feed = _LineFeed([line], 0)
+    try:
+        fields = next(csv.reader(feed, delimiter=separator, quotechar=_QUOTE, strict=False))
+    except (csv.Error, StopIteration):
+        return False
+    return not feed.exhausted and len(fields) == width
+
+
+def _excerpt(line: str, limit: int = 80) -> str:
+    line = line.rstrip("\r\n")
+    return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
 def _check_columns(
