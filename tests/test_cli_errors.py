@@ -32,6 +32,7 @@ from dinoalign.errors import (
     StackError,
     UserError,
 )
+from hostile import HOSTILE_TABLES, write_hostile_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +104,37 @@ def test_a_stage_missing_its_input_is_one_line_and_exit_2(
     data/prepare.py) for embed, curate and align."""
     code, line = _one_line([argv[0], "-p", str(params), *argv[1:]], capsys)
     assert code == 2 and line.startswith(f"dinoalign {argv[0]}: ") and message in line
+
+
+@pytest.fixture(scope="module")
+def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the prepare cases below (each stage run opens a run first)."""
+    return f"tracking.uri=sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("case", [*HOSTILE_TABLES, "webdataset glob matching nothing", "coco file not coco"])
+def test_prepare_on_a_hostile_input_file_is_one_line_and_exit_2(
+    params: Path, tracking_db: str, case: str, capsys
+) -> None:
+    """Issue #19: an empty CSV, invalid UTF-8, Latin-1 with ';', a .parquet that is not
+    Parquet (and the like) were tracebacks; now exit 2 and one line naming the file and
+    the setting to change. The previous prepare output is left as it was."""
+    root = params.parent
+    previous = root / "artifacts" / "pairs" / "summary.json"
+    previous.parent.mkdir(parents=True)
+    previous.write_text("{}")
+    if case == "webdataset glob matching nothing":
+        source, message = ["data.source=webdataset", f"data.webdataset.urls=[{root}/shards/*.tar]"], "no shard matches"
+    elif case == "coco file not coco":
+        (root / "captions.json").write_text("[1, 2, 3]")
+        source = ["data.source=coco", f"data.coco.captions_json={root / 'captions.json'}", f"data.coco.image_dir={root}"]
+        message = "is not a COCO annotation file"
+    else:
+        table, message = write_hostile_table(root / "data", case)
+        source = ["data.source=pairs", f"data.pairs.path={table}"]
+    code, line = _one_line(["prepare", "-p", str(params), *source, "paths.incoming=null", tracking_db], capsys)
+    assert code == 2 and line.startswith("dinoalign prepare: ") and message in line, line
+    assert previous.read_text() == "{}"
 
 
 def test_align_without_a_recipe_is_one_line(params: Path, capsys) -> None:
@@ -186,6 +218,21 @@ def test_ops_commands_share_the_handler(params: Path, argv: list[str], message: 
         argv += ["-p", str(params)]
     code, line = _one_line(argv, capsys)
     assert code == 2 and line.startswith(message.replace("{tmp}", tmp))
+
+
+def test_retrain_help_shows_keys_retrain_accepts(params: Path, capsys) -> None:
+    """``retrain --help`` once showed ``embed.batch_size=64`` as its example, a key it
+    refuses: every KEY=VALUE its help names passes its check (the run then stops at the
+    missing --new data, not at the key)."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["retrain", "--help"])
+    examples = re.findall(r"\b([a-z_]+(?:\.[a-z_]+)+=\S+?)(?=[\s,)]|$)", " ".join(capsys.readouterr().out.split()))
+    assert examples and all(e.startswith("retrain.") for e in examples), examples
+    tmp = str(params.parent)
+    code, line = _one_line(["retrain", "--new", f"{tmp}/none.csv", "-p", str(params), *examples], capsys)
+    assert code == 2 and line.startswith(f"dinoalign retrain: no new data at {tmp}/none.csv"), line
 
 
 def test_retrain_keeps_its_documented_lock_exit_code(params: Path, capsys) -> None:

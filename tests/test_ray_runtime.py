@@ -71,3 +71,114 @@ def test_a_ray_address_where_nothing_listens_fails_in_seconds_naming_it(monkeypa
         message = str(caught.value)
         assert message.startswith(f"RAY_ADDRESS={address}: no Ray ") and f"127.0.0.1:{port}" in message
         assert "\n" not in message
+
+
+# ----------------------------------------------------------------------------- a quiet Ray
+
+
+def test_ray_data_progress_follows_the_console(monkeypatch) -> None:
+    """Progress bars in a terminal; none under a log file or a pipe (Ray Data would log a
+    10-line block every 10 s), unless DINOALIGN_VERBOSE brings Ray's own output back."""
+    import types
+
+    from dinoalign.ray_runtime import configure_data_context
+
+    ctx = types.SimpleNamespace(enable_progress_bars=True)
+    for tty, verbose, expected in [(False, "", False), (True, "", True), (False, "1", True), (False, "0", False)]:
+        monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty)
+        monkeypatch.setenv("DINOALIGN_VERBOSE", verbose)
+        configure_data_context(ctx)
+        assert ctx.enable_progress_bars is expected, (tty, verbose)
+
+
+def test_worker_lines_reach_the_console_only_when_tagged_unless_verbose(capsys, monkeypatch) -> None:
+    """What Ray workers print: dinoalign's tagged lines as the driver's own (no "(Actor
+    pid=...)" prefix, no colour); the rest only with DINOALIGN_VERBOSE, or from the raylet
+    (a worker killed for memory is news)."""
+    from ray._private import worker as ray_worker
+
+    from dinoalign.ray_runtime import WORKER_LINE_TAG, _print_worker_lines
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "0")
+    data = {"pid": 4242, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": False, "actor_name": "RayTrainWorker",
+            "task_name": "", "lines": [f"{WORKER_LINE_TAG}align@talk2dino: step 20/100 (20%)", "Setting up process group"]}
+    _print_worker_lines(dict(data), loud=False, ray_worker=ray_worker)
+    assert capsys.readouterr().out == "align@talk2dino: step 20/100 (20%)\n"
+
+    _print_worker_lines({**data, "pid": "raylet", "lines": ["A worker died or was killed"]}, loud=False,
+                        ray_worker=ray_worker)
+    assert "A worker died or was killed" in capsys.readouterr().out
+
+    _print_worker_lines({**data, "pid": 4243}, loud=True, ray_worker=ray_worker)
+    ray_worker.stdout_deduplicator.flush()
+    out = capsys.readouterr().out
+    assert out.startswith("align@talk2dino: step 20/100 (20%)\n")
+    assert "(RayTrainWorker pid=4243) Setting up process group" in out and "\x1b[" not in out
+
+
+def test_the_harmless_autoscaling_warning_is_silenced_unless_verbose(monkeypatch) -> None:
+    import logging
+
+    from dinoalign.ray_runtime import QUIET_WORKER_LOGGERS, quiet_worker_logs
+
+    (name,) = QUIET_WORKER_LOGGERS
+    logger = logging.getLogger(name)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setenv("DINOALIGN_VERBOSE", "1")
+    quiet_worker_logs()
+    assert logger.level == logging.NOTSET
+    monkeypatch.setenv("DINOALIGN_VERBOSE", "0")
+    quiet_worker_logs()
+    assert logger.level == logging.ERROR
+
+
+CONSOLE_PROBE = r"""
+import time
+import ray
+import ray.data
+from dinoalign.ray_runtime import init_ray, worker_print
+
+init_ray(num_cpus=2)
+
+@ray.remote
+def say():
+    worker_print("probe: tagged line")
+    print("probe: untagged worker line")
+    return 1
+
+assert ray.get(say.remote()) == 1
+
+def slow(batch):
+    time.sleep(0.05)
+    return batch
+
+assert ray.data.range(40, override_num_blocks=8).map_batches(slow, batch_size=5).count() == 40
+time.sleep(3)  # the log monitor forwards worker lines about once a second
+ray.shutdown()
+print("probe: done")
+"""
+
+
+def test_a_piped_ray_run_prints_no_progress_blocks_prefixes_or_colour_codes(tmp_path) -> None:
+    """A driver whose stdout is a pipe (dvc repro into a log): quiet by default, Ray's own
+    output with DINOALIGN_VERBOSE=1, and never raw ANSI colour codes."""
+    outputs = {}
+    for verbose in ("0", "1"):
+        env = {**os.environ, "DINOALIGN_VERBOSE": verbose, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+               "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_COLOR_PREFIX", None)
+        run = subprocess.run([sys.executable, "-c", CONSOLE_PROBE], env=env, capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs[verbose] = run.stdout + run.stderr
+    quiet, loud = outputs["0"], outputs["1"]
+    assert "\x1b[" not in quiet and "\x1b[" not in loud
+    assert "probe: tagged line" in quiet.splitlines() and "probe: done" in quiet
+    assert "untagged worker line" not in quiet and "pid=" not in quiet
+    assert "Running Dataset" not in quiet and "Progress" not in quiet and "Traceback" not in quiet
+    assert len(quiet.splitlines()) == 2, quiet
+    # verbose: Ray's own lines are back (the worker's with its prefix, Ray Data's progress)
+    assert "probe: tagged line" in loud.splitlines()
+    assert "pid=" in loud and "untagged worker line" in loud
+    assert "Running Dataset" in loud or "Progress" in loud

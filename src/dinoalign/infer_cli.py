@@ -83,7 +83,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="model folder or MLflow URI, e.g. models:/dinoalign-talk2dino@champion",
+        help="model folder or MLflow URI, e.g. models:/dinoalign-talk2dino@candidate (align registers every model "
+        "with it; @champion once `dinoalign retrain` has promoted one)",
     )
     p.add_argument(
         "--device",

@@ -164,3 +164,28 @@ def test_rows_average_the_window_and_record_the_schedule() -> None:
     assert rows[-1]["loss"] == pytest.approx(losses[9])
     assert rows[-1]["epoch"] == 2.0 and all(r["lr"] == pytest.approx(3e-3) for r in rows)
     assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+def test_align_progress_is_a_dozen_lines_with_what_open_clip_shows() -> None:
+    """Rank 0 prints a curve row for the first row, each tenth of the run and the last
+    (and at least once a minute): about a dozen lines whatever log_every is, each with
+    step, epoch, loss, lr, logit scale and samples/s."""
+    import math
+
+    from dinoalign.train.loop import ProgressPrinter
+
+    lines: list[str] = []
+    progress = ProgressPrinter("align@talk2dino", total_steps=1000, epochs=20, every_s=math.inf, out=lines.append)
+    for step in range(5, 1001, 5):
+        progress({"step": float(step), "epoch": step / 50, "loss": 5.0 - step / 1000, "lr": 3e-3,
+                  "samples_per_s": 2048.0, "logit_scale": 14.29, "t2i_accuracy": 0.25})
+    assert len(lines) == 11, lines
+    assert lines[0] == ("align@talk2dino: step 5/1000 (0%) epoch 0.1/20 loss 4.9950 lr 3.00e-03 logit scale 14.29 "
+                        "2048 samples/s t2i_accuracy 0.25")
+    assert lines[-1].startswith("align@talk2dino: step 1000/1000 (100%) epoch 20.0/20 loss 4.0000")
+    # projector: no logit scale; a minute without a line prints one anyway
+    lines.clear()
+    progress = ProgressPrinter("align@projector", total_steps=1000, epochs=20, every_s=0.0, out=lines.append)
+    for step in (1, 2, 3):
+        progress({"step": float(step), "epoch": 0.0, "loss": 0.01, "lr": 1e-4, "samples_per_s": 10.0, "cosine": 0.5})
+    assert len(lines) == 3 and "logit scale" not in lines[0] and lines[0].endswith("10 samples/s cosine 0.5")

@@ -134,6 +134,12 @@ def test_talk2dino_stage_trains_logs_registers_and_beats_chance(
     console = capfd.readouterr()
     assert "Failed to query Ray Train Controller actor state" not in console.out + console.err
     assert "PreemptionWatcher" not in console.out + console.err
+    # quiet Ray (dinoalign.ray_runtime): no worker prefixes, colour codes or Ray tracebacks;
+    # the worker's progress lines once each, as the driver's own
+    assert "pid=" not in console.out + console.err and "\x1b[" not in console.out + console.err
+    assert "Traceback" not in console.out + console.err
+    progress = [line for line in console.out.splitlines() if line.startswith("align@talk2dino: step ")]
+    assert 2 <= len(progress) <= 13 and len(set(progress)) == len(progress), progress
 
     model_dir = tmp_path / "models" / "talk2dino"
     assert sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors"]
@@ -141,6 +147,8 @@ def test_talk2dino_stage_trains_logs_registers_and_beats_chance(
     curve = _curve(tmp_path / "align" / "talk2dino" / "curve.csv")
     steps = summary["steps"]
     assert [r["step"] for r in curve] == sorted({*range(10, steps + 1, 10), steps})
+    assert progress[-1].startswith(f"align@talk2dino: step {steps}/{steps} (100%) epoch 25.0/25 loss ")
+    assert " lr " in progress[-1] and " logit scale " in progress[-1] and " samples/s" in progress[-1]
     assert_loss_below_chance(curve, 64, margin=0.2)
     world = demo_features.world
     assert summary["train_uids"] == world["splits"]["train"]["count"]  # no curated file: every train uid

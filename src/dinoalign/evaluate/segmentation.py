@@ -32,6 +32,7 @@ from dinoalign.evaluate.config import SegmentationConfig
 from dinoalign.evaluate.datasets.base import IGNORE_INDEX, SegmentationDataset
 from dinoalign.evaluate.metrics import ConfusionMatrix, chance_miou
 from dinoalign.evaluate.pamr import PAMR
+from dinoalign.progress import Progress
 from dinoalign.storage import fs_for
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -177,6 +178,7 @@ def calibrate_bg_threshold(
     if count < 1:
         raise ValueError("no image to calibrate the background threshold on")
     best_scores, best_labels, targets = [], [], []
+    tick = Progress("evaluate: background threshold calibration", count)
     for index in range(count):
         image, label, _name = dataset[index]
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None]
@@ -185,6 +187,7 @@ def calibrate_bg_threshold(
         best_scores.append(top.values.cpu().reshape(-1))
         best_labels.append(top.indices.cpu().reshape(-1) + 1)
         targets.append(torch.from_numpy(label).reshape(-1))
+        tick(index + 1)
     score, label, target = torch.cat(best_scores), torch.cat(best_labels), torch.cat(targets)
     grid = torch.quantile(
         score[torch.randperm(score.numel(), generator=torch.Generator().manual_seed(0))[:100_000]],
@@ -246,12 +249,14 @@ def evaluate_segmentation(
         )
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    tick = Progress("evaluate: segmentation", count)
     for index in range(count):
         image, label, name = dataset[index]
         pred = predictor(image).cpu()
         confusion.update(pred, torch.from_numpy(label))
         if save_dir is not None:
             save_label_png(pred, f"{save_dir.rstrip('/')}/{name}.png")
+        tick(index + 1)
     iou = confusion.iou()
     return {
         "mIoU": confusion.miou(),

@@ -85,6 +85,12 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
             tracking_uri=mlflow.get_tracking_uri(),
             mlflow_run_id=run.info.run_id,
         )
+        print(
+            f"align@{plan.recipe}: {plan.training.epochs} epochs over {counts['samples']} samples "
+            f"(batch {plan.training.batch_size}) on {cfg.num_workers} Ray Train worker(s)"
+            + (f", resuming {plan.run_name}" if previous is not None else ""),
+            flush=True,
+        )
         result = fit(job, cfg, plan.run_name, plan.storage_path, callbacks)
 
         export_model(result.checkpoint, model_dir)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dinoalign.ray_runtime import init_ray, require_resources
+from dinoalign.ray_runtime import init_ray, require_resources, worker_print
 from dinoalign.recipes import Recipe, build
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
 from dinoalign.storage import pyarrow_fs
@@ -212,6 +212,58 @@ class _Window:
         return row
 
 
+# A progress line for the first curve row, each tenth of the run, at least once a minute
+# and at the end: about a dozen lines per run, whatever log_every is
+PROGRESS_EVERY_S = 60.0
+# curve columns the line shows by their own words; the recipe's other statistics follow
+_PROGRESS_KNOWN = ("step", "epoch", "loss", "lr", "samples_per_s", "logit_scale")
+
+
+class ProgressPrinter:
+    """Prints curve rows worth showing as one line each (``out``: :func:`worker_print`, so
+    that the driver shows a Ray Train worker's line as its own), as open_clip does: step,
+    epoch, loss, lr, logit scale, samples/s."""
+
+    def __init__(
+        self, label: str, total_steps: int, epochs: int, every_s: float = PROGRESS_EVERY_S,
+        out: Callable[[str], None] = worker_print,
+    ) -> None:
+        self.label, self.total, self.epochs, self.every_s, self.out = label, total_steps, epochs, every_s, out
+        self.last_tenth, self.last_time = -1, -math.inf
+
+    def __call__(self, row: dict[str, float]) -> None:
+        step, now = int(row["step"]), time.monotonic()
+        tenth = 10 * step // max(self.total, 1)
+        if step >= self.total or tenth > self.last_tenth or now - self.last_time >= self.every_s:
+            self.last_tenth, self.last_time = tenth, now
+            self.out(format_progress(self.label, row, self.total, self.epochs))
+
+
+def format_progress(label: str, row: dict[str, float], total_steps: int, epochs: int) -> str:
+    """``align@talk2dino: step 40/2100 (2%) epoch 0.6/30 loss 4.6066 lr 3.00e-03 logit
+    scale 13.71 28094 samples/s t2i_accuracy 0.0309 ...``"""
+    step = int(row["step"])
+    parts = [
+        f"{label}: step {step}/{total_steps} ({100 * step // max(total_steps, 1)}%)",
+        f"epoch {row.get('epoch', 0.0):.1f}/{epochs}",
+        f"loss {row['loss']:.4f}",
+        f"lr {row.get('lr', 0.0):.2e}",
+    ]
+    if "logit_scale" in row:
+        parts.append(f"logit scale {row['logit_scale']:.2f}")
+    parts.append(f"{row.get('samples_per_s', 0.0):.0f} samples/s")
+    parts += [f"{k} {v:.4g}" for k, v in sorted(row.items()) if k not in _PROGRESS_KNOWN]
+    return " ".join(parts)
+
+
+def _both(first: LogFn, second: LogFn) -> LogFn:
+    def log(row: dict[str, float]) -> None:
+        first(row)
+        second(row)
+
+    return log
+
+
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:
     """``trainer_state.pt`` of a checkpoint directory (tensors and plain values only)."""
     return torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -262,6 +314,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0 and job.tracking_uri and job.mlflow_run_id
         else _no_log
     )
+    if rank == 0:
+        log = _both(log, ProgressPrinter(f"align@{job.recipe}", trainer.total_steps, job.training.epochs))
     start_step = trainer.step
     trainer.run(on_log=log, on_checkpoint=_report_checkpoint)
     return {"curve": trainer.curve, "step": trainer.step, "start_step": start_step, "world_size": world_size,
