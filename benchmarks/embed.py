@@ -12,6 +12,7 @@ grow with the number of images.
 
     python benchmarks/embed.py throughput --sizes 2000 20000 --model vit_small
     python benchmarks/embed.py memory --sizes 20000 60000
+    python benchmarks/embed.py writes --sizes 20000 --model tiny     # embed.write driver vs workers
     python benchmarks/embed.py throughput --sizes 500 --model tiny   # smoke run
     python benchmarks/embed.py gpu                                    # ViT-B/14-reg @448, bf16
     python benchmarks/embed.py gpu --device cpu --gpu-model tiny --img-size 112 --batch-sizes 8  # smoke
@@ -89,18 +90,21 @@ def manifest_of(world: Path, n: int) -> "object":
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
-def run_one(world: Path, n: int, engine: str, model: str, batch_size: int, out: Path) -> dict:
+def run_one(world: Path, n: int, engine: str, model: str, batch_size: int, out: Path, write: str = "workers",
+            keep_patches: bool = False) -> dict:
     """Embed ``n`` images with one engine in this process; return the summary."""
     from dinoalign.config import load_params
     from dinoalign.embed.engine import run_embed
+    from dinoalign.stages.embed import embed_job
 
     params = load_params("/nonexistent.yaml", [
         f"paths.features={out}", f"embed.engine={engine}", "embed.img_size=224", "backbone.img_size=224",
         f"backbone.model_kwargs={MODELS[model]}", f"embed.batch_size={batch_size}",
         f"embed.decode_batch_size={batch_size}", "clip.image_features=false", "embed.text_encoders=[]",
         "embed.shard_rows=2048", "embed.loader_workers=1", "embed.actor_num_cpus=1", "embed.decode_num_cpus=0.5",
-        f"embed.torch_threads={os.cpu_count()}"])
-    return run_embed(params, manifest_of(world, n))
+        f"embed.torch_threads={os.cpu_count()}", f"embed.write={write}",
+        f"embed.keep_patches={str(keep_patches).lower()}"])
+    return run_embed(embed_job(params, str(out)), manifest_of(world, n))
 
 
 class PeakRSS:
@@ -167,9 +171,16 @@ def child(args: argparse.Namespace) -> None:
     """One measurement in a fresh process (so peak RSS and Ray state do not leak)."""
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         t0 = time.perf_counter()
-        summary = run_one(Path(args.world), args.n, args.engine, args.model, args.batch_size, Path(tmp) / "features")
+        summary = run_one(Path(args.world), args.n, args.engine, args.model, args.batch_size, Path(tmp) / "features",
+                          args.write, args.keep_patches)
         wall = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"n": args.n, "engine": args.engine, "model": args.model,
+    import resource
+
+    print("RESULT " + json.dumps({"n": args.n, "engine": args.engine, "model": args.model, "write": args.write,
+                                  "keep_patches": args.keep_patches,
+                                  # the driver process alone: what a driver pod pays
+                                  "driver_cpu_s": summary["driver_cpu_s"],
+                                  "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                   "batch_size": args.batch_size, "images_per_s": summary["images_per_s"],
                                   "seconds_images": summary["seconds_images"], "wall_s": wall,
                                   # time inside the model holder's calls (normalise + forward +
@@ -178,9 +189,11 @@ def child(args: argparse.Namespace) -> None:
                                   "peak_rss_mb": rss.peak / 2**20}))
 
 
-def measure(world: Path, n: int, engine: str, model: str, batch_size: int) -> dict:
+def measure(world: Path, n: int, engine: str, model: str, batch_size: int, write: str = "workers",
+            keep_patches: bool = False) -> dict:
     cmd = [sys.executable, __file__, "_child", "--world", str(world), "--n", str(n), "--engine", engine,
-           "--model", model, "--batch-size", str(batch_size)]
+           "--model", model, "--batch-size", str(batch_size), "--write", write,
+           *(["--keep-patches"] if keep_patches else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -218,6 +231,7 @@ def gpu(args: argparse.Namespace) -> None:
 
     from dinoalign.config import load_params
     from dinoalign.embed.engine import ImageEmbedder
+    from dinoalign.stages.embed import embed_job
     from flops import counted_flops, peak_bf16_tflops, vit_forward_flops  # benchmarks/flops.py
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -233,7 +247,8 @@ def gpu(args: argparse.Namespace) -> None:
         f"embed.img_size={args.img_size}", "clip.image_features=false", "embed.text_encoders=[]",
         f"embed.actor_num_gpus={1 if on_gpu else 0}", "embed.keep_patches=false",
         f"embed.torch_threads={os.cpu_count()}"])
-    holder = ImageEmbedder(params)  # the Ray actor's model holder, built as the actor builds it
+    # the Ray actor's model holder, built as the actor builds it
+    holder = ImageEmbedder(embed_job(params, str(Path(tempfile.gettempdir()) / "unused-features")))
     backbone = holder.backbone
     vit = backbone.vit
     s = args.img_size
@@ -281,7 +296,7 @@ def gpu(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["throughput", "memory", "gpu", "_child"])
+    ap.add_argument("mode", choices=["throughput", "memory", "writes", "gpu", "_child"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     ap.add_argument("--model", choices=sorted(MODELS), default="vit_small")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -294,6 +309,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="gpu mode: auto | cuda | cpu (smoke runs)")
     ap.add_argument("--repeats", type=int, default=10, help="gpu mode: timed batches per measurement")
     ap.add_argument("--roof-size", type=int, default=8192, help="gpu mode: n of the n^3 matmul roof")
+    ap.add_argument("--write", default="workers", help=argparse.SUPPRESS)
+    ap.add_argument("--keep-patches", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--world", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -308,6 +325,8 @@ def main() -> None:
         world = build_world(Path(tmp), args.unique)
         meta = {"mode": args.mode, "versions": versions(), "date": time.strftime("%Y-%m-%d")}
         rows = []
+        if args.mode == "writes":
+            return writes(args, world, meta)
         model = "tiny" if args.mode == "memory" else args.model
         engines = ["ray"] if args.mode == "memory" else args.engines
         for n in args.sizes:
@@ -327,6 +346,31 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
             f.write(json.dumps({**meta, "rows": rows}) + "\n")
+
+
+def writes(args: argparse.Namespace, world: Path, meta: dict) -> None:
+    """Driver-side vs worker-side shard writing (``embed.write``), Ray engine, patch tokens
+    kept: what the driver process pays (CPU seconds, its own peak RSS) and images/s."""
+    rows = []
+    for n in args.sizes:
+        res = {w: measure(world, n, "ray", args.model, args.batch_size, w, keep_patches=True)
+               for w in ("driver", "workers")}
+        d, w = res["driver"], res["workers"]
+        row = {"n": n, "model": args.model, **res,
+               "driver_cpu_ratio": d["driver_cpu_s"] / max(w["driver_cpu_s"], 1e-9),
+               "driver_rss_ratio": d["driver_peak_rss_mb"] / w["driver_peak_rss_mb"],
+               "throughput_ratio": w["images_per_s"] / d["images_per_s"]}
+        rows.append(row)
+        print(f"writes n={n} model={args.model} (patches kept): driver-side {d['images_per_s']:.1f} img/s, "
+              f"driver {d['driver_cpu_s']:.1f} CPU s, {d['driver_peak_rss_mb']:.0f} MB peak; worker-side "
+              f"{w['images_per_s']:.1f} img/s, driver {w['driver_cpu_s']:.1f} CPU s, "
+              f"{w['driver_peak_rss_mb']:.0f} MB peak; driver CPU x{row['driver_cpu_ratio']:.2f}, "
+              f"driver RSS x{row['driver_rss_ratio']:.2f}, throughput workers/driver x{row['throughput_ratio']:.2f}",
+              flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps({**meta, "rows": rows}) + "\n")
 
 
 if __name__ == "__main__":

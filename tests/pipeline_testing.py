@@ -151,3 +151,12 @@ def binomial_tail(hits: int, n: int, chance: float) -> float:
     at least ``hits`` of ``n``. Learning tests require this to be tiny (a margin that
     accounts for the size of the test set, unlike a fixed multiple of chance)."""
     return float(sum(math.comb(n, k) * chance**k * (1 - chance) ** (n - k) for k in range(hits, n + 1)))
+
+
+def embed_features(params: Any, manifest: Any) -> dict[str, Any]:
+    """The embed engine on ``params`` (its ``paths.features``) over a pairs ``manifest``:
+    what the embed stage runs, without its MLflow run."""
+    from dinoalign.embed.engine import run_embed
+    from dinoalign.stages.embed import embed_job
+
+    return run_embed(embed_job(params, params.paths.features), manifest)

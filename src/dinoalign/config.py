@@ -21,6 +21,7 @@ import yaml
 from dinoalign.errors import ConfigError
 
 EMBED_ENGINES = ("ray", "local")  # embed.engine: Ray Data, or a plain in-process loop
+EMBED_WRITERS = ("workers", "driver")  # embed.write: who writes the feature shards
 CLIP_SECTION_KIND = "clip"  # embed.text_encoders kind: the clip section's text tower
 
 from dinoalign.curate.config import CurateConfig
@@ -252,6 +253,8 @@ class EmbedConfig:
     torch_threads: int = 2
     loader_workers: int = 1  # local engine: DataLoader workers
     shard_rows: int = 1024
+    write: str = "workers"  # workers | driver
+    actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     keep_patches: bool = False
     text_batch_size: int = 256
     text_encoders: list[TextEncoderConfig] = dataclasses.field(
@@ -268,6 +271,11 @@ class EmbedConfig:
             "torch_threads", "shard_rows", "text_batch_size",
         )
         _check_at_least(self, "embed", 0, "loader_workers", "actor_num_gpus")
+        if self.write not in EMBED_WRITERS:
+            raise ConfigError(f"embed.write={self.write!r}: use one of {list(EMBED_WRITERS)}")
+        for name, amount in self.actor_resources.items():
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+                raise ConfigError(f"embed.actor_resources.{name} must be a number > 0, got {amount!r}")
         for name in ("actor_num_cpus", "decode_num_cpus"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"embed.{name} must be > 0, got {getattr(self, name)!r}")

@@ -165,13 +165,13 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> t
     """A tiny world through prepare + embed (local engine) with the default preprocessing."""
     from dinoalign.cli import main
     from dinoalign.data.prepare import read_pairs
-    from dinoalign.embed.engine import run_embed
+    from pipeline_testing import embed_features
 
     root = tmp_path_factory.mktemp("preprocessing")
     ov = tiny_overrides(root, tiny_clip_dir, **{"embed.engine": "local", "data.synthetic.n_train": "8",
                                                  "data.synthetic.n_test": "4"})
     assert main(["prepare", "-p", MISSING, *ov]) == 0
-    run_embed(load_params(MISSING, ov), read_pairs(root / "pairs"))
+    embed_features(load_params(MISSING, ov), read_pairs(root / "pairs"))
     return root, ov
 
 
@@ -181,6 +181,7 @@ def _spec(root: Path) -> dict[str, Any]:
 
 def test_manifest_records_both_preprocessings(embedded: tuple[Path, list[str]]) -> None:
     from dinoalign.embed.engine import feature_spec
+    from dinoalign.stages.embed import embed_job
 
     root, ov = embedded
     spec = _spec(root)
@@ -193,7 +194,7 @@ def test_manifest_records_both_preprocessings(embedded: tuple[Path, list[str]]) 
                  "resize_mode": "shortest", "fill_color": 0, "input_size": [3, 32, 32]},
     }
     # another preprocessing is another spec: embed starts afresh
-    other = feature_spec(load_params(MISSING, [*ov, "embed.interpolation=bilinear"]))
+    other = feature_spec(embed_job(load_params(MISSING, [*ov, "embed.interpolation=bilinear"]), str(root / "features")))
     assert other["preprocessing"]["backbone"]["interpolation"] == "bilinear"
     assert other["spec_hash"] != spec["spec_hash"]
 
@@ -203,7 +204,9 @@ def _projector(root: Path, ov: list[str], *extra: str) -> Any:
     from dinoalign.recipes import build
 
     recipe = build("projector", {"vision_dim": 48, "embed_dim": TINY_CLIP.embed_dim})
-    return AlignedModel(recipe, Towers.from_params(load_params(MISSING, [*ov, *extra])), root)
+    params = load_params(MISSING, [*ov, *extra])
+    towers = Towers.from_sections(params.backbone, params.seed, params.embed, params.clip, params.align)
+    return AlignedModel(recipe, towers, root)
 
 
 def test_evaluation_refuses_features_of_other_preprocessing(

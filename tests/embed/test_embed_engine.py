@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from badfiles import CORPUS_MIN_SIDE, write_bad_corpus
-from pipeline_testing import tiny_backbone, tiny_overrides
+from pipeline_testing import embed_features, tiny_backbone, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.data.prepare import read_pairs
 from dinoalign.data.schema import make_caption_id
 from dinoalign.embed.features import head_embeddings, image_features
-from dinoalign.embed.engine import ShardWriter, decode_batch, run_embed
+from dinoalign.embed.engine import decode_batch, plan_chunks, shard_name
+from dinoalign.errors import ConfigError
 from dinoalign.embed.store import FeatureStore, load_image_features
 
 
@@ -71,36 +72,29 @@ def _file_digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_shard_writer_writes_rows_in_key_order_whatever_order_they_arrive(tmp_path: Path) -> None:
-    keys = [f"{i:02d}" for i in range(10)]
-    rows = {"uid": np.array(keys, dtype=object), "cls": np.arange(20, dtype=np.float32).reshape(10, 2)}
+def test_chunks_are_a_function_of_the_uid_order_alone() -> None:
+    """#19 part 4: a resumed run plans exactly the chunks an uninterrupted run had left,
+    with the same names, so it writes the same files."""
+    import pyarrow as pa
 
-    def write(folder: str, order: list[list[int]]) -> FeatureStore:
-        store = FeatureStore(str(tmp_path / folder))
-        writer = ShardWriter(store, "images", 4, {"cls": [2]}, ("uid",), "uid", keys)
-        for part in order:
-            rejected = [i for i in part if i == 3]
-            writer.drop([keys[i] for i in rejected])
-            writer.add({k: v[[i for i in part if i not in rejected]] for k, v in rows.items()})
-        writer.close()
-        return store
-
-    in_order = write("a", [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
-    write("b", [[9, 7], [3, 5, 1], [8, 6, 4], [2, 0]])  # how an engine's workers may finish
-    assert _file_digests(tmp_path / "a") == _file_digests(tmp_path / "b")
-    assert [in_order.read_table("images", n).column("uid").to_pylist() for n in in_order.shards("images")] == [
-        ["00", "01", "02", "04"], ["05", "06", "07", "08"], ["09"]]
-    lost = ShardWriter(FeatureStore(str(tmp_path / "c")), "images", 4, {"cls": [2]}, ("uid",), "uid", keys)
-    lost.add({k: v[:9] for k, v in rows.items()})
-    with pytest.raises(RuntimeError, match="1 images rows never came back from the engine"):
-        lost.close()
+    uids = [f"{i:02x}" for i in range(10)]
+    table = pa.table({"uid": uids, "image_uri": [f"{u}.png" for u in uids]})
+    full = plan_chunks("images", table, "uid", 4)
+    assert [list(c.columns["uid"]) for c in full] == [uids[0:4], uids[4:8], uids[8:10]]
+    assert [c.name for c in full] == [shard_name(uids[0:4]), shard_name(uids[4:8]), shard_name(uids[8:10])]
+    assert full[0].name == "part-" + hashlib.sha256("\n".join(uids[0:4]).encode()).hexdigest()[:16] + ".parquet"
+    # the first and last chunks finished before a kill: the rest is the middle chunk, as planned
+    rest = table.filter(pa.array([u in uids[4:8] for u in uids]))
+    assert plan_chunks("images", rest, "uid", 4) == [full[1]]
+    with pytest.raises(ConfigError, match="embed.shard_rows must be >= 1"):
+        plan_chunks("images", table, "uid", 0)
 
 
 def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[str]]) -> None:
     root, ov = world
     params = load_params("/nonexistent/params.yaml", ov)
     manifest = read_pairs(root / "pairs")
-    first = run_embed(params, manifest)
+    first = embed_features(params, manifest)
     assert first["images_embedded"] == manifest.num_rows == 40
     assert first["operators"] == {} and first["ray_data_stats"] == ""  # Ray's operators only
     assert first["captions_embedded"] == sum(len(c) for c in manifest.column("captions").to_pylist())
@@ -115,21 +109,21 @@ def test_local_engine_writes_shapes_and_skips_done_uids(world: tuple[Path, list[
     assert set(caps.column("caption_id").to_pylist()) == expected_ids
     assert len(caps.column("text_clip")[0]) == 32
 
-    second = run_embed(params, manifest)
+    second = embed_features(params, manifest)
     assert second["images_embedded"] == 0 and second["captions_embedded"] == 0
     assert second["images_skipped"] == 40
 
     # new pairs: the world grows by 6 train images; only those are embedded
     grown = [*ov, "data.synthetic.n_train=30"]
     assert main(["prepare", "-p", "/nonexistent/params.yaml", *grown]) == 0
-    third = run_embed(load_params("/nonexistent/params.yaml", grown), read_pairs(root / "pairs"))
+    third = embed_features(load_params("/nonexistent/params.yaml", grown), read_pairs(root / "pairs"))
     assert third["images_embedded"] == 6
     uids = _uids(str(root / "features"))
     assert len(uids) == len(set(uids)) == 46
 
     # a changed feature spec (another image size) re-embeds everything
     resized = [*grown, "embed.img_size=42", "backbone.img_size=42"]
-    fourth = run_embed(load_params("/nonexistent/params.yaml", resized), read_pairs(root / "pairs"))
+    fourth = embed_features(load_params("/nonexistent/params.yaml", resized), read_pairs(root / "pairs"))
     assert fourth["images_embedded"] == 46
     assert load_image_features(str(root / "features"), ["patches"])["patches"].shape[1] == 9
 
@@ -143,7 +137,7 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
     ray_ov = [*ov, f"paths.features={root / 'ray'}", "embed.engine=ray", "embed.actor_num_cpus=0.5",
               "embed.decode_num_cpus=0.25"]
     ray_p = load_params("/nonexistent/params.yaml", ray_ov)
-    run_embed(local, manifest)
+    embed_features(local, manifest)
     assert main(["embed", "-p", "/nonexistent/params.yaml", *ray_ov]) == 0  # the stage, with its MLflow run
 
     # counts, throughput and Ray Data's time per operator are in the stage's MLflow run
@@ -154,30 +148,36 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
     n_captions = sum(len(c) for c in manifest.column("captions").to_pylist())
     assert metrics["images_embedded"] == 40 and metrics["captions_embedded"] == n_captions
     assert metrics["images_per_s"] > 0 and metrics["captions_per_s"] > 0
-    assert metrics["op.images.MapBatches__Decode.rows"] == metrics["op.images.MapBatches_ImageEmbedder.rows"] == 40
-    assert metrics["op.captions.MapBatches_TextEmbedder.rows"] == n_captions
-    for op in ("images.MapBatches__Decode", "images.MapBatches_ImageEmbedder", "captions.MapBatches_TextEmbedder"):
+    # one Ray Data row per chunk (= shard): 40 images in shards of 10, captions in shards of 40
+    assert metrics["op.images.Map_DecodeChunk.rows"] == metrics["op.images.Map_ImageShards.rows"] == 4
+    assert metrics["op.captions.Map_CaptionShards.rows"] == -(-n_captions // 40)
+    assert metrics["shards_written"] == 4 + -(-n_captions // 40) and metrics["nodes_used"] == 1
+    for op in ("images.Map_DecodeChunk", "images.Map_ImageShards", "captions.Map_CaptionShards"):
         assert metrics[f"op.{op}.wall_s"] > 0 and metrics[f"op.{op}.span_s"] > 0, op
     stats_file = client.download_artifacts(run.info.run_id, "ray_data_stats.txt", str(root / "dl"))
-    assert "MapBatches(ImageEmbedder)" in Path(stats_file).read_text()
+    assert "Map(ImageShards)" in Path(stats_file).read_text()
 
     # the same inputs give the same bytes (the DVC hash of the features) whichever order
     # Ray Data's workers finish in: rows are written by uid, as the plain loop writes them
     assert _file_digests(root / "ray") == _file_digests(root / "local")
+    # the same bytes when the actors send their shards to the driver instead of writing them
+    driver = load_params("/nonexistent/params.yaml", [*ray_ov, f"paths.features={root / 'driver'}",
+                                                      "embed.write=driver"])
+    assert embed_features(driver, manifest)["shards_written"] == metrics["shards_written"]
+    assert _file_digests(root / "driver") == _file_digests(root / "local")
     cols = ["cls", "token_mean", "head_embeddings", "clip_image"]
     a = load_image_features(str(root / "local"), cols)
     b = load_image_features(str(root / "ray"), cols)
     assert list(a["uid"]) == list(b["uid"])
     for c in cols:
         np.testing.assert_allclose(a[c], b[c], rtol=1e-4, atol=1e-5)
-    assert run_embed(ray_p, manifest)["images_embedded"] == 0
+    assert embed_features(ray_p, manifest)["images_embedded"] == 0
 
 
 def test_resources_ray_cannot_give_fail_fast_instead_of_waiting_forever(
     world: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dinoalign.ray_runtime import require_resources
-    from dinoalign.errors import ConfigError
 
     root, ov = world
     # Ray Data would wait forever for an actor the local Ray cannot place
@@ -212,7 +212,7 @@ def test_bad_files_end_in_rejects_and_good_ones_in_shards(tmp_path: Path, tiny_c
         "data.max_pixels": "1000000", "data.min_side": str(CORPUS_MIN_SIDE), "embed.engine": "local"})
     manifest = read_pairs(tmp_path / "pairs")
     assert manifest.num_rows == len(expected) + 4
-    summary = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
+    summary = embed_features(load_params("/nonexistent/params.yaml", ov), manifest)
     rejects = pq.read_table(tmp_path / "features" / "rejects.parquet").to_pylist()
     by_uri = dict(zip(manifest.column("uid").to_pylist(), manifest.column("image_uri").to_pylist()))
     got = {Path(by_uri[r["uid"]]).name: r["reason"] for r in rejects}
@@ -223,7 +223,7 @@ def test_bad_files_end_in_rejects_and_good_ones_in_shards(tmp_path: Path, tiny_c
     assert summary["images_rejected"] == len(expected) + 1
     assert set(embedded) | {r["uid"] for r in rejects} == set(by_uri)  # nothing lost
     # a second run retries nothing and loses nothing
-    again = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
+    again = embed_features(load_params("/nonexistent/params.yaml", ov), manifest)
     assert again["images_embedded"] == 0 and again["rejects_total"] == len(rejects)
 
 
@@ -253,7 +253,7 @@ def test_a_transient_reject_is_retried_on_the_next_run_a_permanent_one_is_not(
         uid = {n: u for u, uri in zip(manifest.column("uid").to_pylist(), manifest.column("image_uri").to_pylist())
                for n, p in paths.items() if uri == srv.url + p}
 
-        first = run_embed(params, manifest)
+        first = embed_features(params, manifest)
         # the blip (one 503) passed on its second try; the outage (two 503s) did not
         assert sorted(_uids(str(tmp_path / "features"))) == sorted([uid["ok"], uid["blip"]])
         rejects = {r["uid"]: r["reason"] for r in FeatureStore(str(tmp_path / "features")).read_rejects().to_pylist()}
@@ -261,7 +261,7 @@ def test_a_transient_reject_is_retried_on_the_next_run_a_permanent_one_is_not(
         assert first["images_rejected_transient"] == 1 and first["images_rejected"] == 3
         assert [srv.hits[paths[n]] for n in ("blip", "outage", "gone", "denied")] == [2, 2, 1, 1]
 
-        second = run_embed(params, manifest)
+        second = embed_features(params, manifest)
         assert second["images_embedded"] == 1 and second["images_retried"] == 1
         assert second["images_skipped"] == 4 and second["images_rejected"] == 0
         assert [srv.hits[paths[n]] for n in ("ok", "blip", "outage", "gone", "denied")] == [1, 2, 3, 1, 1]
@@ -299,7 +299,7 @@ def test_real_coco_images_reach_the_shards_at_the_papers_preprocessing(
     assert manifest.num_rows == present == 159
     prepare_rejects = pq.read_table(tmp_path / "pairs" / "rejects.parquet").column("reason").to_pylist()
     assert len(prepare_rejects) == 5000 - present and set(prepare_rejects) == {"missing"}
-    summary = run_embed(params, manifest)
+    summary = embed_features(params, manifest)
     assert summary["images_embedded"] == present and summary["rejects_total"] == 0
     n_captions = sum(len(c) for c in manifest.column("captions").to_pylist())
     assert summary["captions_embedded"] == n_captions >= 5 * present
@@ -347,12 +347,16 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path, tiny_clip_dir: Pa
     assert 0 < len(partial) < manifest.num_rows
     assert not (tmp_path / "features" / "manifest.json").exists()
 
-    summary = run_embed(load_params("/nonexistent/params.yaml", ov), manifest)
+    summary = embed_features(load_params("/nonexistent/params.yaml", ov), manifest)
     assert summary["images_embedded"] == manifest.num_rows - len(partial)
     uids = _uids(str(tmp_path / "features"))
     assert len(uids) == len(set(uids)) and set(uids) == set(manifest.column("uid").to_pylist())
     caps = _uids(str(tmp_path / "features"), "captions", "caption_id")
     assert len(caps) == len(set(caps)) == sum(len(c) for c in manifest.column("captions").to_pylist())
+    # #19 part 4: the killed and resumed run wrote the files of an uninterrupted one, byte for byte
+    whole = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={tmp_path / 'whole'}"])
+    embed_features(whole, manifest)
+    assert _file_digests(tmp_path / "features") == _file_digests(tmp_path / "whole")
 
 
 @pytest.mark.integration
@@ -365,13 +369,13 @@ def test_s3_round_trip_against_real_seaweedfs(world: tuple[Path, list[str]], s3_
     uri = "s3://dinoalign-features/run1/features"
     params = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={uri}"])
     manifest = read_pairs(root / "pairs")
-    assert run_embed(params, manifest)["images_embedded"] == 40
+    assert embed_features(params, manifest)["images_embedded"] == 40
     keys = [o["Key"] for o in boto3_client().list_objects_v2(Bucket="dinoalign-features")["Contents"]]
     assert "run1/features/manifest.json" in keys and any(k.startswith("run1/features/images/part-") for k in keys)
     remote = load_image_features(uri, ["cls", "head_embeddings"])
     local_params = load_params("/nonexistent/params.yaml", ov)
-    run_embed(local_params, manifest)
+    embed_features(local_params, manifest)
     local = load_image_features(str(root / "features"), ["cls", "head_embeddings"])
     assert list(remote["uid"]) == list(local["uid"])
     np.testing.assert_allclose(remote["head_embeddings"], local["head_embeddings"], rtol=1e-5, atol=1e-6)
-    assert run_embed(params, manifest)["images_embedded"] == 0
+    assert embed_features(params, manifest)["images_embedded"] == 0

@@ -1,19 +1,38 @@
 """The embed stage: pairs manifest -> feature store, incrementally and loss-free.
 
-Two engines share the same decode function, model holders and writer:
-- ``ray``: Ray Data streaming executor — decode in CPU tasks (uint8 numpy batches),
-  models in a class-based actor pool (``ActorPoolStrategy``; CPUs/GPUs per actor in
-  params), results streamed to the driver, which writes whole shards.
-- ``local``: a single-process loop with a torch DataLoader for decoding (the benchmark
-  baseline, and handy for tiny runs).
+The work is cut into **chunks** before anything runs: the uids still to embed, sorted, in
+runs of ``embed.shard_rows`` (captions: of ``4 × shard_rows``). One chunk becomes exactly
+one shard, named by the sha256 of its keys (``part-<16 hex>.parquet``), holding its rows in
+key order and, in the parquet metadata, the chunk's rejects. So:
 
-Incremental: uids already in complete shards (same feature spec) or rejected for good
-are skipped; a transient reject (``read_timeout``, ``unavailable``) is tried again; a
-changed spec (other models, weights or preprocessing) starts afresh.
+- a shard is the unit of completion: it appears whole or not at all (temp + rename
+  locally, one PUT on S3), with its rejects inside, so a killed run leaves complete chunks
+  and nothing else, and the next run plans the rest;
+- chunk boundaries and names are a function of the uid order alone: an interrupted and
+  resumed run writes the same files, byte for byte, as an uninterrupted one (transient
+  rejects that are tried again form chunks of their own, after the others), and a chunk
+  that Ray runs twice (a retried task on a lost node) rewrites the same bytes under the
+  same name: never a duplicate row;
+- the shards are written where the work is done. Two engines share the decode function,
+  the model holders and the shard code:
 
-Reproducible: rows are written in uid order (captions by uid, caption index), whatever
-order the engine returns them in (:class:`ShardWriter`), and this run's rejects by uid, so
-two runs over the same inputs write the same bytes (the same DVC hash of the folder).
+  - ``ray``: Ray Data: decode in CPU tasks, models in a class-based actor pool
+    (``ActorPoolStrategy``; CPUs, GPUs and custom resources per actor in params). With
+    ``embed.write: workers`` each actor writes its shards to ``paths.features`` (a path
+    every node sees, or ``s3://``) and sends the driver a few hundred bytes per shard;
+    with ``driver`` it sends the encoded shard and the driver writes it (a features
+    path only the driver can reach);
+  - ``local``: one process, a torch DataLoader decoding chunks in worker processes (the
+    benchmark baseline, and handy for tiny runs).
+
+The driver writes ``spec.json`` first and, at the end, ``rejects.parquet`` (from the
+shards' rejects) and ``manifest.json`` from what is in storage: every listed shard with
+its row count, size and sha256 (reported by the worker that wrote it, kept from the last
+manifest when the size is unchanged, read otherwise).
+
+Incremental: uids in complete shards of the same feature spec, or rejected for good, are
+skipped; a transient reject (``read_timeout``, ``unavailable``) is tried again; a changed
+spec (other models, weights or preprocessing) starts afresh.
 
 Preprocessing comes from each model's own config: the backbone's mean, std,
 interpolation and crop from timm's data config of the built model (``embed.interpolation``
@@ -24,68 +43,128 @@ records both (``spec["preprocessing"]``, see :mod:`dinoalign.embed.store`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
+import resource
+import sys
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
-from dinoalign.config import Params
-from dinoalign.data.images import (
-    DEFAULT_MAX_ASPECT_RATIO,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_READ_ATTEMPTS,
-    DEFAULT_READ_BACKOFF_S,
-    DEFAULT_READ_TIMEOUT_S,
-    TRANSIENT_REASONS,
-    ImageRejected,
-    load_image,
-    resize_crop,
-)
+from dinoalign.config import BackboneConfig, ClipConfig, EmbedConfig, TextEncoderConfig
+from dinoalign.data.images import TRANSIENT_REASONS, ImageRejected, load_image, resize_crop
 from dinoalign.data.schema import REJECTS_SCHEMA, make_caption_id
 from dinoalign.embed.features import image_features
-from dinoalign.embed.store import FeatureStore, vector_column
+from dinoalign.embed.store import FeatureStore, ShardReport, vector_column
 from dinoalign.errors import ConfigError
+from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
 
 STAGE = "embed"
 SCHEMA_VERSION = 1
 HALF_COLUMNS = ("patches", "registers")  # token-level columns are stored in fp16
+CAPTION_CHUNK_FACTOR = 4  # a caption shard holds 4 × shard_rows rows (captions are small)
+
+
+
+# ----------------------------------------------------------------------------- the job
+@dataclasses.dataclass(frozen=True)
+class EmbedJob:
+    """Everything an embed worker needs, and nothing else: Ray ships it to every actor
+    and decode task, so it holds configs and plain values, never a model or a ``Params``."""
+
+    embed: EmbedConfig
+    backbone: BackboneConfig
+    clip: ClipConfig
+    text_encoders: tuple[TextEncoderConfig, ...]
+    limits: Mapping[str, Any]  # data.images.image_limits of the data section
+    seed: int
+    features: str  # the feature store: a path every worker sees, or s3://
+
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One planned shard: its file name and its rows (columns of equal length, in key order)."""
+
+    kind: str  # images | captions
+    name: str
+    columns: Mapping[str, list[Any]]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def as_row(self) -> dict[str, str]:
+        """The chunk as one Ray Data row (the columns as JSON: a chunk is a unit, not rows)."""
+        return {"kind": self.kind, "shard": self.name, "payload": json.dumps(dict(self.columns))}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Chunk:
+        return cls(str(row["kind"]), str(row["shard"]), json.loads(row["payload"]))
+
+
+def shard_name(keys: Sequence[str]) -> str:
+    """``part-<16 hex>.parquet``: the sha256 of the chunk's keys, one per line."""
+    return f"part-{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]}.parquet"
+
+
+def plan_chunks(kind: str, table: pa.Table, key: str, size: int) -> list[Chunk]:
+    """``table`` (in the order the caller sorted it) in runs of ``size`` rows, one chunk
+    each, named by its ``key`` column (:func:`shard_name`)."""
+    if size < 1:
+        raise ConfigError(f"embed.shard_rows must be >= 1, got {size}")
+    cols = {c: table.column(c).to_pylist() for c in table.column_names}
+    chunks = []
+    for start in range(0, table.num_rows, size):
+        part = {c: v[start : start + size] for c, v in cols.items()}
+        chunks.append(Chunk(kind, shard_name(part[key]), part))
+    return chunks
 
 
 # ----------------------------------------------------------------------------- decode
 def decode_batch(
-    batch: dict[str, np.ndarray], *, img_size: int, interpolation: str, max_pixels: int, min_side: int,
-    crop_pct: float = 1.0, crop_mode: str = "center",
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_BYTES,
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, read_attempts: int = DEFAULT_READ_ATTEMPTS,
-    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
+    batch: Mapping[str, Any], *, img_size: int, interpolation: str, crop_pct: float = 1.0,
+    crop_mode: str = "center", **limits: Any,
 ) -> dict[str, np.ndarray]:
     """uids + image URIs -> uint8 images N×S×S×3 (:func:`~dinoalign.data.images.resize_crop`:
     at crop_pct 1 and ``center``, short-side resize + centre crop) and a reject reason per
-    row ("" when decoded). Never raises for a bad image."""
-    uids = batch["uid"]
+    row ("" when decoded). ``limits``: :func:`~dinoalign.data.images.image_limits`. Never
+    raises for a bad image."""
+    uids = list(batch["uid"])
     images = np.zeros((len(uids), img_size, img_size, 3), dtype=np.uint8)
     reasons = np.full(len(uids), "", dtype=object)
     details = np.full(len(uids), "", dtype=object)
     for i, uri in enumerate(batch["image_uri"]):
         try:
-            images[i] = resize_crop(
-                load_image(str(uri), max_pixels=max_pixels, min_side=min_side,
-                           max_aspect_ratio=max_aspect_ratio, max_bytes=max_bytes,
-                           read_timeout_s=read_timeout_s, read_attempts=read_attempts,
-                           read_backoff_s=read_backoff_s),
-                img_size, interpolation,
-                crop_pct, crop_mode,
-            )
+            images[i] = resize_crop(load_image(str(uri), **limits), img_size, interpolation, crop_pct, crop_mode)
         except ImageRejected as e:
             reasons[i], details[i] = e.reason, e.detail
-    return {"uid": uids, "image": images, "reject_reason": reasons, "reject_detail": details}
+    return {"uid": np.asarray(uids, dtype=object), "image": images, "reject_reason": reasons,
+            "reject_detail": details}
+
+
+class DecodeChunk:
+    """Picklable: an image chunk row -> the same row with its pixels (``images``: the
+    N×S×S×3 uint8 bytes) and the reject reason of each uid (Ray tasks, DataLoader workers)."""
+
+    def __init__(self, job: EmbedJob, preprocessing: Mapping[str, Any]) -> None:
+        """``preprocessing``: the spec's backbone preprocessing (interpolation and crop)."""
+        self.kw = dict(img_size=job.embed.img_size, interpolation=preprocessing["interpolation"],
+                       crop_pct=preprocessing["crop_pct"], crop_mode=preprocessing["crop_mode"], **job.limits)
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        chunk = Chunk.from_row(row)
+        out = decode_batch(chunk.columns, **self.kw)
+        payload = {"uid": list(chunk.columns["uid"]), "reason": [str(r) for r in out["reject_reason"]],
+                   "detail": [str(d) for d in out["reject_detail"]]}
+        return {"kind": chunk.kind, "shard": chunk.name, "payload": json.dumps(payload),
+                "images": out["image"].tobytes()}
 
 
 # ----------------------------------------------------------------------------- models
@@ -101,36 +180,38 @@ def _device(num_gpus: float) -> torch.device:
 
 
 class ImageEmbedder:
-    """Callable model holder (one per actor): decoded batch -> feature batch."""
+    """Model holder of the image towers: decoded batch -> feature batch (one per actor)."""
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, job: EmbedJob) -> None:
         # backbones (timm, open_clip) are imported where a model is built, not at module
         # import: Ray Data's decode workers import this module and need neither
         from dinoalign.backbones.dinov2 import build_backbone_from
 
-        cfg = params.embed
-        self.threads = TorchThreads(cfg.torch_threads)
-        self.device = _device(cfg.actor_num_gpus)
-        self.backbone = build_backbone_from(params.backbone, params.seed).to(self.device)
-        self.keep_patches = cfg.keep_patches
+        self.threads = TorchThreads(job.embed.torch_threads)
+        self.device = _device(job.embed.actor_num_gpus)
+        self.backbone = build_backbone_from(job.backbone, job.seed).to(self.device)
+        self.keep_patches = job.embed.keep_patches
         self.clip = None
-        if params.clip.image_features:
+        if job.clip.image_features:
             from dinoalign.backbones.text import load_open_clip
 
-            model, pre, _ = load_open_clip(params.clip.name, params.clip.pretrained)
+            model, pre, _ = load_open_clip(job.clip.name, job.clip.pretrained)
             self.clip, self.clip_preprocess = model.eval().to(self.device), pre
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``uid``, ``image`` (N×S×S×3 uint8), ``reject_reason`` -> ``uid``, the reject
+        columns, one array per feature column (zeros for rejected rows) and
+        ``model_seconds`` (per row)."""
         self.threads()  # this call's thread (Ray actors run calls in an executor thread)
         t0 = time.perf_counter()
-        ok = batch["reject_reason"] == ""
+        ok = np.asarray(batch["reject_reason"]) == ""
         n = len(batch["uid"])
-        out: dict[str, np.ndarray] = {k: batch[k] for k in ("uid", "reject_reason", "reject_detail")}
+        out: dict[str, np.ndarray] = {k: np.asarray(batch[k]) for k in ("uid", "reject_reason", "reject_detail")}
         images = batch["image"][ok]
         feats: dict[str, np.ndarray] = {}
         if len(images):
-            x = self.backbone.normalize(torch.from_numpy(images)).to(self.device)
+            x = self.backbone.normalize(torch.from_numpy(np.ascontiguousarray(images))).to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 res = image_features(self.backbone(x), keep_patches=self.keep_patches)
             feats = {k: v.float().cpu().numpy() for k, v in res.items()}
@@ -148,20 +229,20 @@ class ImageEmbedder:
 
 
 class TextEmbedder:
-    """Callable holder of the configured text encoders: captions -> text_<key> columns."""
+    """Model holder of the configured text encoders: captions -> text_<key> columns."""
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, job: EmbedJob) -> None:
         from dinoalign.backbones.text import build_text_encoder
 
-        self.threads = TorchThreads(params.embed.torch_threads)
+        self.threads = TorchThreads(job.embed.torch_threads)
         self.encoders = {
             t.key: build_text_encoder(t.kind, t.name, pretrained=t.pretrained, model_kwargs=t.model_kwargs)
-            for t in params.embed.text_encoders
+            for t in job.text_encoders
         }
-        self.batch_size = params.embed.text_batch_size
+        self.batch_size = job.embed.text_batch_size
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         self.threads()
         texts = [str(t) for t in batch["caption"]]
         out = dict(batch)
@@ -170,30 +251,129 @@ class TextEmbedder:
         return out
 
 
+# ----------------------------------------------------------------------------- shards
+def _node_id() -> str:
+    """The Ray node this runs on ("local" outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # Ray missing or a context without a node: not worth failing a shard
+        pass
+    return "local"
+
+
+def feature_table(rows: Mapping[str, Any], feats: Mapping[str, np.ndarray], shapes: Mapping[str, list[int]],
+                  string_cols: Sequence[str]) -> pa.Table:
+    """A shard's table: ``string_cols`` (and ``caption_index``) from ``rows``, then every
+    column of ``shapes`` that ``feats`` has, as fixed-size lists (fp16 for token columns)."""
+    arrays, names = [], []
+    for c in string_cols:
+        arrays.append(pa.array([str(v) for v in rows[c]], type=pa.string()))
+        names.append(c)
+    if "caption_index" in rows:
+        arrays.append(pa.array([int(v) for v in rows["caption_index"]], type=pa.int32()))
+        names.append("caption_index")
+    n = len(rows[string_cols[0]])
+    for c, shape in shapes.items():
+        if c in feats:
+            values = np.asarray(feats[c]).reshape(n, *shape)
+            arrays.append(vector_column(values, pa.float16() if c in HALF_COLUMNS else pa.float32()))
+            names.append(c)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+class _ShardWorker:
+    """A chunk in, one shard out: written here (``embed.write: workers``) or sent back
+    encoded (``driver``). Returns the shard's report as one small row."""
+
+    def __init__(self, job: EmbedJob, spec: Mapping[str, Any], write_here: bool) -> None:
+        self.store = FeatureStore(job.features)
+        self.write_here = write_here
+        self.batch_size = job.embed.batch_size
+        self.spec = spec
+
+    def _finish(self, kind: str, name: str, table: pa.Table, rejects: list[dict[str, str]],
+                seconds: float) -> dict[str, Any]:
+        data = FeatureStore.encode_shard(table, rejects)
+        report = ShardReport.of(kind, name, data, table.num_rows, rejects)
+        if self.write_here:
+            self.store.put_shard(kind, name, data)
+        return {**report.as_row(), "node": _node_id(), "model_seconds": seconds,
+                "data": b"" if self.write_here else data}
+
+
+class ImageShards(_ShardWorker):
+    """Decoded image chunk -> image shard (uid + feature columns; rejects in its metadata)."""
+
+    def __init__(self, job: EmbedJob, spec: Mapping[str, Any], write_here: bool) -> None:
+        super().__init__(job, spec, write_here)
+        self.model = ImageEmbedder(job)
+        self.img_size = job.embed.img_size
+        self.shapes = {c: s for c, s in spec["columns"].items() if not c.startswith("text_")}
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        meta = json.loads(row["payload"])
+        uids, reasons, details = meta["uid"], meta["reason"], meta["detail"]
+        s = self.img_size
+        images = np.frombuffer(row["images"], dtype=np.uint8).reshape(len(uids), s, s, 3)
+        ok = [i for i, r in enumerate(reasons) if not r]
+        parts, seconds = [], 0.0
+        for start in range(0, len(ok), self.batch_size):
+            idx = ok[start : start + self.batch_size]
+            out = self.model({"uid": np.asarray([uids[i] for i in idx], dtype=object), "image": images[idx],
+                              "reject_reason": np.full(len(idx), "", dtype=object),
+                              "reject_detail": np.full(len(idx), "", dtype=object)})
+            seconds += float(out["model_seconds"].sum())
+            parts.append(out)
+        feats = {c: np.concatenate([p[c] for p in parts]) for c in self.shapes if parts and c in parts[0]}
+        table = feature_table({"uid": [uids[i] for i in ok]}, feats, self.shapes, ("uid",))
+        rejects = [{"uid": uids[i], "stage": STAGE, "reason": reasons[i], "detail": details[i], "key": ""}
+                   for i, r in enumerate(reasons) if r]
+        return self._finish("images", str(row["shard"]), table, rejects, seconds)
+
+
+class CaptionShards(_ShardWorker):
+    """Caption chunk -> caption shard (caption_id, uid, caption_index, caption, text_<key>)."""
+
+    def __init__(self, job: EmbedJob, spec: Mapping[str, Any], write_here: bool) -> None:
+        super().__init__(job, spec, write_here)
+        self.model = TextEmbedder(job)
+        self.shapes = {c: s for c, s in spec["columns"].items() if c.startswith("text_")}
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        chunk = Chunk.from_row(row)
+        t0 = time.perf_counter()
+        feats = self.model(chunk.columns)
+        table = feature_table(chunk.columns, feats, self.shapes, ("caption_id", "uid", "caption"))
+        return self._finish("captions", chunk.name, table, [], time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------------- spec
-def feature_spec(params: Params) -> dict[str, Any]:
+def feature_spec(job: EmbedJob) -> dict[str, Any]:
     """What the features depend on. Builds each model once (cheap next to embedding) so
     that weight hashes, not just names, decide whether existing shards are reusable."""
     from dinoalign.backbones.dinov2 import backbone_preprocessing, build_backbone_from, state_hash
     from dinoalign.backbones.text import clip_image_size, clip_preprocessing
 
-    backbone = build_backbone_from(params.backbone, params.seed)
+    backbone = build_backbone_from(job.backbone, job.seed)
     with torch.no_grad():
-        s = params.embed.img_size
+        s = job.embed.img_size
         out = backbone(torch.zeros(1, 3, s, s))
     d, h, p = out.cls.shape[-1], out.attn_logits.shape[1], out.patches.shape[1]
     columns: dict[str, list[int]] = {
         "cls": [d], "patch_mean": [d], "token_mean": [d], "head_embeddings": [h, d],
         "head_mean_embedding": [d],
     }
-    if params.embed.keep_patches:
+    if job.embed.keep_patches:
         columns["registers"] = [int(out.registers.shape[1]), d]
         columns["patches"] = [p, d]
-    preprocessing = backbone_preprocessing(backbone, params.embed)
+    preprocessing = backbone_preprocessing(backbone, job.embed)
     spec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "backbone": {**asdict(params.backbone), "weights_sha": state_hash(backbone),
-                     "random_init": not params.backbone.pretrained and not params.backbone.weights,
+        "backbone": {**asdict(job.backbone), "weights_sha": state_hash(backbone),
+                     "random_init": not job.backbone.pretrained and not job.backbone.weights,
                      "embed_dim": d, "num_heads": h, "grid": list(out.grid)},
         "img_size": s,
         "interpolation": preprocessing["interpolation"],
@@ -201,18 +381,18 @@ def feature_spec(params: Params) -> dict[str, Any]:
         "dtype": "float32",
         "text_encoders": {},
     }
-    if params.clip.image_features:
+    if job.clip.image_features:
         from dinoalign.backbones.text import load_open_clip
 
-        model, pre, _ = load_open_clip(params.clip.name, params.clip.pretrained)
-        spec["clip"] = {**asdict(params.clip), "weights_sha": state_hash(model), "image_size": clip_image_size(pre)}
+        model, pre, _ = load_open_clip(job.clip.name, job.clip.pretrained)
+        spec["clip"] = {**asdict(job.clip), "weights_sha": state_hash(model), "image_size": clip_image_size(pre)}
         spec["preprocessing"]["clip"] = clip_preprocessing(pre)
         size = spec["clip"]["image_size"]
         with torch.no_grad():
             columns["clip_image"] = [int(model.encode_image(torch.zeros(1, 3, size, size)).shape[-1])]
-    text = TextEmbedder(params)
+    text = TextEmbedder(job)
     for key, enc in text.encoders.items():
-        tcfg = next(t for t in params.embed.text_encoders if t.key == key)
+        tcfg = next(t for t in job.text_encoders if t.key == key)
         spec["text_encoders"][key] = {**asdict(tcfg), "weights_sha": state_hash(enc), "width": int(enc.width)}
         columns[f"text_{key}"] = [int(enc.width)]
     spec["columns"] = columns
@@ -221,38 +401,32 @@ def feature_spec(params: Params) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- engines
-def _ray_stream(
-    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool,
-    report: dict[str, Any],
-) -> Iterator[dict[str, np.ndarray]]:
-    """Streams the model's output batches; when exhausted, fills ``report`` with Ray Data's
-    per-operator times (``operators``) and its own stats text (``stats_text``)."""
+def _ray_stream(chunks: list[Chunk], decode: DecodeChunk | None, worker: type, job: EmbedJob,
+                spec: Mapping[str, Any], report: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Each chunk through Ray Data (decode tasks, then the actor pool); yields the shard
+    reports as they finish and, when exhausted, fills ``report`` with Ray Data's
+    per-operator times (``operators``) and its stats text (``stats_text``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     init_ray()
-    cfg = params.embed
+    cfg = job.embed
+    per_actor = {"CPU": cfg.actor_num_cpus, "GPU": cfg.actor_num_gpus, **cfg.actor_resources}
     require_resources(
-        f"embed ({cfg.num_actors} model actor(s) of {cfg.actor_num_cpus:g} CPU, {cfg.actor_num_gpus:g} GPU)",
-        {"CPU": cfg.actor_num_cpus, "GPU": cfg.actor_num_gpus}, cfg.num_actors,
-        "lower embed.num_actors, embed.actor_num_cpus or embed.actor_num_gpus, or run on a cluster that has them "
-        "(RAY_ADDRESS)",
+        f"embed ({cfg.num_actors} model actor(s) of "
+        + ", ".join(f"{v:g} {k}" for k, v in per_actor.items() if v) + ")",
+        per_actor, cfg.num_actors,
+        "lower embed.num_actors, embed.actor_num_cpus, embed.actor_num_gpus or embed.actor_resources, "
+        "or run on a cluster that has them (RAY_ADDRESS)",
     )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    n_blocks = max(1, min(len(rows) // max(cfg.decode_batch_size, 1), 64))
-    ds = ray.data.from_arrow(rows).repartition(n_blocks)
-    # rows come back in input order, so the writer's reorder buffer (ShardWriter) stays small
-    ds.context.execution_options.preserve_order = True
-    if decode:
-        ds = ds.map_batches(make_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
-                            num_cpus=cfg.decode_num_cpus)
-    ds = ds.map_batches(
-        model_cls, fn_constructor_args=(params,), batch_size=batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_num_cpus,
-        num_gpus=cfg.actor_num_gpus,
-    )
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    ds = ray.data.from_items([c.as_row() for c in chunks], override_num_blocks=len(chunks))
+    if decode is not None:
+        ds = ds.map(decode, num_cpus=cfg.decode_num_cpus)
+    extra = {"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}
+    ds = ds.map(worker, fn_constructor_args=(job, spec, cfg.write == "workers"),
+                compute=ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_num_cpus,
+                num_gpus=cfg.actor_num_gpus, **extra)
+    yield from ds.iter_rows()
     report["operators"] = ray_operator_times(ds)
     report["stats_text"] = ds.stats()
 
@@ -280,131 +454,83 @@ def ray_operator_times(ds: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def _local_stream(
-    rows: pa.Table, make_decode: Callable, params: Params, model_cls: type, batch_size: int, decode: bool,
-    report: dict[str, Any],
-) -> Iterator[dict[str, np.ndarray]]:
-    """The plain loop: decode in DataLoader workers, the model in this process (``report``
-    stays empty: the caller times the model itself)."""
-    model = model_cls(params)
-    cols = {c: np.asarray(rows.column(c).to_pylist(), dtype=object) for c in rows.column_names}
-    chunks = [{c: v[i : i + batch_size] for c, v in cols.items()} for i in range(0, len(rows), batch_size)]
-    if not decode:
-        for chunk in chunks:
-            yield model(chunk)
+def _local_stream(chunks: list[Chunk], decode: DecodeChunk | None, worker: type, job: EmbedJob,
+                  spec: Mapping[str, Any], report: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The plain loop: decode chunks in DataLoader workers, the models in this process
+    (``report`` stays empty: the caller times the model itself)."""
+    work = worker(job, spec, True)
+    rows = [c.as_row() for c in chunks]
+    if decode is None:
+        for row in rows:
+            yield work(row)
         return
     loader = torch.utils.data.DataLoader(
-        chunks, batch_size=None, num_workers=params.embed.loader_workers, collate_fn=make_decode,
-        prefetch_factor=2 if params.embed.loader_workers else None,
+        rows, batch_size=None, num_workers=job.embed.loader_workers, collate_fn=decode,
+        prefetch_factor=2 if job.embed.loader_workers else None,
     )
     for decoded in loader:
-        yield model(decoded)
+        yield work(decoded)
 
 
 ENGINES = {"ray": _ray_stream, "local": _local_stream}
 
 
-class _Decode:
-    """Picklable decode callable (Ray tasks and DataLoader workers)."""
-
-    def __init__(self, params: Params, preprocessing: dict[str, Any]) -> None:
-        """``preprocessing``: the spec's backbone preprocessing (interpolation and crop)."""
-        self.kw = dict(img_size=params.embed.img_size, interpolation=preprocessing["interpolation"],
-                       crop_pct=preprocessing["crop_pct"], crop_mode=preprocessing["crop_mode"],
-                       max_pixels=params.data.max_pixels, min_side=params.data.min_side,
-                       max_aspect_ratio=params.data.max_aspect_ratio,
-                       max_bytes=params.data.max_bytes, read_timeout_s=params.data.read_timeout_s,
-                       read_attempts=params.data.read_attempts, read_backoff_s=params.data.read_backoff_s)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return decode_batch(batch, **self.kw)
-
-
-# ----------------------------------------------------------------------------- writer
-class ShardWriter:
-    """Writes streamed rows as whole shards of ``shard_rows``, in the order of ``keys``.
-
-    Engines deliver rows in whatever order their workers finish (Ray Data's, today), so
-    the writer puts them back in the planned order (the callers sort ``keys``): the same
-    inputs give the same shards, byte for byte, and the same DVC hash. Every planned key
-    arrives exactly once, as a row (:meth:`add`, keyed by its ``key`` column) or as a
-    reject (:meth:`drop`); a row waits until every earlier key has arrived, and
-    :meth:`close` raises if a key never did, so no row is lost without a trace."""
-
-    def __init__(self, store: FeatureStore, kind: str, shard_rows: int, shapes: dict[str, list[int]],
-                 string_cols: tuple[str, ...], key: str, keys: Sequence[str]) -> None:
-        self.store, self.kind, self.shard_rows = store, kind, shard_rows
-        self.shapes, self.string_cols, self.key = shapes, string_cols, key
-        self.position = {k: i for i, k in enumerate(keys)}
-        self.waiting: dict[int, dict[str, Any] | None] = {}  # arrived out of order; None: dropped
-        self.next = 0  # position of the first key that has not arrived
-        self.ready: list[dict[str, Any]] = []  # rows in order, fewer than shard_rows
-        self.written = 0
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        """Rows of one output batch (every column, one row per key)."""
-        for i, k in enumerate(batch[self.key]):
-            self._arrive(str(k), {c: v[i] for c, v in batch.items()})
-        self._release()
-
-    def drop(self, keys: Iterable[str]) -> None:
-        """Planned keys that end as rejects, not rows."""
-        for k in keys:
-            self._arrive(str(k), None)
-        self._release()
-
-    def close(self) -> None:
-        missing = len(self.position) - self.next
-        if missing:
-            first = next(k for k, i in self.position.items() if i == self.next)
-            raise RuntimeError(
-                f"embed: {missing} {self.kind} rows never came back from the engine (first: {first}); "
-                "the shards written so far are kept: re-run embed to finish"
-            )
-        if self.ready:
-            self._write()
-
-    def _arrive(self, key: str, row: dict[str, Any] | None) -> None:
-        pos = self.position.get(key)
-        if pos is None or pos < self.next or pos in self.waiting:
-            raise RuntimeError(f"embed: {self.kind} key {key} was not planned for this run or came back twice")
-        self.waiting[pos] = row
-
-    def _release(self) -> None:
-        while self.next in self.waiting:
-            row = self.waiting.pop(self.next)
-            self.next += 1
-            if row is not None:
-                self.ready.append(row)
-                if len(self.ready) == self.shard_rows:
-                    self._write()
-
-    def _write(self) -> None:
-        rows, self.ready = self.ready, []
-        arrays, names = [], []
-        for c in self.string_cols:
-            arrays.append(pa.array([str(r[c]) for r in rows], type=pa.string()))
-            names.append(c)
-        if "caption_index" in rows[0]:
-            arrays.append(pa.array([int(r["caption_index"]) for r in rows], type=pa.int32()))
-            names.append("caption_index")
-        for c in self.shapes:
-            if c in rows[0]:
-                values = np.stack([r[c] for r in rows])
-                arrays.append(vector_column(values, pa.float16() if c in HALF_COLUMNS else pa.float32()))
-                names.append(c)
-        self.store.write_shard(self.kind, pa.Table.from_arrays(arrays, names=names))
-        self.written += len(rows)
-
-
 # ----------------------------------------------------------------------------- driver
-def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
+class _Progress:
+    """One line per tenth of the shards of a phase (a log stays short whatever the size)."""
+
+    def __init__(self, kind: str, total: int) -> None:
+        self.kind, self.total, self.done, self.rows, self.t0 = kind, total, 0, 0, time.perf_counter()
+        self.next = max(1, total // 10)
+
+    def __call__(self, rows: int) -> None:
+        self.done += 1
+        self.rows += rows
+        if self.done >= self.next or self.done == self.total:
+            rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"embed: {self.kind} {self.done}/{self.total} shards, {self.rows} rows ({rate:.1f}/s)",
+                  file=sys.stderr, flush=True)
+            self.next = self.done + max(1, self.total // 10)
+
+
+def _run_phase(chunks: list[Chunk], decode: DecodeChunk | None, worker: type, job: EmbedJob,
+               spec: Mapping[str, Any], store: FeatureStore, reports: dict[str, ShardReport],
+               nodes: collections.Counter[str], ops: dict[str, Any]) -> tuple[int, float]:
+    """Run one phase's chunks; collect each shard's report (writing it when it came back
+    encoded); return (rows written, model seconds)."""
+    if not chunks:
+        return 0, 0.0
+    rows, model_seconds = 0, 0.0
+    progress = _Progress(chunks[0].kind, len(chunks))
+    planned = {c.name for c in chunks}
+    for out in ENGINES[job.embed.engine](chunks, decode, worker, job, spec, ops):
+        report = ShardReport.from_row(out)
+        if report.name not in planned or report.name in reports:
+            raise RuntimeError(f"embed: shard {report.name} was not planned for this run or came back twice")
+        if out.get("data"):  # embed.write: driver
+            store.put_shard(report.kind, report.name, bytes(out["data"]))
+        reports[report.name] = report
+        nodes[str(out["node"])] += 1
+        rows += report.rows
+        model_seconds += float(out["model_seconds"])
+        progress(report.rows)
+    missing = planned - reports.keys()
+    if missing:
+        raise RuntimeError(
+            f"embed: {len(missing)} {chunks[0].kind} shards never came back from the engine (first: "
+            f"{sorted(missing)[0]}); the shards written so far are kept: re-run embed to finish"
+        )
+    return rows, model_seconds
+
+
+def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
     """Embed every manifest uid not yet embedded; return counts and throughput."""
-    cfg = params.embed
+    cfg = job.embed
     if cfg.engine not in ENGINES:
         raise ConfigError(f"embed.engine={cfg.engine!r}: choose one of {sorted(ENGINES)}")
-    store = FeatureStore(params.paths.features)
-    spec = feature_spec(params)
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    store = FeatureStore(job.features)
+    spec = feature_spec(job)
     # spec.json is written before any shard, so shards of a killed run are reusable
     # exactly when they were made with the same models and preprocessing.
     old = store.read_json("spec.json")
@@ -415,78 +541,70 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
         print("embed: shards without spec.json (unknown provenance): re-embedding all")
         store.clear()
     store.write_json("spec.json", spec)
-    stream = ENGINES[cfg.engine]
     t_start = time.perf_counter()
+    reports: dict[str, ShardReport] = {}
+    nodes: collections.Counter[str] = collections.Counter()
 
-    # ---- images
-    done = store.keys("images", "uid")
-    rejects = store.read_rejects()
-    # a transient reject (a timeout, a 5xx) is not done: its uid is tried again, and this
-    # run's outcome replaces its old row
-    transient = pc.is_in(rejects.column("reason"), value_set=pa.array(sorted(TRANSIENT_REASONS)))
-    rejected = set(rejects.filter(pc.invert(transient)).column("uid").to_pylist())
+    # ---- images: plan what is neither in a shard nor rejected for good
+    state = store.scan("images", "uid")
+    rejected = _latest_rejects(state.rejects, state.keys)
+    transient = {u for u, r in rejected.items() if r["reason"] in TRANSIENT_REASONS}
     manifest_uids = manifest.column("uid").to_pylist()
-    todo_mask = [u not in done and u not in rejected for u in manifest_uids]
-    todo = manifest.filter(pa.array(todo_mask)).select(["uid", "image_uri"]).sort_by("uid")
-    in_todo = pc.is_in(rejects.column("uid"), value_set=todo.column("uid"))
-    retried, rejects = rejects.filter(in_todo), rejects.filter(pc.invert(in_todo))
-    image_shapes = {c: s for c, s in spec["columns"].items() if not c.startswith("text_")}
-    writer = ShardWriter(store, "images", cfg.shard_rows, image_shapes, ("uid",), "uid",
-                         todo.column("uid").to_pylist())
-    new_rejects: list[dict[str, str]] = []
-    model_seconds = 0.0
+    todo_mask = [u not in state.keys and (u not in rejected or u in transient) for u in manifest_uids]
+    todo = manifest.filter(pa.array(todo_mask, pa.bool_())).select(["uid", "image_uri"]).sort_by("uid")
+    retry = pc.is_in(todo.column("uid"), value_set=pa.array(sorted(transient), pa.string()))
+    # retried uids form chunks of their own: the others keep the boundaries of a first run
+    chunks = (plan_chunks("images", todo.filter(pc.invert(retry)), "uid", cfg.shard_rows)
+              + plan_chunks("images", todo.filter(retry), "uid", cfg.shard_rows))
     t0 = time.perf_counter()
-    image_report: dict[str, Any] = {}
-    if len(todo):
-        for batch in stream(todo, _Decode(params, spec["preprocessing"]["backbone"]), params, ImageEmbedder, cfg.batch_size, True, image_report):
-            bad = batch["reject_reason"] != ""
-            for i in np.flatnonzero(bad):
-                new_rejects.append({"uid": str(batch["uid"][i]), "stage": STAGE, "reason": str(batch["reject_reason"][i]),
-                                    "detail": str(batch["reject_detail"][i]), "key": ""})
-            model_seconds += float(batch["model_seconds"].sum())
-            writer.drop(batch["uid"][bad])
-            writer.add({k: v[~bad] for k, v in batch.items() if k not in ("reject_reason", "reject_detail", "model_seconds")})
-        writer.close()
-        _save_rejects(store, rejects, new_rejects)
+    image_ops: dict[str, Any] = {}
+    images_written, model_seconds = _run_phase(
+        chunks, DecodeChunk(job, spec["preprocessing"]["backbone"]), ImageShards, job, spec, store, reports,
+        nodes, image_ops)
     t_images = time.perf_counter() - t0
+    new_rejects = [r for c in chunks for r in reports[c.name].rejects]
 
     # ---- captions of every embedded image
-    embedded = store.keys("images", "uid")
-    done_captions = store.keys("captions", "caption_id")
+    embedded = state.keys | {u for c in chunks for u in c.columns["uid"]} - {r["uid"] for r in new_rejects}
+    done_captions = store.scan("captions", "caption_id").keys
     cap_rows = _caption_rows(manifest, embedded, done_captions)
-    text_shapes = {c: s for c, s in spec["columns"].items() if c.startswith("text_")}
-    cwriter = ShardWriter(store, "captions", cfg.shard_rows * 4, text_shapes, ("caption_id", "uid", "caption"),
-                          "caption_id", cap_rows.column("caption_id").to_pylist())
+    cap_chunks = plan_chunks("captions", cap_rows, "caption_id", cfg.shard_rows * CAPTION_CHUNK_FACTOR)
     t0 = time.perf_counter()
-    caption_report: dict[str, Any] = {}
-    if len(cap_rows):
-        for batch in stream(cap_rows, None, params, TextEmbedder, cfg.text_batch_size, False, caption_report):
-            cwriter.add(batch)
-        cwriter.close()
+    caption_ops: dict[str, Any] = {}
+    captions_written, _ = _run_phase(cap_chunks, None, CaptionShards, job, spec, store, reports, nodes, caption_ops)
     t_captions = time.perf_counter() - t0
 
-    entries = store.shard_entries()
-    all_rejects = store.read_rejects()
+    # ---- what is in storage: rejects and the manifest
+    final = store.scan("images", "uid")
+    all_rejects = _rejects_table(_latest_rejects(final.rejects, final.keys))
+    store.write_rejects(all_rejects)
+    entries = store.shard_entries(reports, previous=store.read_manifest())
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
     summary = {
-        "images_embedded": writer.written,
-        "captions_embedded": cwriter.written,
+        "images_embedded": images_written,
+        "captions_embedded": captions_written,
         "images_rejected": len(new_rejects),
         "images_rejected_transient": sum(r["reason"] in TRANSIENT_REASONS for r in new_rejects),
-        "images_retried": retried.num_rows,
+        "images_retried": int(pc.sum(retry.cast(pa.int64())).as_py() or 0),
         "images_total": sum(e["rows"] for e in entries if e["kind"] == "images"),
         "captions_total": sum(e["rows"] for e in entries if e["kind"] == "captions"),
         "rejects_total": all_rejects.num_rows,
         "images_skipped": len(manifest_uids) - len(todo),
-        "images_per_s": writer.written / t_images if writer.written else 0.0,
-        "captions_per_s": cwriter.written / t_captions if cwriter.written else 0.0,
+        "images_per_s": images_written / t_images if images_written else 0.0,
+        "captions_per_s": captions_written / t_captions if captions_written else 0.0,
+        "shards_written": len(reports),
+        "nodes_used": len(nodes),
+        "nodes": dict(sorted(nodes.items())),  # Ray node id -> shards written there
         "seconds_images": t_images,
         "seconds_captions": t_captions,
         "seconds_model": model_seconds,
         "seconds_total": time.perf_counter() - t_start,
+        # this process only: what a driver pod pays (workers are other processes)
+        "driver_cpu_s": (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
         # Ray engine: {"images"|"captions": {operator: {wall_s, cpu_s, span_s, rows}}}
-        "operators": {k: r["operators"] for k, r in (("images", image_report), ("captions", caption_report))
+        "operators": {k: r["operators"] for k, r in (("images", image_ops), ("captions", caption_ops))
                       if "operators" in r},
-        "ray_data_stats": "\n\n".join(r["stats_text"] for r in (image_report, caption_report) if "stats_text" in r),
+        "ray_data_stats": "\n\n".join(r["stats_text"] for r in (image_ops, caption_ops) if "stats_text" in r),
     }
     store.write_json("manifest.json", {
         "spec": spec,
@@ -497,10 +615,19 @@ def run_embed(params: Params, manifest: pa.Table) -> dict[str, Any]:
     return summary
 
 
-def _save_rejects(store: FeatureStore, old: pa.Table, new: list[dict[str, str]]) -> None:
-    # this run's rejects by uid, not in the engine's order: the same inputs, the same bytes
-    new_table = pa.Table.from_pylist(sorted(new, key=lambda r: r["uid"]), schema=REJECTS_SCHEMA)
-    store.write_rejects(pa.concat_tables([old.cast(REJECTS_SCHEMA), new_table]))
+def _latest_rejects(rejects: list[dict[str, str]], embedded: set[str]) -> dict[str, dict[str, str]]:
+    """One reject per uid that is in no shard: a permanent reason over a transient one (a
+    uid tried again that failed for good), then the first by (reason, detail)."""
+    out: dict[str, dict[str, str]] = {}
+    for r in sorted(rejects, key=lambda r: (r["uid"], r["reason"] in TRANSIENT_REASONS, r["reason"], r["detail"])):
+        if r["uid"] not in embedded and r["uid"] not in out:
+            out[r["uid"]] = r
+    return out
+
+
+def _rejects_table(rejects: Mapping[str, Mapping[str, str]]) -> pa.Table:
+    # by uid, not in the engine's order: the same inputs, the same bytes
+    return pa.Table.from_pylist([dict(rejects[u]) for u in sorted(rejects)], schema=REJECTS_SCHEMA)
 
 
 def _caption_rows(manifest: pa.Table, embedded: set[str], done: set[str]) -> pa.Table:
@@ -515,5 +642,6 @@ def _caption_rows(manifest: pa.Table, embedded: set[str], done: set[str]) -> pa.
                 cids.append(cid)
                 idxs.append(i)
                 texts.append(cap)
-    table = pa.table({"caption_id": cids, "uid": uids, "caption_index": pa.array(idxs, pa.int32()), "caption": texts})
+    table = pa.table({"caption_id": pa.array(cids, pa.string()), "uid": pa.array(uids, pa.string()),
+                      "caption_index": pa.array(idxs, pa.int32()), "caption": pa.array(texts, pa.string())})
     return table.sort_by([("uid", "ascending"), ("caption_index", "ascending")])

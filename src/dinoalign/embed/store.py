@@ -2,11 +2,16 @@
 
 Layout under ``paths.features`` (a local path or ``s3://bucket/prefix``)::
 
-    images/part-00000.parquet    uid + image feature columns (fixed-size float lists)
-    captions/part-00000.parquet  caption_id, uid, caption_index, caption + text_<encoder> columns
-    rejects.parquet              uid, stage, reason, detail, key
-    manifest.json                spec (models, weight hashes, preprocessing, column shapes),
-                                 shard list with row counts and sha256, counts; written last
+    images/part-<16 hex>.parquet    uid + image feature columns (fixed-size float lists);
+                                    the chunk's rejects in the parquet metadata
+    captions/part-<16 hex>.parquet  caption_id, uid, caption_index, caption + text_<encoder> columns
+    spec.json                       the feature spec; written first
+    rejects.parquet                 uid, stage, reason, detail, key (from the shards' metadata)
+    manifest.json                   spec, shard list with row counts, sizes and sha256, counts;
+                                    written last
+
+A shard's name is the sha256 of its planned keys (:func:`dinoalign.embed.engine.shard_name`),
+so rows carry no order across shards: readers sort (:func:`load_image_features` by uid).
 
 ``spec["preprocessing"]`` records how the pixels reached each image tower: ``backbone``
 (mean, std, interpolation, crop_pct, crop_mode, input_size, from the timm model's data
@@ -16,7 +21,7 @@ to features they compute themselves call :func:`check_preprocessing`.
 
 A shard becomes visible only when complete (temp name + rename locally; S3 objects
 appear atomically), so a killed run leaves only whole shards and a re-run skips their
-keys. Vectors are stored flat (``H×D`` as ``H*D``); ``manifest.json`` keeps the shapes.
+keys and their rejects. Vectors are stored flat (``H×D`` as ``H*D``); ``manifest.json`` keeps the shapes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,48 @@ from dinoalign.errors import DataFileMissing, PreprocessingMismatch
 from dinoalign.storage import fs_for, write_atomic
 
 KINDS = ("images", "captions")
-_PART = re.compile(r"^part-(\d{5,})\.parquet$")
+# part-<16 hex> (named by content); part-<5+ digits>: stores written before dinoalign 0.9
+_PART = re.compile(r"^part-([0-9a-f]{16}|\d{5,})\.parquet$")
+REJECTS_KEY = b"dinoalign.rejects"  # a shard's rejects, JSON, in its parquet metadata
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    """What a worker tells the driver about a shard it made: a few hundred bytes, whatever
+    the shard's size."""
+
+    kind: str
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    rejects: list[dict[str, str]]
+
+    @classmethod
+    def of(cls, kind: str, name: str, data: bytes, rows: int, rejects: list[dict[str, str]]) -> ShardReport:
+        return cls(kind, name, rows, len(data), hashlib.sha256(data).hexdigest(), list(rejects))
+
+    def as_row(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shard": self.name, "rows": self.rows, "bytes": self.bytes,
+                "sha256": self.sha256, "rejects": json.dumps(self.rejects)}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ShardReport:
+        return cls(str(row["kind"]), str(row["shard"]), int(row["rows"]), int(row["bytes"]),
+                   str(row["sha256"]), json.loads(row["rejects"]))
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest entry."""
+        return {"kind": self.kind, "file": f"{self.kind}/{self.name}", "rows": self.rows, "bytes": self.bytes,
+                "sha256": self.sha256}
+
+
+@dataclass
+class StoreState:
+    """The keys in complete shards of one kind and the rejects recorded beside them."""
+
+    keys: set[str]
+    rejects: list[dict[str, str]]
 
 
 def vector_column(x: np.ndarray, dtype: Any = pa.float32()) -> pa.Array:
@@ -73,22 +119,39 @@ class FeatureStore:
 
     def shards(self, kind: str) -> list[str]:
         """Complete shard file names of ``kind`` (temp files excluded), sorted."""
-        try:
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(kind), detail=False)]
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if _PART.match(n))
+        return list(self.listing(kind))
 
-    def next_index(self, kind: str) -> int:
-        idx = [int(_PART.match(n).group(1)) for n in self.shards(kind)]
-        return max(idx) + 1 if idx else 0
+    def listing(self, kind: str) -> dict[str, int]:
+        """Complete shard name -> size in bytes."""
+        try:
+            infos = self.fs.ls(self.path(kind), detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for info in infos:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if _PART.match(name):
+                out[name] = int(info.get("size") or 0)
+        return dict(sorted(out.items()))
 
     def keys(self, kind: str, key: str) -> set[str]:
         """All keys (``uid`` / ``caption_id``) present in complete shards."""
-        out: set[str] = set()
+        return self.scan(kind, key).keys
+
+    def scan(self, kind: str, key: str) -> StoreState:
+        """The keys in complete shards of ``kind`` and every reject recorded with them (in
+        the shards' metadata, and in ``rejects.parquet`` for images)."""
+        keys: set[str] = set()
+        rejects: list[dict[str, str]] = []
         for name in self.shards(kind):
-            out.update(self.read_table(kind, name, columns=[key]).column(key).to_pylist())
-        return out
+            with self.fs.open(self.path(kind, name), "rb") as f:
+                parquet = pq.ParquetFile(f)
+                keys.update(parquet.read(columns=[key]).column(key).to_pylist())
+                meta = parquet.schema_arrow.metadata or {}
+                rejects.extend(json.loads(meta.get(REJECTS_KEY, b"[]")))
+        if kind == "images":
+            rejects.extend(self.read_rejects().to_pylist())
+        return StoreState(keys, rejects)
 
     # ---------------------------------------------------------------- reading & writing
     def read_table(self, kind: str, name: str, columns: list[str] | None = None) -> pa.Table:
@@ -96,20 +159,27 @@ class FeatureStore:
             return pq.read_table(f, columns=columns)
 
     def read_all(self, kind: str, columns: list[str] | None = None) -> pa.Table:
+        """Every complete shard of ``kind``, concatenated in shard-name order (no row order:
+        sort by the key)."""
         tables = [self.read_table(kind, n, columns) for n in self.shards(kind)]
         if not tables:
             raise DataFileMissing(f"no {kind} shards under {self.uri}: run the embed stage first")
         return pa.concat_tables(tables)
 
-    def write_shard(self, kind: str, table: pa.Table) -> dict[str, Any]:
-        """Write one complete shard atomically; return its manifest entry."""
-        name = f"part-{self.next_index(kind):05d}.parquet"
+    @staticmethod
+    def encode_shard(table: pa.Table, rejects: list[dict[str, str]]) -> bytes:
+        """A shard's bytes: ``table`` as zstd parquet, ``rejects`` (JSON) in its metadata."""
+        table = table.replace_schema_metadata({REJECTS_KEY: json.dumps(rejects, sort_keys=True).encode()})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
+        return sink.getvalue().to_pybytes()
+
+    def put_shard(self, kind: str, name: str, data: bytes) -> None:
+        """Write one complete shard atomically (the same name twice: the same bytes, since a
+        name is its keys' hash and the features are a function of the spec)."""
+        if not _PART.match(name):
+            raise ValueError(f"{name!r} is not a shard name (part-<16 hex>.parquet)")
         self._atomic_write(self.path(kind, name), data)
-        return {"kind": kind, "file": f"{kind}/{name}", "rows": table.num_rows,
-                "sha256": hashlib.sha256(data).hexdigest()}
 
     def _atomic_write(self, path: str, data: bytes) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -164,16 +234,28 @@ class FeatureStore:
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name))
 
-    def shard_entries(self) -> list[dict[str, Any]]:
-        """Manifest entries for every complete shard (sha256 of the stored bytes)."""
+    def shard_entries(self, reports: Mapping[str, ShardReport] | None = None,
+                      previous: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Manifest entries for every complete shard in storage (listed, not planned): the
+        row count and sha256 from this run's ``reports`` or the ``previous`` manifest when
+        the stored size is theirs, else read from the stored bytes."""
+        reports = reports or {}
+        known = {e["file"]: e for e in (previous or {}).get("shards", []) if "bytes" in e}
         out = []
         for kind in KINDS:
-            for name in self.shards(kind):
-                with self.fs.open(self.path(kind, name), "rb") as f:
-                    data = f.read()
-                rows = pq.read_metadata(pa.BufferReader(data)).num_rows
-                out.append({"kind": kind, "file": f"{kind}/{name}", "rows": rows,
-                            "sha256": hashlib.sha256(data).hexdigest()})
+            for name, size in self.listing(kind).items():
+                file = f"{kind}/{name}"
+                report = reports.get(name)
+                if report is not None and report.kind == kind and report.bytes == size:
+                    out.append(report.entry())
+                elif file in known and known[file]["bytes"] == size:
+                    out.append(dict(known[file]))
+                else:
+                    with self.fs.open(self.path(kind, name), "rb") as f:
+                        data = f.read()
+                    rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+                    out.append({"kind": kind, "file": file, "rows": rows, "bytes": len(data),
+                                "sha256": hashlib.sha256(data).hexdigest()})
         return out
 
 

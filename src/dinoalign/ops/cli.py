@@ -1,6 +1,7 @@
 """The operations commands of ``dinoalign``: ``infra up|down|status`` and ``retrain``.
 
     dinoalign infra up [--bucket dinoalign] [--backend sqlite|postgresql] [--no-ray]
+                       [--workers N [--worker-cpus C]]
     dinoalign infra status
     dinoalign infra down
     dinoalign infra dvc-remote NAME s3://bucket/prefix [--default] [--shared]
@@ -32,6 +33,12 @@ def add_ops_commands(sub: Any, params_args: Any) -> None:
                     help="MLflow backend store (postgresql: a private cluster from Debian's binaries)")
     up.add_argument("--no-ray", dest="ray", action="store_false", help="do not start a Ray head")
     up.add_argument("--ray-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
+    up.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="also start N Ray worker nodes on 127.0.0.1 (run inside `unshare -rn`: "
+                         "a multi-node Ray listens on every interface)")
+    up.add_argument("--worker-cpus", type=int, default=1, metavar="C", help="CPUs each worker node offers (default: 1)")
+    up.add_argument("--ray-listen-all", action="store_true",
+                    help="start worker nodes outside a private network namespace (Ray listens on every interface)")
     up.add_argument("--no-dvc-remote", dest="dvc_remote", action="store_false",
                     help="leave this checkout's DVC remotes alone")
     up.set_defaults(handler=_infra_up)
@@ -49,7 +56,10 @@ def add_ops_commands(sub: Any, params_args: Any) -> None:
     retrain = sub.add_parser("retrain", help="append new caption data, dvc repro, promote the candidate if not worse")
     retrain.add_argument("--new", required=True, metavar="URI",
                          help="new pairs: a csv/tsv/parquet table, a webdataset .tar or a folder of them (local or s3://)")
-    params_args(retrain)
+    retrain.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
+    retrain.add_argument("overrides", nargs="*", metavar="retrain.KEY=VALUE",
+                         help="retrain.* overrides only, e.g. retrain.tolerance=0.05 retrain.push=false (the "
+                              "pipeline it runs reads the params file: edit it, or `dvc exp run -S`)")
     retrain.set_defaults(handler=_retrain)
 
 
@@ -61,9 +71,11 @@ def _infra_up(args: argparse.Namespace) -> int:
     from dinoalign.ops.stack import StackOptions, up
 
     state = up(_root(args), StackOptions(bucket=args.bucket, backend=args.backend, ray=args.ray,
-                                         ray_cpus=args.ray_cpus, dvc_remote=args.dvc_remote))
+                                         ray_cpus=args.ray_cpus, ray_workers=args.workers,
+                                         worker_cpus=args.worker_cpus, ray_listen_all=args.ray_listen_all,
+                                         dvc_remote=args.dvc_remote))
     for s in state["services"]:
-        print(f"infra: {s['name']:<9} pid {s['pid']:<7} {s['url']}   (log {s['log']})")
+        print(f"infra: {s['name']:<12} pid {s['pid']:<7} {s['url']}   (log {s['log']})")
     print(f"infra: bucket s3://{state['bucket']} (MLflow artifacts under mlflow/, DVC remote under dvc/); "
           f"keys from {state['keys_from']}")
     if state["dvc_remote"]:
@@ -81,7 +93,7 @@ def _infra_status(args: argparse.Namespace) -> int:
         return 3
     for s in state["services"]:
         health = "healthy" if s["healthy"] else ("UNHEALTHY" if s["alive"] else "DOWN")
-        print(f"infra: {s['name']:<9} pid {s['pid']:<7} {health:<9} {s['url']}")
+        print(f"infra: {s['name']:<12} pid {s['pid']:<7} {health:<9} {s['url']}")
     print(f"infra: env file {state.get('env_file')}")
     return 0 if all(s["healthy"] for s in state["services"]) else 1
 

@@ -329,19 +329,37 @@ def write_ray_token(path: Path) -> Path:
 
 
 def start_ray_head(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: int | None = None,
-                   env: dict[str, str] | None = None) -> Service:
+                   env: dict[str, str] | None = None, cluster: bool = False,
+                   resources: dict[str, float] | None = None) -> Service:
     """``ray start --head --block`` on 127.0.0.1 with token auth, every port chosen free
     (defaults such as 52365 for the dashboard agent collide with any other Ray on the
     machine) and its own ``temp_dir`` (Ray's default
     /tmp/ray is shared with every other Ray of the machine). ``temp_dir`` must be a short
     path: Ray puts unix sockets under it. ``env`` adds to the head's environment (the S3
-    settings that Ray Train and Ray Data workers inherit)."""
-    log = log_dir / "ray.log"
+    settings that Ray Train and Ray Data workers inherit). ``cluster``: let worker nodes
+    join (:func:`start_ray_worker`); Ray's multi-node mode listens on every interface (see
+    :func:`loopback_only`). ``resources``: custom resources the head advertises."""
+    return _start_ray_node("ray", log_dir, token_path, num_cpus, env, cluster, resources, head_temp_dir=temp_dir)
+
+
+def start_ray_worker(name: str, head: Service, log_dir: Path, token_path: Path, num_cpus: int,
+                     env: dict[str, str] | None = None, resources: dict[str, float] | None = None) -> Service:
+    """A worker node: ``ray start --address=<head> --block`` on 127.0.0.1, its own raylet
+    and object store, every port chosen free, token auth, ``resources`` advertised (a
+    test forces placement with them). Logs to ``log_dir/<name>.log``."""
+    return _start_ray_node(name, log_dir, token_path, num_cpus, env, True, resources, head_address=head.url)
+
+
+def _start_ray_node(name: str, log_dir: Path, token_path: Path, num_cpus: int | None, env: dict[str, str] | None,
+                    cluster: bool, resources: dict[str, float] | None, head_temp_dir: Path | None = None,
+                    head_address: str | None = None) -> Service:
+    log = log_dir / f"{name}.log"
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         offset = log.stat().st_size if log.exists() else 0  # this attempt's lines only
-        svc = _start_ray_head_once(log_dir, token_path, temp_dir, num_cpus, env)
+        svc = _start_ray_node_once(name, log, token_path, num_cpus, env, cluster, resources, head_temp_dir,
+                                   head_address)
         try:
-            return _started(svc, lambda: _wait_ray(svc, log))
+            return _started(svc, lambda: _wait_ray(svc, log, offset))
         except StackError:
             # `ray start` gives the raylet a fixed 30 s to register with the GCS (ray
             # _private/node.py); on an overloaded machine (two stacks starting beside a
@@ -351,6 +369,17 @@ def start_ray_head(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: in
             if attempt == RAY_START_ATTEMPTS or not missed:
                 raise
     raise AssertionError("unreachable")
+
+
+def loopback_only() -> bool:
+    """True when this process's network namespace has no interface but ``lo`` (read from
+    /proc/net/dev, which is per namespace): a server listening on every interface is
+    then reachable from this machine's loopback only (``unshare -rn``)."""
+    try:
+        lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return False
+    return [line.split(":", 1)[0].strip() for line in lines] == ["lo"]
 
 
 RAY_START_ATTEMPTS = 3
@@ -366,35 +395,63 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _start_ray_head_once(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: int | None,
-                         env: dict[str, str] | None) -> Service:
-    ports = {k: free_port() for k in RAY_PORTS}
-    cmd = [_bin("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={ports['gcs']}",
+def _start_ray_node_once(name: str, log: Path, token_path: Path, num_cpus: int | None, env: dict[str, str] | None,
+                         cluster: bool, resources: dict[str, float] | None, head_temp_dir: Path | None,
+                         head_address: str | None) -> Service:
+    ports = {k: free_port() for k in RAY_PORTS if head_address is None or k not in RAY_HEAD_ONLY_PORTS}
+    if head_address is None:
+        role = ["--head", f"--port={ports['gcs']}", "--include-dashboard=false", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={ports['dashboard']}", f"--temp-dir={head_temp_dir}"]
+    else:  # a worker node: the head's temp dir (Ray takes it from the head), its own ports
+        role = [f"--address={head_address}"]
+    cmd = [_bin("ray"), "start", *role, "--block", "--node-ip-address=127.0.0.1",
            f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
-           "--include-dashboard=false", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
            f"--dashboard-agent-listen-port={ports['dashboard_agent_listen']}",
            f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
            f"--runtime-env-agent-port={ports['runtime_env_agent']}",
            f"--metrics-export-port={ports['metrics_export']}",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--num-cpus={num_cpus or os.cpu_count()}"]
-    log = log_dir / "ray.log"
-    pid, started = _spawn(cmd, log, {**(env or {}), **ray_client_env(token_path)})
-    # a SIGTERMed raylet drains for up to 30 s; the head keeps nothing worth waiting for
-    return Service("ray", pid, f"127.0.0.1:{ports['gcs']}", str(log), ports, started, grace=3.0)
+           "--disable-usage-stats", f"--num-cpus={num_cpus or os.cpu_count()}"]
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    node_env = {**(env or {}), **ray_client_env(token_path)}
+    # one node: Ray's local mode binds 127.0.0.1; more: its cluster mode (every interface)
+    node_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1" if cluster else "0"
+    pid, started = _spawn(cmd, log, node_env)
+    url = f"127.0.0.1:{ports['gcs']}" if head_address is None else head_address
+    # a SIGTERMed raylet drains for up to 30 s; a node here keeps nothing worth waiting for
+    return Service(name, pid, url, str(log), ports, started, grace=3.0)
 
 
-def _wait_ray(svc: Service, log: Path, timeout: float = 120) -> None:
+RAY_HEAD_ONLY_PORTS = ("gcs", "dashboard")
+
+
+def _wait_ray(svc: Service, log: Path, offset: int = 0, timeout: float = 120) -> None:
     """The GCS port listens early; ``ray start --block`` logs "Ray runtime started" once the
-    raylet is up too."""
+    raylet is up too (a worker node: once it has joined)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not svc.alive():
-            raise StackError(f"ray head exited during start; see {log}")
-        if port_open(svc.ports["gcs"]) and "Ray runtime started" in log.read_text(errors="replace"):
+            raise StackError(f"ray node {svc.name} exited during start; see {log}")
+        started = "Ray runtime started" in log.read_bytes()[offset:].decode(errors="replace")
+        if started and ("gcs" not in svc.ports or port_open(svc.ports["gcs"])):
             return
         time.sleep(0.3)
-    raise TimeoutError(f"ray head not ready within {timeout:.0f}s; see {log}")
+    raise TimeoutError(f"ray node {svc.name} not ready within {timeout:.0f}s; see {log}")
+
+
+def raylet_pid(svc: Service) -> int | None:
+    """The PID of the raylet a ``ray start --block`` service runs (its node's scheduler:
+    killing it is losing the node), or None when there is none."""
+    proc = svc.process()
+    if proc is None:
+        return None
+    for child in proc.children(recursive=True):
+        try:
+            if child.name() == "raylet":
+                return child.pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
 
 
 # ----------------------------------------------------------------------------- state

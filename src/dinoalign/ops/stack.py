@@ -3,7 +3,11 @@
 ``up`` starts, on free 127.0.0.1 ports, a SeaweedFS (S3 API, credentials required, data
 under ``infra/run/seaweedfs``), an ``mlflow server`` (sqlite under ``infra/run/mlflow`` or
 a private PostgreSQL; artifacts proxied to ``s3://<bucket>/mlflow``; jobs off) and a Ray
-head (token auth). It records the PIDs in ``infra/run/stack.json``, writes
+head (token auth), and with ``--workers N`` N Ray worker nodes, each a ``ray start
+--address`` process with its own raylet and object store, advertising
+``dinoalign_worker`` and ``dinoalign_worker_<i>`` (the head: ``dinoalign_head``). Ray's
+multi-node mode listens on every interface, so ``up --workers`` refuses to start outside a
+network namespace that has only loopback (``unshare -rn``) unless told otherwise. It records the PIDs in ``infra/run/stack.json``, writes
 ``infra/run/stack.env`` for ``source`` (AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI, RAY_ADDRESS,
 the retry policy, Ray's token path) and points this checkout's DVC at
 ``s3://<bucket>/dvc`` (remote ``stack``, made the default in ``.dvc/config.local``).
@@ -54,11 +58,30 @@ class StackOptions:
     backend: str = "sqlite"  # sqlite | postgresql
     ray: bool = True
     ray_cpus: int | None = None
+    ray_workers: int = 0  # worker nodes beside the head (each its own raylet and object store)
+    worker_cpus: int = 1
+    ray_listen_all: bool = False  # allow a multi-node Ray outside a private network namespace
     dvc_remote: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r}: choose one of {BACKENDS}")
+        if self.ray_workers < 0 or self.worker_cpus < 1:
+            raise StackError(f"--workers {self.ray_workers} --worker-cpus {self.worker_cpus}: need workers >= 0 "
+                             "and at least 1 CPU per worker")
+        if self.ray_workers and not self.ray:
+            raise StackError("--workers needs the Ray head: drop --no-ray")
+
+
+# The custom resources of the nodes `up` starts: a test or a job forces placement with them
+# (embed.actor_resources={dinoalign_worker: 0.5} keeps the model actors off the head).
+HEAD_RESOURCE = "dinoalign_head"
+WORKER_RESOURCE = "dinoalign_worker"
+
+
+def worker_resources(index: int) -> dict[str, float]:
+    """Worker node ``index`` (1-based): every worker's resource and its own."""
+    return {WORKER_RESOURCE: 1.0, f"{WORKER_RESOURCE}_{index}": 1.0}
 
 
 def run_dir(root: Path) -> Path:
@@ -114,6 +137,14 @@ def up(root: Path, opts: StackOptions = StackOptions()) -> dict[str, Any]:
         pids = ", ".join(f"{s.name} pid {s.pid}" for s in running)
         raise StackError(f"the stack is already up ({pids}): see `dinoalign infra status`, or run "
                          "`dinoalign infra down` first")
+    if opts.ray_workers and not opts.ray_listen_all and not infra.loopback_only():
+        raise StackError(
+            "a multi-node Ray listens on every interface of this machine (Ray has no bind address; "
+            "token auth stays on): start it in a private network namespace, e.g. "
+            "`unshare -rn sh -c 'ip link set lo up && exec bash'`, and run `dinoalign infra up "
+            f"--workers {opts.ray_workers}` and the pipeline in that shell (docs/operations.md), "
+            "or pass --ray-listen-all to accept it"
+        )
     access, secret, key_file = stack_credentials(run)
     started: list[infra.Service] = []
     ray_temp: Path | None = None
@@ -134,8 +165,14 @@ def up(root: Path, opts: StackOptions = StackOptions()) -> dict[str, Any]:
         if opts.ray:
             token = infra.write_ray_token(run / "ray" / "auth_token")
             ray_temp = Path(tempfile.mkdtemp(prefix="dinoalign-ray-"))
-            started.append(infra.start_ray_head(run / "ray", token, ray_temp, opts.ray_cpus,
-                                                env=client_env(settings)))
+            cluster = opts.ray_workers > 0
+            head = infra.start_ray_head(run / "ray", token, ray_temp, opts.ray_cpus, env=client_env(settings),
+                                        cluster=cluster, resources={HEAD_RESOURCE: 1.0})
+            started.append(head)
+            for index in range(1, opts.ray_workers + 1):
+                started.append(infra.start_ray_worker(f"ray-worker-{index}", head, run / "ray", token,
+                                                      opts.worker_cpus, env=client_env(settings),
+                                                      resources=worker_resources(index)))
     except BaseException:
         for svc in reversed(started):
             svc.stop()
@@ -155,7 +192,8 @@ def up(root: Path, opts: StackOptions = StackOptions()) -> dict[str, Any]:
     extra = {"root": str(root), "bucket": opts.bucket, "backend": opts.backend,
              "backend_uri": backend_uri, "env_file": str(run / ENV_FILE),
              "keys_from": str(key_file) if key_file else "environment",
-             "ray_temp_dir": str(ray_temp) if ray_temp else None, "dvc_remote": None,
+             "ray_temp_dir": str(ray_temp) if ray_temp else None, "ray_workers": opts.ray_workers,
+             "dvc_remote": None,
              "started_at": dt.datetime.now().isoformat(timespec="seconds")}
     if opts.dvc_remote and (root / ".dvc").is_dir():
         configure_dvc_remote(root, DVC_REMOTE, f"s3://{opts.bucket}/dvc", default=True, settings=settings)
@@ -191,6 +229,8 @@ def _healthy(svc: infra.Service) -> bool:
         return infra.http_status(svc.url + "/health") == 200
     if svc.name == "seaweedfs":
         return infra.http_status(svc.url + "/") is not None
+    if svc.name.startswith("ray-worker"):  # no port of its own that says more than alive
+        return infra.raylet_pid(svc) is not None
     return infra.port_open(next(iter(svc.ports.values())))
 
 

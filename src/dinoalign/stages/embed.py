@@ -20,8 +20,9 @@ from typing import Any
 import mlflow
 
 from dinoalign.config import Params
+from dinoalign.data.images import image_limits
 from dinoalign.data.prepare import manifest_digest, read_pairs
-from dinoalign.embed.engine import run_embed
+from dinoalign.embed.engine import EmbedJob, run_embed
 from dinoalign.embed.store import FeatureStore
 from dinoalign.storage import under_root
 from dinoalign.tracking import log_dataset, run_url, stage_run
@@ -33,10 +34,11 @@ def run(params: Params, root: Path) -> dict[str, Any]:
 
     with stage_run("embed", params) as run:
         log_dataset("pairs", str(pairs_dir / "manifest"), manifest_digest(pairs_dir), "embedding", rows=manifest.num_rows)
-        summary = run_embed(params, manifest)
         features = under_root(params.paths.features, root)
+        summary = run_embed(embed_job(params, features), manifest)
         log_dataset("features", features, FeatureStore(features).digest(), "output")
         operators, stats_text = summary["operators"], summary.pop("ray_data_stats")
+        mlflow.set_tag("dinoalign.embed.nodes", ",".join(summary["nodes"]))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_metrics(operator_metrics(operators))
         mlflow.log_text(json.dumps(summary, indent=2), "embed_summary.json")
@@ -59,6 +61,14 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         + f"embed: MLflow run {summary['mlflow_run']}"
     )
     return summary
+
+
+def embed_job(params: Params, features: str) -> EmbedJob:
+    """The embed job of ``params`` writing to ``features`` (``paths.features`` resolved
+    against the checkout: workers do not run in it)."""
+    return EmbedJob(embed=params.embed, backbone=params.backbone, clip=params.clip,
+                    text_encoders=tuple(params.embed.text_encoders), limits=image_limits(params.data),
+                    seed=params.seed, features=str(features))
 
 
 def operator_metrics(operators: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
