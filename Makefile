@@ -15,7 +15,7 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test env uv mlflow-ui clean chromium
+.PHONY: demo test test-cluster env uv mlflow-ui clean chromium
 
 uv:
 	@command -v uv >/dev/null 2>&1 || [ -x "$(HOME)/.local/bin/uv" ] || python3 -m pip install --user --quiet uv
@@ -35,6 +35,11 @@ demo: env
 TEST_WORKERS ?= 2
 test: env chromium
 	$(RUN) python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+
+# The multi-node Ray tests in full (tests/cluster), the align node-loss test included
+# (over make test's budget on 2 cores; needs root for a private network namespace).
+test-cluster: env
+	DINOALIGN_CLUSTER_FULL=1 $(RUN) python -m pytest -n 0 tests/cluster --durations=10
 
 # Debian's chromium renders the report (and the MLflow UI) in headless tests; installed only
 # when missing. Without root or apt the tests that need it skip and say why.

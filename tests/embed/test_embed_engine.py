@@ -160,9 +160,9 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
     # the same inputs give the same bytes (the DVC hash of the features) whichever order
     # Ray Data's workers finish in: rows are written by uid, as the plain loop writes them
     assert _file_digests(root / "ray") == _file_digests(root / "local")
-    # the same bytes when the actors send their shards to the driver instead of writing them
-    driver = load_params("/nonexistent/params.yaml", [*ray_ov, f"paths.features={root / 'driver'}",
-                                                      "embed.write=driver"])
+    # the same bytes when the shards come back to the driver instead of being written where
+    # they were computed (embed.write=driver; the plain loop takes the same path)
+    driver = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={root / 'driver'}", "embed.write=driver"])
     assert embed_features(driver, manifest)["shards_written"] == metrics["shards_written"]
     assert _file_digests(root / "driver") == _file_digests(root / "local")
     cols = ["cls", "token_mean", "head_embeddings", "clip_image"]

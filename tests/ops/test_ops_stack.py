@@ -92,6 +92,18 @@ def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_worker_nodes_outside_a_private_network_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    """Ray's multi-node mode listens on every interface: `up --workers` refuses outside a
+    loopback-only network namespace (tests/cluster runs it inside one)."""
+    if infra.loopback_only():
+        pytest.skip("this process is in a loopback-only network namespace already")
+    with pytest.raises(StackError, match=r"listens on every interface.*unshare -rn.*--ray-listen-all"):
+        up(tmp_path, StackOptions(ray_workers=2, dvc_remote=False))
+    assert not (run_dir(tmp_path) / STATE_FILE).exists() and not (run_dir(tmp_path) / "seaweedfs").exists()
+    with pytest.raises(StackError, match="--workers needs the Ray head"):
+        StackOptions(ray=False, ray_workers=1)
+
+
 def test_failed_up_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _checkout(tmp_path)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)

@@ -458,7 +458,7 @@ def _local_stream(chunks: list[Chunk], decode: DecodeChunk | None, worker: type,
                   spec: Mapping[str, Any], report: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The plain loop: decode chunks in DataLoader workers, the models in this process
     (``report`` stays empty: the caller times the model itself)."""
-    work = worker(job, spec, True)
+    work = worker(job, spec, job.embed.write == "workers")  # driver: the shard comes back encoded
     rows = [c.as_row() for c in chunks]
     if decode is None:
         for row in rows:

@@ -431,12 +431,16 @@ def _wait_ray(svc: Service, log: Path, offset: int = 0, timeout: float = 120) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not svc.alive():
-            raise StackError(f"ray node {svc.name} exited during start; see {log}")
+            raise StackError(f"{_ray_role(svc)} exited during start; see {log}")
         started = "Ray runtime started" in log.read_bytes()[offset:].decode(errors="replace")
         if started and ("gcs" not in svc.ports or port_open(svc.ports["gcs"])):
             return
         time.sleep(0.3)
-    raise TimeoutError(f"ray node {svc.name} not ready within {timeout:.0f}s; see {log}")
+    raise TimeoutError(f"{_ray_role(svc)} not ready within {timeout:.0f}s; see {log}")
+
+
+def _ray_role(svc: Service) -> str:
+    return "ray head" if "gcs" in svc.ports else f"ray worker node {svc.name}"
 
 
 def raylet_pid(svc: Service) -> int | None:

@@ -171,6 +171,9 @@ class AlignConfig:
       (measured, docs/benchmarks.md, Align); likely cause: their ops are tiny and each
       waits at an OpenMP barrier for a thread that Ray's own threads preempt.
     - ``max_failures``: worker-group restarts from the latest checkpoint (-1: unlimited).
+    - ``worker_resources``: custom Ray resources each DDP worker needs besides its CPUs
+      (e.g. ``{dinoalign_worker: 1}``: one worker per node that `dinoalign infra up
+      --workers N` or the KubeRay worker groups start).
     """
 
     recipe: str | None = None
@@ -182,6 +185,7 @@ class AlignConfig:
     torch_threads: int | None = None
     max_failures: int = 1
     keep_checkpoints: int = 2
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     talk2dino: Talk2DINOTrainingConfig = dataclasses.field(default_factory=Talk2DINOTrainingConfig)
     dinotxt: DinoTxtTrainingConfig = dataclasses.field(default_factory=DinoTxtTrainingConfig)
     projector: ProjectorTrainingConfig = dataclasses.field(default_factory=ProjectorTrainingConfig)
@@ -196,6 +200,9 @@ class AlignConfig:
             )
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"align.torch_threads must be >= 1 or null, got {self.torch_threads}")
+        for name, amount in self.worker_resources.items():
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+                raise ConfigError(f"align.worker_resources.{name} must be a number > 0, got {amount!r}")
         if self.max_failures < -1:
             raise ConfigError(f"align.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.recipe is not None and self.training.batch_size % self.num_workers:

@@ -358,8 +358,10 @@ def fit(
     init_ray()
     require_resources(
         f"align ({align.num_workers} worker(s) of {align.cpus_per_worker:g} CPU{', 1 GPU' if align.use_gpu else ''})",
-        {"CPU": align.cpus_per_worker, "GPU": 1.0 if align.use_gpu else 0.0}, align.num_workers,
-        "lower align.num_workers or align.cpus_per_worker, set align.use_gpu=false, or run on a cluster that has "
+        {"CPU": align.cpus_per_worker, "GPU": 1.0 if align.use_gpu else 0.0, **align.worker_resources},
+        align.num_workers,
+        "lower align.num_workers, align.cpus_per_worker or align.worker_resources, set align.use_gpu=false, "
+        "or run on a cluster that has "
         "them (RAY_ADDRESS)",
     )
     filesystem, path = pyarrow_fs(storage_path)
@@ -373,7 +375,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=align.num_workers,
             use_gpu=align.use_gpu,
-            resources_per_worker={"CPU": align.cpus_per_worker},
+            resources_per_worker={"CPU": align.cpus_per_worker, **align.worker_resources},
         ),
         run_config=RunConfig(
             name=run_name,
