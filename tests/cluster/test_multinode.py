@@ -5,6 +5,8 @@ namespace (tests/netns.py), and the embed stage runs on it with every input and 
 worker touches in S3: the images, the feature shards. The driver's working tree holds only
 the pairs table the driver reads.
 
+0. (in make test) the nodes join with their placement resources; the rest runs in
+   `make test-cluster` (about 12 min on 2 cores, over make test's budget):
 1. the model actors run on the two worker nodes (checked by node id, not assumed), each
    writes its own shards to S3;
 2. a worker node is lost part-way (its raylet killed by PID): the run completes on the
@@ -163,15 +165,42 @@ def _uids(cluster: Cluster, features: str) -> list[str]:
     return uids
 
 
-@pytest.mark.timeout(1200)  # > the default: starts early (tests/conftest.py)
-def test_embed_on_two_worker_nodes_then_one_lost_part_way(cluster: Cluster, embedded: list[str]) -> None:
-    ov = embedded
+FULL = pytest.mark.skipif(
+    os.environ.get("DINOALIGN_CLUSTER_FULL") != "1",
+    reason="the embed and align runs on the 3-node cluster take about 12 min on 2 cores (fresh clone: 706 s "
+           "beside the stack test), over make test's 25-min budget: run `make test-cluster` (DINOALIGN_CLUSTER_FULL=1)")
+
+
+def _node_sets(cluster: Cluster) -> tuple[dict[str, list[str]], set[str], set[str]]:
     nodes = cluster.nodes()
     workers = {n for n, res in nodes.items() if "dinoalign_worker" in res}
     head = {n for n, res in nodes.items() if "dinoalign_head" in res}
+    return nodes, workers, head
+
+
+def test_up_workers_start_nodes_that_join_with_their_resources(cluster: Cluster) -> None:
+    """The cheap half, in make test: `infra up --workers 2` gives a 3-node cluster whose
+    nodes advertise the placement resources, each worker a process of its own with its
+    own raylet, all healthy in `infra status`."""
+    from dinoalign.ops.stack import status
+
+    nodes, workers, head = _node_sets(cluster)
     assert len(nodes) == 3 and len(workers) == 2 and len(head) == 1, nodes
     assert {tuple(res) for n, res in nodes.items() if n in workers} == {
         tuple(sorted(worker_resources(i))) for i in (1, 2)}
+    raylets = {infra.raylet_pid(cluster.services[f"ray-worker-{i}"]) for i in (1, 2)}
+    assert None not in raylets and len(raylets) == 2
+    state = status(cluster.root)
+    assert [s["name"] for s in state["services"]][-2:] == ["ray-worker-1", "ray-worker-2"]
+    assert all(s["healthy"] for s in state["services"]), state["services"]
+
+
+@FULL
+@pytest.mark.timeout(1200)  # > the default: starts early (tests/conftest.py)
+def test_embed_on_two_worker_nodes_then_one_lost_part_way(cluster: Cluster, embedded: list[str]) -> None:
+    ov = embedded
+    nodes, workers, head = _node_sets(cluster)
+    assert len(nodes) == 3 and len(workers) == 2 and len(head) == 1, nodes
 
     # 1. undisturbed (the fixture's run): the actors on both worker nodes, each writing its shards to S3
     run = _embed_run(cluster, WHOLE)
@@ -216,10 +245,8 @@ def _curve(path: Path) -> list[tuple[int, float]]:
     return [(int(float(r["step"])), float(r["loss"])) for r in pd.read_csv(path).to_dict("records")]
 
 
+@FULL
 @pytest.mark.timeout(1200)  # > the default: starts early (tests/conftest.py)
-@pytest.mark.skipif(os.environ.get("DINOALIGN_CLUSTER_FULL") != "1",
-                    reason="about 4.5 min on 2 cores (two DDP runs on 1-CPU nodes and a restart), over make test's "
-                           "budget: run `make test-cluster` (DINOALIGN_CLUSTER_FULL=1)")
 def test_align_ddp_on_two_nodes_resumes_from_s3_after_losing_one(cluster: Cluster, embedded: list[str]) -> None:
     """Two DDP workers (gloo), one per worker node (``align.worker_resources``), checkpoints
     in S3; a node lost after the first checkpoint and a replacement node joining (a pod
