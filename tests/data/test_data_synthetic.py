@@ -38,6 +38,9 @@ from dinoalign.data.synthetic import (
 from dinoalign.data.sources import SOURCES
 
 CFG = SyntheticWorldConfig(n_train=400, n_val=100, n_test=200, seed=7)
+# the 3×3 layout with its smaller objects (the demo world before generator version 2)
+CFG3 = dataclasses.replace(CFG, grid=3, object_radii=(0.09, 0.155))
+GRIDS = pytest.mark.parametrize("cfg", [CFG, CFG3], ids=["2x2", "3x3"])
 TINY = SyntheticWorldConfig(n_train=6, n_val=2, n_test=4, image_size=64, seed=3)
 
 
@@ -75,6 +78,10 @@ def all_files(root: Path) -> dict[str, bytes]:
         ("max_objects", 4),
         ("single_object_fraction", 1.5),
         ("source", "a/b"),
+        ("grid", 4),  # a 4×4 grid has two cells named "left"
+        ("object_radii", (0.2, 0.1)),
+        ("object_radii", (0.17, 0.26)),  # a large object would leave its 2×2 cell
+        ("object_radii", "big"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field: str, value: object) -> None:
@@ -195,10 +202,10 @@ SHAPE_GEOMETRY = {
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("size", SIZES)
-def test_shape_areas_match_geometry(shape: str, size: str) -> None:
-    radius = SIZES[size] * 224
-    obj = SceneObject("blue", shape, size, (1, 1), (112.0, 112.0), radius)
+@pytest.mark.parametrize("fraction", sorted({*CFG.object_radii, *CFG3.object_radii}))
+def test_shape_areas_match_geometry(shape: str, fraction: float) -> None:
+    radius = fraction * 224
+    obj = SceneObject("blue", shape, "small", (1, 1), (112.0, 112.0), radius, 3)
     scene = Scene("u", "train", 0, (obj,), "gradient", 0, ("c",), False)
     _, mask = rasterise(scene, 224)
     area, perimeter = (f(radius) for f in SHAPE_GEOMETRY[shape])
@@ -209,19 +216,23 @@ def test_shape_areas_match_geometry(shape: str, size: str) -> None:
     assert ys.min() >= 112 - radius - 1 and ys.max() <= 112 + radius + 1
 
 
-def test_objects_lie_inside_the_cell_their_position_names() -> None:
-    size = CFG.image_size
-    third = size / 3
-    for s in scenes(CFG, "train")[:200]:
+@GRIDS
+def test_objects_lie_inside_the_cell_their_position_names(cfg: SyntheticWorldConfig) -> None:
+    cell = cfg.image_size / cfg.grid
+    positions = Counter()
+    for s in scenes(cfg, "train")[:200]:
         for o in s.objects:
             cx, cy = o.centre
-            row, col = int(cy // third), int(cx // third)
+            row, col = int(cy // cell), int(cx // cell)
             assert (row, col) == o.cell
-            assert col * third <= cx - o.radius and cx + o.radius <= (col + 1) * third
-            assert row * third <= cy - o.radius and cy + o.radius <= (row + 1) * third
-            vertical = {0: "top", 2: "bottom"}.get(row, "")
-            horizontal = {0: "left", 2: "right"}.get(col, "")
+            assert col * cell <= cx - o.radius and cx + o.radius <= (col + 1) * cell
+            assert row * cell <= cy - o.radius and cy + o.radius <= (row + 1) * cell
+            assert o.radius / cfg.image_size == cfg.object_radii[SIZES.index(o.size)]
+            vertical = {0: "top", cfg.grid - 1: "bottom"}.get(row, "")
+            horizontal = {0: "left", cfg.grid - 1: "right"}.get(col, "")
             assert o.position == (f"{vertical} {horizontal}".strip() or "center")
+            positions[o.position] += 1
+    assert len(positions) == cfg.grid**2  # every cell is used and has its own name
 
 
 @pytest.mark.parametrize(
@@ -261,13 +272,14 @@ def _apart(low: SceneObject, high: SceneObject, axis: int) -> bool:
     return low.centre[axis] + low.radius <= high.centre[axis] - high.radius
 
 
-def test_relation_captions_match_object_geometry() -> None:
+@GRIDS
+def test_relation_captions_match_object_geometry(cfg: SyntheticWorldConfig) -> None:
     pattern = re.compile(
         r"^an? (\w+ \w+) (above|below|to the left of|to the right of|next to) an? (\w+ \w+)"
     )
-    third = CFG.image_size / 3
+    third = cfg.image_size / cfg.grid  # one cell
     words: Counter[str] = Counter()
-    for s in scenes(dataclasses.replace(CFG, captions_per_image=5), "train"):
+    for s in scenes(dataclasses.replace(cfg, captions_per_image=5), "train"):
         matches = [m for m in map(pattern.match, s.captions) if m]
         if len(s.objects) == 1:
             assert not matches

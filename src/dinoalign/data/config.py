@@ -30,6 +30,7 @@ def check_name(kind: str, **values: str) -> None:
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MAX_CAPTIONS = 5  # the number of distinct caption templates of dinoalign.data.synthetic
 MAX_OBJECTS = 3
+GRIDS = (2, 3)  # layouts whose every cell has its own name
 
 
 def check_split(split: str) -> str:
@@ -43,6 +44,13 @@ def check_split(split: str) -> str:
 class SyntheticWorldConfig:
     """Size and seed of the demo world; the defaults are the demo profile.
 
+    ``grid``: objects sit one per cell of a ``grid``×``grid`` layout (2 or 3; the cell
+    names the position in captions). ``object_radii``: the (small, large) object radius,
+    circumscribed circle, as a fraction of the image side; a large object must fit in
+    its cell (radius < 1 / (2·grid)). The demo's 2×2 grid with radii 0.17 / 0.23 makes an
+    object 4-17 % of the image and 2.7-3.7 patches of 14 px across at 112 px (the 3×3
+    grid with 0.09 / 0.155: 1-8 %, 1.4-2.5 patches), large enough for DINO pretraining
+    to find the objects (docs/benchmarks.md, DINO pretraining of the demo backbone).
     ``heldout_fraction``: share of the colour-shape compositions seen only in test.
     ``single_object_fraction``: share of images with exactly one object (these carry a
     class label, for classification). ``source``: the source name in uids.
@@ -58,6 +66,8 @@ class SyntheticWorldConfig:
     max_objects: int = 3
     single_object_fraction: float = 0.5
     source: str = "synthetic"
+    grid: int = 2
+    object_radii: tuple[float, float] = (0.17, 0.23)
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test", "seed"):
@@ -93,6 +103,24 @@ class SyntheticWorldConfig:
             raise ConfigError(
                 f"synthetic.source must be a non-empty name without '/', got {self.source!r}"
             )
+        if self.grid not in GRIDS:
+            raise ConfigError(
+                f"synthetic.grid must be one of {list(GRIDS)} (cells named top/bottom, "
+                f"left/right, center; {MAX_OBJECTS} objects need {MAX_OBJECTS} cells), got {self.grid}"
+            )
+        try:
+            small, large = (float(r) for r in self.object_radii)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"synthetic.object_radii must be two numbers [small, large], got {self.object_radii!r}"
+            ) from None
+        limit = 0.5 / self.grid
+        if not 0.02 <= small < large < limit:
+            raise ConfigError(
+                f"synthetic.object_radii must satisfy 0.02 <= small < large < {limit:.4f} (a large "
+                f"object fits in one of the {self.grid}×{self.grid} cells), got {self.object_radii!r}"
+            )
+        object.__setattr__(self, "object_radii", (small, large))
 
     def count(self, split: str) -> int:
         """Number of images in ``split``."""

@@ -1,12 +1,12 @@
 """The synthetic demo world: coloured shapes on textured backgrounds, with captions and masks.
 
 Every image holds one to three flat-coloured shapes (6 colours × 5 shapes = 30
-colour-shape compositions, the classes) of two sizes, each inside its own cell of a 3×3
-grid, on a muted background texture (gradient, stripes or blotchy noise). The world is
-built to be learnable by tiny random-init ViTs in minutes on a CPU:
+colour-shape compositions, the classes) of two sizes, each inside its own cell of a grid
+(``grid``: 2×2 in the demo, or 3×3), on a muted background texture (gradient, stripes or
+blotchy noise). The world is built to be learnable by tiny ViTs in minutes on a CPU:
 
-- objects are large next to the 14-pixel patches of a 224 image (a small object spans
-  about 3 patches across, a large one about 5) and never overlap (one object per cell);
+- objects are large next to the 14-pixel patches (demo: 2×2 grid, radii 0.17 / 0.23 of
+  the side, 2.7-3.7 patches across at 112 px) and never overlap (one object per cell);
 - object colours are saturated and background colours are greys with a small tint, so
   no background pixel can ever take an object's colour (chroma ≤ 37 vs ≥ 130);
 - captions state only what is true of the pixels: colour, shape, size, the grid cell
@@ -44,7 +44,7 @@ from dinoalign.storage import atomic_path
 
 # Bump when a change to this file changes the pixels or captions of a sample, so that
 # files written by an older generator are re-rendered instead of being reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: grid and object radii in the config (demo: 2×2, 0.17 / 0.23)
 
 # Saturated colours, pairwise ≥ 75 apart in RGB, each with chroma (max - min) ≥ 130.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -56,10 +56,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-# Object radius (circumscribed circle) as a fraction of the image side; a large object
-# still fits in one grid cell (half-width S/6 ≈ 0.167·S).
-SIZES: dict[str, float] = {"small": 0.09, "large": 0.155}
-GRID = 3
+# The two object sizes; their radii are the world's ``object_radii`` (small, large).
+SIZES: tuple[str, ...] = ("small", "large")
+# Every position a cell of a 2×2 or 3×3 grid can name (position_name).
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
     "left", "center", "right",
@@ -110,10 +109,24 @@ _GREY_RANGE = (80.0, 170.0)
 _TINT = 18.0
 
 
+def position_name(cell: tuple[int, int], grid: int) -> str:
+    """The name of ``cell`` (row, col) of a ``grid``×``grid`` layout: "top"/"bottom" for the
+    first/last row, "left"/"right" for the first/last column, "center" for neither."""
+    row, col = cell
+    vertical = "top" if row == 0 else "bottom" if row == grid - 1 else ""
+    horizontal = "left" if col == 0 else "right" if col == grid - 1 else ""
+    return f"{vertical} {horizontal}".strip() or "center"
+
+
+def grid_positions(grid: int) -> tuple[str, ...]:
+    """The position names of a ``grid``×``grid`` layout, row-major."""
+    return tuple(position_name((r, c), grid) for r in range(grid) for c in range(grid))
+
+
 @dataclasses.dataclass(frozen=True)
 class SceneObject:
     """One shape: ``centre`` (x, y) in pixels, ``radius`` of its circumscribed circle,
-    ``cell`` (row, col) in the 3×3 grid, which names its position."""
+    ``cell`` (row, col) in the ``grid``×``grid`` layout, which names its position."""
 
     colour: str
     shape: str
@@ -121,6 +134,7 @@ class SceneObject:
     cell: tuple[int, int]
     centre: tuple[float, float]
     radius: float
+    grid: int = 2
 
     @property
     def composition(self) -> str:
@@ -128,7 +142,7 @@ class SceneObject:
 
     @property
     def position(self) -> str:
-        return POSITIONS[self.cell[0] * GRID + self.cell[1]]
+        return position_name(self.cell, self.grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +243,9 @@ def sample_scene(cfg: SyntheticWorldConfig, split: str, index: int) -> Scene:
     single = cfg.max_objects == 1 or rng.random() < cfg.single_object_fraction
     n_objects = 1 if single else int(rng.integers(2, cfg.max_objects + 1))
     compositions = _draw_compositions(cfg, rng, n_objects, heldout)
-    cells = rng.choice(GRID * GRID, size=n_objects, replace=False)
+    cells = rng.choice(cfg.grid * cfg.grid, size=n_objects, replace=False)
     objects = tuple(
-        _place_object(cfg.image_size, composition, int(cell), rng)
+        _place_object(cfg, composition, int(cell), rng)
         for composition, cell in zip(compositions, cells)
     )
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
@@ -270,18 +284,18 @@ def _draw_compositions(
 
 
 def _place_object(
-    image_size: int, composition: str, cell: int, rng: np.random.Generator
+    cfg: SyntheticWorldConfig, composition: str, cell: int, rng: np.random.Generator
 ) -> SceneObject:
     """Size and centre of one object, jittered inside grid cell ``cell`` (row-major)."""
     colour, shape = composition.split(" ")
-    size = list(SIZES)[int(rng.integers(len(SIZES)))]
-    radius = SIZES[size] * image_size
-    row, col = divmod(cell, GRID)
-    cell_side = image_size / GRID
+    size_index = int(rng.integers(len(SIZES)))
+    radius = cfg.object_radii[size_index] * cfg.image_size
+    row, col = divmod(cell, cfg.grid)
+    cell_side = cfg.image_size / cfg.grid
     slack = max(cell_side / 2 - radius - 1.0, 0.0)  # keeps the object inside its cell
     dx, dy = rng.uniform(-slack, slack, size=2)
     centre = (float((col + 0.5) * cell_side + dx), float((row + 0.5) * cell_side + dy))
-    return SceneObject(colour, shape, size, (row, col), centre, radius)
+    return SceneObject(colour, shape, SIZES[size_index], (row, col), centre, radius, cfg.grid)
 
 
 def relation(a: SceneObject, b: SceneObject) -> str:
@@ -509,8 +523,8 @@ def world_description(cfg: SyntheticWorldConfig) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
         "shapes": list(SHAPES),
-        "sizes": list(SIZES),
-        "positions": list(POSITIONS),
+        "sizes": dict(zip(SIZES, cfg.object_radii)),
+        "positions": list(grid_positions(cfg.grid)),
         "relations": list(RELATIONS),
         "backgrounds": list(BACKGROUNDS),
         "classes": list(CLASSES),
