@@ -48,8 +48,11 @@ from dinoalign.pretrain.probe import (
 )
 from dinoalign.pretrain.train import demo_pool, pretrain
 
-# the demo backbone, as params.yaml configures it (random init)
-DEMO_BACKBONE = load_params(Path(__file__).resolve().parents[1] / "params.yaml").backbone
+# the demo backbone's architecture as params.yaml configures it, from its random init
+# (params.yaml's backbone.weights names the pretrain stage's output, which this replaces)
+DEMO_BACKBONE = dataclasses.replace(
+    load_params(Path(__file__).resolve().parents[1] / "params.yaml").backbone, weights=None, pretrained=False
+)
 
 
 def _args() -> argparse.Namespace:

@@ -206,7 +206,7 @@ def test_a_report_only_key_makes_only_the_report_stale(tmp_path: Path) -> None:
 
 
 def test_run_stage_refuses_an_unknown_stage() -> None:
-    with pytest.raises(KeyError, match="unknown stage 'nope'; stages: prepare, teacher"):
+    with pytest.raises(KeyError, match="unknown stage 'nope'; stages: prepare, pretrain, teacher"):
         run_stage("nope", None, REPO)
 
 
@@ -220,11 +220,12 @@ def test_help_describes_the_product_and_lists_each_stage_with_its_gist(capsys) -
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "self-supervised vision backbone" in text and "The ``dinoalign`` command" not in text
-    assert "prepare -> teacher -> embed -> curate -> align -> evaluate -> report" in text
+    assert "prepare -> pretrain -> teacher -> embed -> curate -> align -> evaluate -> report" in text
     positions = [text.index(f"{name} stage: ") for name in STAGE_NAMES]
     assert positions == sorted(positions)
     assert summary("curate") == "balance the train pairs over image clusters and caption entries and drop near-duplicates"
     assert summary("teacher") == "(demo profile) train the tiny CLIP that stands in for a pretrained one"
+    assert summary("pretrain") == "(demo profile) DINO-pretrain the demo's tiny ViT on unlabelled images of the synthetic world"
     with pytest.raises(SystemExit):
         main(["--version"])
     assert re.fullmatch(r"dinoalign \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -34,6 +35,7 @@ from dinoalign.data.config import (
 )
 from dinoalign.evaluate.config import EvaluateConfig
 from dinoalign.ops.config import RetrainConfig
+from dinoalign.pretrain.config import PretrainConfig
 from dinoalign.train.config import AlignConfig
 
 
@@ -109,6 +111,7 @@ class PathsConfig:
     stage reads."""
 
     pairs: str = "artifacts/pairs"            # prepare -> manifest, rejects, summary
+    pretrained: str = "artifacts/pretrain"    # demo: the DINO-pretrained backbone, curve, metrics
     incoming: str | None = "incoming/pairs"   # pairs `dinoalign retrain` appends (null: none)
     teacher: str = "artifacts/teacher"        # the demo's tiny CLIP, its curve and metrics
     features: str = "artifacts/features"      # the embed store (or s3://bucket/prefix)
@@ -154,16 +157,82 @@ class PrepareConfig:
         _check_at_least(self, "prepare", 1, "shard_size")
 
 
+# backbone.weights that name a hub repo, not a file (dinoalign.backbones.dinov2 loads them)
+BACKBONE_HUB_PREFIXES = ("hf-hub:", "timm/")
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
     """A timm DINOv2/DINOv3 ViT. ``weights``: None (random init unless ``pretrained``),
-    a HF hub name, a local timm file or a torch-hub ``dinov2_*_pretrain.pth`` file."""
+    a HF hub name, a local timm file or a torch-hub ``dinov2_*_pretrain.pth`` file (a
+    relative path is relative to the checkout: :meth:`at_root`)."""
 
     name: str = "vit_small_patch14_reg4_dinov2"
     pretrained: bool = False
     weights: str | None = None
     img_size: int = 224
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pretrained and self.weights and not self.weights.startswith(BACKBONE_HUB_PREFIXES):
+            raise ConfigError(
+                f"backbone.pretrained=true downloads timm's weights, which the file backbone.weights="
+                f"{self.weights} would replace: set backbone.weights=null for timm's weights (the demo "
+                "params.yaml names the pretrain stage's file) or backbone.pretrained=false for the file"
+            )
+
+    def at_root(self, root: str | os.PathLike[str] | None) -> BackboneConfig:
+        """This config with a relative ``weights`` file resolved against the checkout
+        ``root`` (where params.yaml lives), for code that builds the backbone outside the
+        checkout's working directory (Ray actors and workers, a served model). Hub names
+        (``hf-hub:``, ``timm/``), URIs (``s3://``) and absolute paths stay as they are;
+        ``root`` None changes nothing."""
+        weights = self.weights
+        if root is None or not weights or weights.startswith(BACKBONE_HUB_PREFIXES):
+            return self
+        from dinoalign.storage import under_root
+
+        resolved = under_root(weights, root)
+        return self if resolved == weights else dataclasses.replace(self, weights=resolved)
+
+
+RANDOM_INIT = "random init"
+
+
+def weights_metadata(path: str) -> dict[str, str]:
+    """The string metadata (``__metadata__``) of a local ``.safetensors`` file, read from
+    its JSON header without loading a tensor; {} for any other file or one that cannot be
+    read as such."""
+    import json
+    import struct
+
+    if not path.endswith(".safetensors") or "://" in path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 0 < size <= 100 * 2**20:
+                return {}
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def describe_backbone(cfg: BackboneConfig, root: str | os.PathLike[str] | None = None) -> str:
+    """What the backbone of ``cfg`` is, in words, as every output names it: the
+    ``description`` a weights file carries in its safetensors metadata (the pretrain
+    stage's: ``tiny self-supervised (demo)``), else ``pretrained (<hub name>)``,
+    ``pretrained (timm's default weights)``, ``weights <file>``, or ``random init``. A
+    relative weights file is read from the checkout ``root`` (:meth:`BackboneConfig.at_root`)."""
+    weights = cfg.weights
+    if not weights:
+        return "pretrained (timm's default weights)" if cfg.pretrained else RANDOM_INIT
+    if weights.startswith(BACKBONE_HUB_PREFIXES):
+        return f"pretrained ({weights})"
+    description = weights_metadata(cfg.at_root(root).weights or "").get("description", "").strip()
+    return description or f"weights {weights}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +386,7 @@ class Params:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     clip: ClipConfig = dataclasses.field(default_factory=ClipConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoalign.config import BackboneConfig, ClipConfig, EmbedConfig, TextEncoderConfig
+from dinoalign.config import BackboneConfig, ClipConfig, EmbedConfig, TextEncoderConfig, describe_backbone
 from dinoalign.errors import InferenceError
 from dinoalign.recipes import Recipe, load_recipe
 from dinoalign.recipes.base import (
@@ -121,7 +121,8 @@ def _download_mlflow_model(reference: str, tracking_uri: str | None, dst: Path) 
 @dataclasses.dataclass(frozen=True)
 class Towers:
     """What rebuilds the frozen towers around a trained recipe, exactly as the embed stage
-    built them: the backbone section and the seed (random-init backbones), the image size
+    built them: the backbone section and the seed (random-init backbones; a relative weights
+    file is read from the model's root), the image size
     and interpolation of ``embed``, the CLIP, the embed text encoders and which one each
     recipe was trained on (``align.<recipe>.text_encoder``). :meth:`from_sections` picks them
     from those params sections."""
@@ -192,7 +193,9 @@ class AlignedModel:
 
     @functools.cached_property
     def backbone(self) -> Any:
-        """The frozen DINOv2 of ``towers.backbone``, seeded as the embed stage seeds it."""
+        """The frozen DINOv2 of ``towers.backbone``, seeded as the embed stage seeds it; a
+        relative weights file is read from the root (the demo's pretrained backbone lives
+        at ``artifacts/pretrain/model.safetensors``)."""
         from dinoalign.backbones.dinov2 import build_backbone_from
 
         cfg = self.towers.backbone
@@ -202,7 +205,7 @@ class AlignedModel:
                 f"the {self.name} model was trained on backbone {recipe_backbone!r} but "
                 f"params name {cfg.name!r}: run with backbone.name={recipe_backbone}"
             )
-        backbone = build_backbone_from(cfg, self.towers.seed).to(self.device)
+        backbone = build_backbone_from(cfg.at_root(self.root), self.towers.seed).to(self.device)
         vision_dim = getattr(self.recipe.cfg, "vision_dim", backbone.embed_dim)
         if backbone.embed_dim != vision_dim:
             raise InferenceError(
@@ -304,6 +307,12 @@ class AlignedModel:
                 .float()
                 .cpu()
             )
+
+    @property
+    def backbone_description(self) -> str:
+        """The backbone in words (:func:`dinoalign.config.describe_backbone`: the weights
+        file's own description, e.g. ``tiny self-supervised (demo)``, or ``random init``)."""
+        return describe_backbone(self.towers.backbone, self.root)
 
     def _under_root(self, name: str) -> str:
         """An open_clip model name with a relative ``local-dir:`` path resolved against

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dinoalign.config import BackboneConfig, ClipConfig, PathsConfig
+from dinoalign.config import RANDOM_INIT, BackboneConfig, ClipConfig, PathsConfig, describe_backbone
 from dinoalign.evaluate.headline import details_path
+from dinoalign.pretrain.config import DESCRIPTION as DEMO_BACKBONE
 from dinoalign.storage import under_root, write_atomic
 
 REPORT_FILE = "index.html"
@@ -596,19 +597,17 @@ def _section_versions(inputs: ReportInputs, metrics: Mapping[str, Mapping[str, A
 
     out = [heading("Versions")]
     backbone, clip = inputs.backbone, inputs.clip
-    random_init = not backbone.pretrained and not backbone.weights
+    description = describe_backbone(backbone, inputs.root)
+    if description == RANDOM_INIT:
+        named = " — RANDOM INIT (demo)"
+    else:  # the weights' own description (tiny self-supervised (demo)), the file beside it
+        named = f" — {description}"
+        if backbone.weights and backbone.weights not in description:
+            named += f" ({backbone.weights})"
     rows = [
         ["git commit", git_commit(inputs.root)],
         ["profile", inputs.profile],
-        [
-            "backbone",
-            f"{backbone.name} {backbone.model_kwargs or ''}"
-            + (
-                " — RANDOM INIT (demo)"
-                if random_init
-                else f" weights {backbone.weights or 'pretrained'}"
-            ),
-        ],
+        ["backbone", f"{backbone.name} {backbone.model_kwargs or ''}{named}"],
         [
             "CLIP (text tower, projector target)",
             f"{clip.name} {clip.pretrained or ''}",
@@ -706,11 +705,17 @@ def render_report(inputs: ReportInputs) -> str:
     missing = [r for r in recipes if r not in metrics]
     now = datetime.datetime.now(datetime.timezone.utc)
     backbone = inputs.backbone
+    description = describe_backbone(backbone, root)
     warn = ""
-    if not backbone.pretrained and not backbone.weights:
+    if description in (RANDOM_INIT, DEMO_BACKBONE):
+        what = (
+            "<b>random-init</b> ViT" if description == RANDOM_INIT else
+            f"ViT, <b>{esc(description)}</b>: DINO-pretrained by the pretrain stage on the synthetic "
+            "world's unlabelled train images"
+        )
         warn = (
             f'<p class="warn">Demo profile: the backbone <code>{esc(backbone.name)}</code> is a tiny '
-            "<b>random-init</b> ViT and the data is the synthetic world; the numbers show that each recipe "
+            f"{what}, and the data is the synthetic world; the numbers show that each recipe "
             "learns (compare with chance), not how it compares with the papers (docs/reproduce.md).</p>"
         )
     dataset = inputs.dataset

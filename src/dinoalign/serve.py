@@ -35,10 +35,11 @@ server keeps serving.
 What the model holds (its one artifact, the bundle folder, made by :func:`write_bundle`):
 ``recipe/`` (the trained weights and config.json), ``params.json`` (the resolved params the
 towers and inference settings come from, ``tracking`` left out), ``towers/`` (copies of the
-local frozen towers it needs: the demo teacher CLIP; a hub name stays a name and is
-downloaded by timm / open_clip where the model runs), ``vocabulary.json`` (the train
-captions' words, for a text encoder that knows only them) and ``bundle.json`` (recipe,
-weights and file sha256s, where each tower came from, dinoalign version and git commit).
+local frozen towers it needs: the demo teacher CLIP, a backbone weights file such as the
+demo's pretrained one; a hub name stays a name and is downloaded by timm / open_clip where
+the model runs), ``vocabulary.json`` (the train captions' words, for a text encoder that
+knows only them) and ``bundle.json`` (recipe, weights and file sha256s, where each tower
+came from and the backbone in words, dinoalign version and git commit).
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def _bundle_tower(section: dict[str, Any], key: str, root: Path, out: Path, towe
 
 def write_bundle(model_dir: str | Path, params: Params, root: Path, out: Path) -> Path:
     """The self-contained folder :class:`DinoalignModel` loads (module docstring)."""
-    from dinoalign.config import to_dict
+    from dinoalign.config import BackboneConfig, describe_backbone, to_dict
     from dinoalign.predict import needs_vocabulary, training_vocabulary
     from dinoalign.recipes import load_recipe
     from dinoalign.recipes.base import CLIP_TEXT, CONFIG_FILE, TEXT_ENCODER, WEIGHTS_FILE
@@ -264,7 +265,8 @@ def write_bundle(model_dir: str | Path, params: Params, root: Path, out: Path) -
     raw.pop("tracking", None)  # where runs go is not part of the model (and may hold a host)
     towers: dict[str, Any] = {}
     backbone = raw["backbone"]
-    towers["backbone"] = {"from": {"name": backbone["name"], "weights": backbone.get("weights")}, "bundled": False}
+    towers["backbone"] = {"from": {"name": backbone["name"], "weights": backbone.get("weights")}, "bundled": False,
+                          "description": describe_backbone(BackboneConfig(**backbone), root)}  # e.g. tiny self-supervised (demo)
     if backbone.get("weights") and _copy_local(
         backbone["weights"], root, out / TOWERS_DIR / "backbone" / Path(backbone["weights"]).name
     ):

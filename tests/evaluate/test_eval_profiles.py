@@ -38,8 +38,9 @@ def test_profile_resolves_and_its_recipe_config_builds(repo_root: Path, profile:
     params = load_params(repo_root / "params.yaml", _overrides(profile))
     assert params.profile == profile.stem
     assert (
-        params.backbone.pretrained and not params.teacher.enabled
-    )  # real weights, no demo teacher
+        params.backbone.pretrained and params.backbone.weights is None
+        and not params.teacher.enabled and not params.pretrain.enabled
+    )  # real weights, no demo teacher, no demo pretraining
     (recipe,) = params.evaluate.recipes
     training = getattr(params.align, recipe)
     # the widths come from the features at train time: stand-ins of the real towers' sizes

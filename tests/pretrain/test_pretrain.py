@@ -259,3 +259,20 @@ def test_config_checks() -> None:
         PretrainConfig(brightness=1.0)
     assert PretrainConfig(global_crops_scale=[0.3, 1]).global_crops_scale == (0.3, 1.0)
     assert PretrainConfig(local_crops_number=6).n_crops == 8
+
+
+def test_paired_permutation_test_sees_a_bimodal_gain_the_sign_test_misses() -> None:
+    """The attention probe's case: one model's masses are bimodal (far ahead on some images,
+    a little behind on most), so it wins on fewer than half the images but is ahead on
+    average. The sign test misses it; the permutation test on the mean difference does not,
+    and for no difference it is not fooled."""
+    from dinoalign.pretrain.probe import paired_permutation_p, sign_test_p
+
+    rng = np.random.default_rng(0)
+    differences = np.where(rng.random(300) < 0.4, 0.5, -0.05) + rng.normal(0, 0.02, 300)
+    wins = int((differences > 0).sum())
+    assert wins < 150 and sign_test_p(wins, 300) > 0.5
+    assert paired_permutation_p(differences) < 0.001
+    null = [paired_permutation_p(rng.normal(0, 1, 100), permutations=2000, seed=s) for s in range(40)]
+    assert 0.2 < float(np.mean(null)) < 0.8  # p is uniform under the null: mean about 0.5
+    assert min(paired_permutation_p(-np.abs(rng.normal(0, 1, 50))), 1.0) > 0.99

@@ -85,6 +85,14 @@ class EmbedJob:
     limits: Mapping[str, Any]  # data.images.image_limits of the data section
     seed: int
     features: str  # the feature store: a path every worker sees, or s3://
+    # the checkout, against which a relative backbone.weights file is read (the actors do
+    # not run in it); the spec records the weights as params give them
+    root: str | None = None
+
+    @property
+    def backbone_at_root(self) -> BackboneConfig:
+        """The backbone section with a relative weights file resolved against ``root``."""
+        return self.backbone.at_root(self.root)
 
 
 
@@ -189,7 +197,7 @@ class ImageEmbedder:
 
         self.threads = TorchThreads(job.embed.torch_threads)
         self.device = _device(job.embed.actor_num_gpus)
-        self.backbone = build_backbone_from(job.backbone, job.seed).to(self.device)
+        self.backbone = build_backbone_from(job.backbone_at_root, job.seed).to(self.device)
         self.keep_patches = job.embed.keep_patches
         self.clip = None
         if job.clip.image_features:
@@ -356,8 +364,9 @@ def feature_spec(job: EmbedJob) -> dict[str, Any]:
     that weight hashes, not just names, decide whether existing shards are reusable."""
     from dinoalign.backbones.dinov2 import backbone_preprocessing, build_backbone_from, state_hash
     from dinoalign.backbones.text import clip_image_size, clip_preprocessing
+    from dinoalign.config import describe_backbone
 
-    backbone = build_backbone_from(job.backbone, job.seed)
+    backbone = build_backbone_from(job.backbone_at_root, job.seed)
     with torch.no_grad():
         s = job.embed.img_size
         out = backbone(torch.zeros(1, 3, s, s))
@@ -374,6 +383,7 @@ def feature_spec(job: EmbedJob) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "backbone": {**asdict(job.backbone), "weights_sha": state_hash(backbone),
                      "random_init": not job.backbone.pretrained and not job.backbone.weights,
+                     "description": describe_backbone(job.backbone, job.root),
                      "embed_dim": d, "num_heads": h, "grid": list(out.grid)},
         "img_size": s,
         "interpolation": preprocessing["interpolation"],

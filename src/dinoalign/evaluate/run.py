@@ -90,6 +90,7 @@ def evaluate_model(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationI
         "model": dataclasses.asdict(model.info) if model.info else None,
         "backbone": dataclasses.asdict(towers.backbone),
         "backbone_random_init": not towers.backbone.pretrained and not towers.backbone.weights,
+        "backbone_description": model.backbone_description,  # e.g. tiny self-supervised (demo)
         "clip": dataclasses.asdict(towers.clip),
         "img_size": towers.img_size,
         "zeroshot_templates": cfg.zeroshot_templates,

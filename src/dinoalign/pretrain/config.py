@@ -1,5 +1,5 @@
-"""The knobs of DINO self-supervised pretraining of the demo backbone (a future
-``pretrain:`` params section). Import-light: dataclasses and typing only.
+"""The knobs of DINO self-supervised pretraining of the demo backbone (the ``pretrain:``
+params section, the ``pretrain`` stage). Import-light: dataclasses and typing only.
 
 Defaults follow facebookresearch/dino ``main_dino.py`` (``get_args_parser``) where they
 carry over to a 4-block, 192-d ViT on 112-pixel images and a few minutes of two CPU cores;
@@ -9,6 +9,10 @@ every departure is marked "official:" with the upstream value and the reason.
 from __future__ import annotations
 
 import dataclasses
+
+# How every output names the backbone the pretrain stage writes (saved in the checkpoint's
+# safetensors metadata as ``description``; dinoalign.config.describe_backbone reads it).
+DESCRIPTION = "tiny self-supervised (demo)"
 
 
 def _range(name: str, value: tuple[float, float], low: float, high: float) -> tuple[float, float]:
@@ -39,6 +43,8 @@ class PretrainConfig:
     probability ``jitter_prob``; Gaussian blur with probability ``blur_prob`` (global 1,
     global 2, local) and sigma in ``blur_sigma`` pixels. No flips, no grayscale, no
     solarisation (see :mod:`dinoalign.pretrain.dino`).
+    Stage only: ``enabled`` (the demo; real profiles load DINOv2 weights instead) and
+    ``probe_images`` (held-out images of the attention and k-NN probes).
     """
 
     enabled: bool = True
@@ -85,10 +91,14 @@ class PretrainConfig:
     blur_sigma: tuple[float, float] = (0.05, 1.0)  # official: (0.1, 2.0) px at 224
     seed: int = 0
     threads: int = 2
+    # the pretrain stage's probes (dinoalign.pretrain.probe): single-object test images for
+    # the attention probe and k-NN queries, as many val images as k-NN references
+    probe_images: int = 300
 
     def __post_init__(self) -> None:
         for name in ("pool_size", "epochs", "batch_size", "out_dim", "head_hidden_dim",
-                     "head_bottleneck_dim", "global_crop_size", "local_crop_size", "threads"):
+                     "head_bottleneck_dim", "global_crop_size", "local_crop_size", "threads",
+                     "probe_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",

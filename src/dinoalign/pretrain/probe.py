@@ -10,6 +10,8 @@
 :func:`probe_images` renders the demo world's single-object images with their masks,
 compositions, colours and background kinds (in memory; use splits the pretraining pool
 did not draw from). k-NN by colour and by background kind tells what the CLS encodes.
+:func:`compare_backbones` runs both probes on a pretrained backbone and its random init
+(the pretrain stage's ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -138,3 +140,90 @@ def attention_report(backbone: DinoBackbone, images: np.ndarray, masks: np.ndarr
         "mean_heads": float(per_head.mean()),
         "area": float(area.mean()),
     }
+
+
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO's eval_knn (knn_top1's defaults)
+
+
+def _knn_block(ref: ProbeSet, query: ProbeSet, feats: dict[str, tuple[Tensor, Tensor]],
+               attribute: str) -> dict[str, float]:
+    """k-NN top-1 of each backbone on one attribute, with the majority share of the
+    queries and the chance of a uniform guess over the values present among them."""
+    ref_labels, query_labels = getattr(ref, attribute), getattr(query, attribute)
+    block = {name: knn_top1(r, ref_labels, q, query_labels, KNN_K, KNN_TEMPERATURE) for name, (r, q) in feats.items()}
+    block["majority"] = float(np.bincount(query_labels).max() / len(query_labels))
+    block["chance"] = 1.0 / len(np.unique(query_labels))
+    return block
+
+
+def paired_permutation_p(differences: np.ndarray, permutations: int = 10000, seed: int = 0) -> float:
+    """One-sided paired permutation (sign-flip) test of mean(``differences``) > 0: the share
+    of random sign flips whose mean is at least the observed one (the observed counted as
+    one of them, so p >= 1 / (permutations + 1)). Unlike the sign test it weighs how much
+    each image differs, which matters when one model's masses are bimodal."""
+    d = np.asarray(differences, dtype=np.float64)
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(d)))
+    flipped = (signs * d).mean(1)
+    return float((1 + (flipped >= d.mean() - 1e-12).sum()) / (permutations + 1))
+
+
+def _paired(a: Tensor, b: Tensor) -> dict[str, float]:
+    """Per-image masses ``a`` (pretrained) vs ``b`` (random init): means, mean difference,
+    wins of ``a``, and both one-sided tests."""
+    diff = (a - b).numpy()
+    wins = int((diff > 0).sum())
+    return {"pretrained": float(a.mean()), "random_init": float(b.mean()), "difference": float(diff.mean()),
+            "wins": wins, "n": len(diff), "sign_test_p": sign_test_p(wins, len(diff)),
+            "permutation_p": paired_permutation_p(diff)}
+
+
+def compare_backbones(
+    pretrained: DinoBackbone, random_init: DinoBackbone, world: Any, n: int = 300
+) -> dict[str, Any]:
+    """Both probes on ``pretrained`` and on ``random_init`` (the init it started from),
+    on held-out images of the demo world ``world`` (a ``SyntheticWorldConfig``), JSON-ready:
+
+    - ``attention``: each backbone's best head is chosen on ``n`` single-object val images
+      (``selected_head``: the highest mean mass in the object) and measured on ``n``
+      single-object test images, so that the choice does not flatter it; per backbone the
+      test :func:`attention_report` numbers (``best_head``: best on test, ``best``,
+      ``mean_heads``, ``best_above_area``) and ``selected``: the val-selected head's mean
+      test mass; ``area_share`` (what uniform attention puts on the object); paired
+      comparisons over the test images, pretrained vs random init: ``selected_head``
+      (each model's val-selected head) and ``mean_of_heads``, each with the mean
+      difference, ``wins``, the one-sided sign test and paired permutation test p;
+    - ``knn``: top-1 of :func:`knn_top1` on CLS features by ``class`` (composition),
+      ``colour`` and ``background``, per backbone, with ``majority`` and ``chance``
+      beside; references: ``n`` single-object val images, queries: ``n`` single-object
+      test images of seen compositions.
+    """
+    attn_set = probe_images(world, "test", n)
+    ref = probe_images(world, "val", n)
+    query = probe_images(world, "test", n, seen_only=True)
+    backbones = {"pretrained": pretrained, "random_init": random_init}
+    reports = {name: attention_report(b, attn_set.images, attn_set.masks) for name, b in backbones.items()}
+    selected = {name: attention_report(b, ref.images, ref.masks)["best_head"] for name, b in backbones.items()}
+    at_selected = {name: reports[name]["per_image"][:, selected[name]] for name in backbones}
+    mean_heads = {name: r["per_image"].mean(1) for name, r in reports.items()}
+    attention: dict[str, Any] = {
+        "images": len(attn_set.images),
+        "split": "test",
+        "head_selection": {"split": "val", "images": len(ref.images)},
+        "area_share": reports["pretrained"]["area"],
+        **{name: {**{k: r[k] for k in ("best_head", "best", "mean_heads", "best_above_area")},
+                  "selected_head": selected[name], "selected": float(at_selected[name].mean())}
+           for name, r in reports.items()},
+        "selected_head": _paired(at_selected["pretrained"], at_selected["random_init"]),
+        "mean_of_heads": _paired(mean_heads["pretrained"], mean_heads["random_init"]),
+    }
+    feats = {name: (features(b, ref.images)[0], features(b, query.images)[0]) for name, b in backbones.items()}
+    knn: dict[str, Any] = {
+        "k": KNN_K,
+        "temperature": KNN_TEMPERATURE,
+        "references": {"split": "val", "images": len(ref.images)},
+        "queries": {"split": "test", "images": len(query.images), "compositions": "seen"},
+        "class": _knn_block(ref, query, feats, "labels"),
+        "colour": _knn_block(ref, query, feats, "colours"),
+        "background": _knn_block(ref, query, feats, "backgrounds"),
+    }
+    return {"attention": attention, "knn": knn}

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from dinoalign.backbones.dinov2 import DinoBackbone, build_backbone
-from dinoalign.pretrain.config import PretrainConfig
+from dinoalign.pretrain.config import DESCRIPTION, PretrainConfig
 from dinoalign.pretrain.dino import (
     DINOHead,
     DINOLoss,
@@ -46,7 +46,6 @@ from dinoalign.pretrain.dino import (
 from dinoalign.storage import atomic_path
 
 CHECKPOINT = "model.safetensors"
-DESCRIPTION = "tiny self-supervised (demo)"
 
 
 class DinoNet(nn.Module):

@@ -134,7 +134,7 @@ class DinoTxt(Recipe):
         from dinoalign.train.data import check_backbone, dinotxt_data
 
         if training.inputs == "images":
-            check_backbone(source.spec, seed, source.features)
+            check_backbone(source.spec, seed, source.features, source.root)
         return dinotxt_data(training, model_cfg, source, image_limits=image_limits)
 
     @classmethod

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # In pipeline order (dvc.yaml); each is the module dinoalign.stages.<name>.
-STAGE_NAMES = ("prepare", "teacher", "embed", "curate", "align", "evaluate", "report")
+STAGE_NAMES = ("prepare", "pretrain", "teacher", "embed", "curate", "align", "evaluate", "report")
 
 
 def run_stage(name: str, params: Any, root: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import mlflow
 
-from dinoalign.config import Params
+from dinoalign.config import Params, describe_backbone
 from dinoalign.data.images import image_limits
 from dinoalign.data.prepare import manifest_digest, read_pairs
 from dinoalign.embed.engine import EmbedJob, run_embed
@@ -35,10 +35,12 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     with stage_run("embed", params) as run:
         log_dataset("pairs", str(pairs_dir / "manifest"), manifest_digest(pairs_dir), "embedding", rows=manifest.num_rows)
         features = under_root(params.paths.features, root)
-        summary = run_embed(embed_job(params, features), manifest)
+        summary = run_embed(embed_job(params, features, root), manifest)
         log_dataset("features", features, FeatureStore(features).digest(), "output")
         operators, stats_text = summary["operators"], summary.pop("ray_data_stats")
         mlflow.set_tag("dinoalign.embed.nodes", ",".join(summary["nodes"]))
+        backbone = describe_backbone(params.backbone, root)
+        mlflow.set_tag("dinoalign.backbone", backbone)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_metrics(operator_metrics(operators))
         mlflow.log_text(json.dumps(summary, indent=2), "embed_summary.json")
@@ -50,6 +52,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         f"embed: {summary['images_embedded']} images + {summary['captions_embedded']} captions embedded "
         f"({summary['images_per_s']:.1f} images/s), {summary['images_skipped']} skipped, "
         f"{summary['images_rejected']} rejected -> {params.paths.features}\n"
+        f"embed: backbone {params.backbone.name}: {backbone}\n"
         + (f"embed: {summary['images_rejected_transient']} of the rejects are transient (read_timeout, "
            "unavailable): the next run tries them again (DVC sees no change: dvc repro -s -f embed)\n"
            if summary["images_rejected_transient"] else "")
@@ -63,12 +66,14 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     return summary
 
 
-def embed_job(params: Params, features: str) -> EmbedJob:
+def embed_job(params: Params, features: str, root: Path | None = None) -> EmbedJob:
     """The embed job of ``params`` writing to ``features`` (``paths.features`` resolved
-    against the checkout: workers do not run in it)."""
+    against the checkout: workers do not run in it); a relative ``backbone.weights`` file
+    is read from the checkout ``root`` (the pretrain stage's output in the demo)."""
     return EmbedJob(embed=params.embed, backbone=params.backbone, clip=params.clip,
                     text_encoders=tuple(params.embed.text_encoders), limits=image_limits(params.data),
-                    seed=params.seed, features=str(features))
+                    seed=params.seed, features=str(features),
+                    root=None if root is None else str(Path(root).resolve()))
 
 
 def operator_metrics(operators: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:

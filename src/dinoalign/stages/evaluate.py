@@ -72,7 +72,8 @@ def evaluate_recipe(params: Params, root: Path, recipe: str) -> dict[str, Any]:
             "run": run_url(run),
         }
         write_outputs(evaluation, metrics_path, plots_dir)
-        mlflow.set_tags({"dinoalign.recipe": recipe, "dinoalign.model_sha256": model.info.weights_sha256})
+        mlflow.set_tags({"dinoalign.recipe": recipe, "dinoalign.model_sha256": model.info.weights_sha256,
+                         "dinoalign.backbone": model.backbone_description})
         mlflow.log_metrics(numeric_metrics(evaluation.metrics))
         versions = record_evaluation(recipe, model.info.weights_sha256, numeric_metrics(headline(evaluation.metrics)),
                                      eval_set)

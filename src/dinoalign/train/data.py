@@ -446,7 +446,7 @@ def dinotxt_data(
     return DinoTxtImageData(
         image_uris=_image_uris(source, uids),
         captions=_caption_tokens(source, uids, model_cfg),
-        backbone_config=features_backbone(source.spec),
+        backbone_config=features_backbone(source.spec, source.root),  # built on the Ray Train workers
         img_size=int(source.spec["img_size"]),
         crop_scale=training.crop_scale,
         hflip=training.hflip,
@@ -491,22 +491,27 @@ def _image_uris(source: FeatureSource, uids: np.ndarray) -> list[str]:
     return out
 
 
-def features_backbone(spec: Mapping[str, Any]) -> BackboneConfig:
+def features_backbone(spec: Mapping[str, Any], root: Path | None = None) -> BackboneConfig:
     """The BackboneConfig the features were made with (``spec["backbone"]`` also carries
-    derived entries such as the weights hash, left out here)."""
+    derived entries such as the weights hash, left out here). The spec records
+    ``weights`` as params give it; a relative file is resolved against the checkout
+    ``root`` (Ray Train workers do not run in it: :meth:`BackboneConfig.at_root`)."""
     names = {f.name for f in dataclasses.fields(BackboneConfig)}
     fields = {k: v for k, v in spec["backbone"].items() if k in names}
-    return from_dict(BackboneConfig, fields, where="features manifest spec.backbone")
+    return from_dict(BackboneConfig, fields, where="features manifest spec.backbone").at_root(root)
 
 
-def check_backbone(spec: Mapping[str, Any], seed: int, features: str = "the features") -> None:
-    """Raise unless the backbone rebuilt from the features' spec with ``seed`` has the
-    weights and the preprocessing (mean/std, crop) that made the features at ``features``
-    (dinotxt's online mode must see what evaluation sees)."""
+def check_backbone(
+    spec: Mapping[str, Any], seed: int, features: str = "the features", root: Path | None = None
+) -> None:
+    """Raise unless the backbone rebuilt from the features' spec with ``seed`` (a relative
+    weights file resolved against ``root``) has the weights and the preprocessing
+    (mean/std, crop) that made the features at ``features`` (dinotxt's online mode must
+    see what evaluation sees)."""
     from dinoalign.backbones.dinov2 import build_backbone_from, state_hash
 
     expected = spec["backbone"]["weights_sha"]
-    backbone = build_backbone_from(features_backbone(spec), seed)
+    backbone = build_backbone_from(features_backbone(spec, root), seed)
     recorded = recorded_preprocessing(spec, "backbone") or {}
     current = backbone.preprocessing(int(spec["img_size"]), recorded.get("interpolation"))
     check_preprocessing(spec, "backbone", current, features=features,
