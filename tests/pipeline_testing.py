@@ -160,3 +160,67 @@ def embed_features(params: Any, manifest: Any) -> dict[str, Any]:
     from dinoalign.stages.embed import embed_job
 
     return run_embed(embed_job(params, params.paths.features), manifest)
+
+
+def write_pretrain_outputs(folder: Path, *, gain: float = 0.25, epochs: int = 4, out_dim: int = 64,
+                           images: int = 40, skipped: bool = False) -> dict[str, Any]:
+    """Synthetic outputs of the pretrain stage in ``folder`` (its ``paths.pretrained``), the
+    keys of ``dinoalign.stages.pretrain.run``: ``curve.csv`` through the stage's own writer and
+    ``metrics.json`` whose paired blocks are ``dinoalign.pretrain.probe``'s over made-up
+    per-image attention masses, the pretrained backbone ``gain`` more inside the object
+    than its random init (0: the same masses plus noise). ``skipped``: the one
+    ``metrics.json`` of a disabled stage. Returns the metrics."""
+    import numpy as np
+    import torch
+
+    from dinoalign.pretrain.probe import _paired
+    from dinoalign.stages.pretrain import _write_curve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        metrics: dict[str, Any] = {"skipped": True, "reason": "pretrain.enabled=false: the backbone loads its own "
+                                   "weights (backbone.weights or backbone.pretrained)",
+                                   "backbone": "vit_base_patch14_reg4_dinov2"}
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+    log_k = math.log(out_dim)
+    curve = [{"epoch": e, "step": 4 * (e + 1), "loss": 4.0 - 0.4 * e, "teacher_entropy": 0.8 * log_k - 0.3 * e,
+              "teacher_marginal_entropy": 0.95 * log_k, "center_norm": 0.1 + 0.01 * e, "teacher_temp": 0.04,
+              "lr": 1e-3, "momentum": 0.95, "crops_per_s": 120.0, "seconds": 3.0 * (e + 1)} for e in range(epochs)]
+    _write_curve(curve, folder / "curve.csv")
+    rng = np.random.default_rng(0)
+    area = torch.from_numpy(rng.uniform(0.05, 0.2, images))
+    random_init = area + torch.from_numpy(rng.normal(0, 0.02, images))
+    pretrained = random_init + gain + torch.from_numpy(rng.normal(0, 0.02, images))
+    heads = {"pretrained": pretrained, "random_init": random_init}
+    attention = {
+        "images": images, "split": "test", "head_selection": {"split": "val", "images": images},
+        "area_share": float(area.mean()),
+        **{name: {"best_head": 1, "best": float(m.mean()) + 0.01, "mean_heads": float(m.mean()) - 0.02,
+                  "best_above_area": 0.9, "selected_head": 2 if name == "pretrained" else 0,
+                  "selected": float(m.mean())} for name, m in heads.items()},
+        "selected_head": _paired(pretrained, random_init),
+        "mean_of_heads": _paired(pretrained - 0.02, random_init - 0.02 + torch.from_numpy(rng.normal(0, 0.01, images))),
+    }
+    knn = {"k": 20, "temperature": 0.07, "references": {"split": "val", "images": images},
+           "queries": {"split": "test", "images": images - 4, "compositions": "seen"},
+           "class": {"pretrained": 0.30 + gain, "random_init": 0.30, "majority": 0.0833, "chance": 1 / 24},
+           "colour": {"pretrained": 0.55 + gain, "random_init": 0.5, "majority": 0.2, "chance": 1 / 6},
+           "background": {"pretrained": 0.9, "random_init": 0.95, "majority": 0.4, "chance": 1 / 3}}
+    last = curve[-1]
+    metrics = {
+        "backbone": {"name": "vit_small_patch14_reg4_dinov2", "img_size": 56, "model_kwargs": {"embed_dim": 48},
+                     "description": "tiny self-supervised (demo)"},
+        "checkpoint": "model.safetensors",
+        "pool": {"split": "train", "images": 64, "image_size": 56},
+        "epochs": epochs,
+        "steps": int(last["step"]),
+        "final": {"loss": last["loss"], "teacher_entropy": last["teacher_entropy"], "log_k": log_k,
+                  "teacher_entropy_over_log_k": last["teacher_entropy"] / log_k,
+                  "teacher_marginal_entropy": last["teacher_marginal_entropy"],
+                  "center_norm": last["center_norm"], "crops_per_s": last["crops_per_s"]},
+        "probe": {"attention": attention, "knn": knn},
+        "seconds": {"render": 0.5, "pretrain": 12.0, "probe": 3.0, "total": 15.5},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -4,6 +4,11 @@
 URIs, charts as inline SVG, no script and no external resource. It shows, from the
 files the other stages wrote:
 
+- the backbone's DINO self-supervised pretraining (demo profile; ``<paths.pretrained>/``
+  ``metrics.json`` and ``curve.csv`` of the pretrain stage): the loss and the teacher's
+  entropy against log K (the collapse monitor), CLS attention mass inside the object and
+  k-NN top-1, pretrained vs its random init, and a reading of them; a real profile's
+  skipped stage as the weights it uses instead;
 - the metrics of every recipe (``metrics/<recipe>.details.json``) with chance next to each
   number, seen and held-out compositions apart, the projector as % of its CLIP;
 - the zero-shot confusion of each recipe (``plots/<recipe>/zeroshot_predictions.csv``,
@@ -440,6 +445,194 @@ def zeroshot_confusion(path: Path) -> tuple[str, list[str], np.ndarray] | None:
     return subset, names, counts
 
 
+PRETRAIN_TITLE = "Backbone: DINO self-supervised pretraining"
+SIGNIFICANCE = 0.05  # the level at which the reading calls a paired permutation p significant
+
+
+def _number(value: Any, fmt: str) -> str:
+    """``value`` formatted with ``fmt``; missing/non-numeric/NaN -> the dash."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return MISSING
+    return format(value, fmt)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def pretrain_chart(curve: Sequence[Mapping[str, float]], log_k: float | None) -> str:
+    """The pretraining curve as a chart: the DINO loss and the teacher's entropy per epoch
+    (nats, from 0) with log K dotted, the entropy of a teacher collapsed to uniform (a
+    teacher collapsed to one prototype goes to 0)."""
+    from dinoalign.evaluate.visualize import curve_chart  # matplotlib: loaded for charts only
+
+    rows = [r for r in curve if "epoch" in r and "loss" in r and "teacher_entropy" in r]
+    if not rows:
+        return "<p><small>no loss values in curve.csv</small></p>"
+    epochs = [r["epoch"] + 1 for r in rows]  # 0-based in the file: epochs done
+    series = {"DINO loss": [r["loss"] for r in rows], "teacher entropy": [r["teacher_entropy"] for r in rows]}
+    references = {"log K (collapse to uniform)": log_k} if _is_number(log_k) else None
+    svg = curve_chart(epochs, series, x_label="epoch", left_label="nats", title="pretrain (DINO)",
+                      references=references, left_min=0.0, legend_loc="best")
+    return chart_img(svg, "pretrain: loss and teacher entropy by epoch")
+
+
+def attention_table(attention: Mapping[str, Any]) -> str:
+    """CLS attention mass inside the object (%): the val-selected head and the mean of
+    heads, pretrained vs random init vs the object's area share, with the paired tests."""
+    rows = []
+    for key, label in (("selected_head", "val-selected head"), ("mean_of_heads", "mean of heads")):
+        block = attention.get(key) or {}
+        if key == "selected_head":
+            heads = [_get(attention, (name, "selected_head")) for name in ("pretrained", "random_init")]
+            if all(isinstance(h, int) for h in heads):
+                label += f" (heads {heads[0]} / {heads[1]})"
+        wins, n, diff = block.get("wins"), block.get("n"), block.get("difference")
+        rows.append([
+            f"<td>{esc(label)}</td>",
+            f'<td class="num">{pct(block.get("pretrained"))}</td>',
+            f'<td class="num">{pct(block.get("random_init"))}</td>',
+            f'<td class="num">{pct(attention.get("area_share"))}</td>',
+            f'<td class="num">{_number(100 * diff if _is_number(diff) else None, "+.1f")}</td>',
+            f'<td class="num">{esc(f"{wins}/{n}" if wins is not None and n else MISSING)}</td>',
+            f'<td class="num">{_number(block.get("permutation_p"), ".2g")}</td>',
+            f'<td class="num">{_number(block.get("sign_test_p"), ".2g")}</td>',
+        ])
+    return table(["attention inside the object (%)", "pretrained", "random init", "area share (uniform)",
+                  "difference (points)", "pretrained ahead on", "permutation p", "sign test p"], rows, raw=True)
+
+
+KNN_ATTRIBUTES = (("class", "class (composition)"), ("colour", "colour"), ("background", "background"))
+
+
+def knn_table(knn: Mapping[str, Any]) -> str:
+    """k-NN top-1 (%) on CLS features by attribute: pretrained vs random init vs the
+    majority share (and the chance of a uniform guess); the better backbone in bold."""
+    rows = []
+    for key, label in KNN_ATTRIBUTES:
+        block = knn.get(key)
+        if not isinstance(block, Mapping):
+            continue
+        values = [block.get("pretrained"), block.get("random_init")]
+        best = max(values) if all(_is_number(v) for v in values) and values[0] != values[1] else None
+        rows.append([f"<td>{esc(label)}</td>"]
+                    + [f'<td class="{"num best" if v == best else "num"}">{pct(v)}</td>' for v in values]
+                    + [f'<td class="num">{pct(block.get("majority"))}</td>',
+                       f'<td class="num">{pct(block.get("chance"))}</td>'])
+    return table(["k-NN top-1 (%)", "pretrained", "random init", "majority", "chance"], rows, raw=True)
+
+
+def pretrain_reading(probe: Mapping[str, Any]) -> str:
+    """One sentence read off the probe numbers (never written by hand): whether the
+    pretrained backbone's attention in the object is significantly above its random init's
+    (paired permutation p < :data:`SIGNIFICANCE`) for the val-selected head and the mean of
+    heads, how it stands to the area share, and k-NN by class against random init and the
+    majority share."""
+    attention, knn = probe.get("attention") or {}, probe.get("knn") or {}
+    area = attention.get("area_share")
+    clauses = []
+    for key, label in (("selected_head", "val-selected head"), ("mean_of_heads", "mean of heads")):
+        block = attention.get(key) or {}
+        a, b, p = block.get("pretrained"), block.get("random_init"), block.get("permutation_p")
+        if not (_is_number(a) and _is_number(b) and _is_number(p)):
+            continue
+        if p < SIGNIFICANCE and a > b:
+            verdict = f"significantly above the random init's {pct(b)} %"
+        elif a > b:
+            verdict = f"above the random init's {pct(b)} % but not significantly"
+        else:
+            verdict = f"not above the random init's {pct(b)} %"
+        where = ""
+        if _is_number(area):
+            where = f", {'above' if a > area else 'not above'} the area share {pct(area)} %"
+        diff = block.get("difference")
+        diff = 100 * (diff if _is_number(diff) else a - b)
+        clauses.append(f"its {label} puts {pct(a)} % of the CLS attention inside the object, {verdict} "
+                       f"({diff:+.1f} points, paired permutation p = {p:.2g}"
+                       f"{' < ' if p < SIGNIFICANCE else ' ≥ '}{SIGNIFICANCE:g}){where}")
+    cls = knn.get("class") or {}
+    if all(_is_number(cls.get(k)) for k in ("pretrained", "random_init", "majority")):
+        a, b, m = cls["pretrained"], cls["random_init"], cls["majority"]
+        relation = "above" if a > b else ("equal to" if a == b else "below")
+        clauses.append(f"k-NN top-1 by class is {pct(a)} %, {relation} the random init's {pct(b)} % "
+                       f"(majority {pct(m)} %)")
+    if not clauses:
+        return ""
+    images = attention.get("images")
+    where = f"On {images} held-out test images, the" if isinstance(images, int) else "The"
+    sentence = f"{where} pretrained backbone: " + "; ".join(clauses) + "."
+    return f"<p><b>Reading.</b> {esc(sentence)}</p>"
+
+
+def _section_pretrain(inputs: ReportInputs) -> str:
+    """The backbone's DINO pretraining (the pretrain stage's ``metrics.json`` and
+    ``curve.csv`` under ``paths.pretrained``): its curve, the probes and a reading; one
+    line when the stage was skipped (the weights used instead) or has not run."""
+    paths, root = inputs.paths, inputs.root
+    folder = _at(paths.pretrained, root)
+    out = [heading(PRETRAIN_TITLE)]
+    metrics = read_json(folder / "metrics.json")
+    if metrics is None:
+        return "".join(out) + (
+            f"<p><small>the pretrain stage has not run (no {esc(paths.pretrained)}/metrics.json): "
+            "<code>dvc repro pretrain</code></small></p>"
+        )
+    backbone = inputs.backbone
+    if metrics.get("skipped"):
+        description = describe_backbone(backbone, root)
+        weights = f" ({backbone.weights})" if backbone.weights and backbone.weights not in description else ""
+        return "".join(out) + (
+            f"<p>Not pretrained here (pretrain.enabled=false): the backbone <code>"
+            f"{esc(metrics.get('backbone') or backbone.name)}</code> uses {esc(description)}{esc(weights)} "
+            "instead.</p>"
+        )
+    final, seconds = metrics.get("final") or {}, metrics.get("seconds") or {}
+    pool, probe = metrics.get("pool") or {}, metrics.get("probe") or {}
+    description = _get(metrics, ("backbone", "description")) or MISSING
+    out.append(
+        f'<p class="sub"><b>{esc(description)}</b>: <code>{esc(_get(metrics, ("backbone", "name")) or backbone.name)}'
+        f"</code> DINO-pretrained (student and EMA teacher, multi-crop) on {esc(pool.get('images', MISSING))} "
+        f"unlabelled {esc(pool.get('split', 'train'))} images of the demo world, {esc(metrics.get('epochs', MISSING))} "
+        f"epochs ({esc(metrics.get('steps', MISSING))} steps) in {_number(seconds.get('pretrain'), '.0f')} s "
+        f"(probes {_number(seconds.get('probe'), '.0f')} s, stage {_number(seconds.get('total'), '.0f')} s) "
+        f"→ <code>{esc(paths.pretrained)}/{esc(metrics.get('checkpoint', 'model.safetensors'))}</code></p>"
+    )
+    curve = read_curve(folder / "curve.csv")
+    chart = pretrain_chart(curve, final.get("log_k")) if curve else "<p><small>no curve.csv yet</small></p>"
+    collapse = (
+        f"<p><small>final loss {_number(final.get('loss'), '.3f')}, teacher entropy "
+        f"{_number(final.get('teacher_entropy'), '.3f')} = {_number(final.get('teacher_entropy_over_log_k'), '.2f')} "
+        f"of log K = {_number(final.get('log_k'), '.2f')} (1: collapsed to uniform, 0: to one prototype), "
+        f"centre norm {_number(final.get('center_norm'), '.3g')}, {_number(final.get('crops_per_s'), '.0f')} "
+        "crops/s</small></p>"
+    )
+    out.append(f'<div class="grid"><div class="card" style="max-width:480px"><h3>training curve (the collapse '
+               f"monitor)</h3>{chart}{collapse}</div>")
+    attention, knn = probe.get("attention"), probe.get("knn")
+    if isinstance(attention, Mapping):
+        selection = attention.get("head_selection") or {}
+        out.append(
+            f'<div class="card"><h3>CLS attention inside the object <small>(last block, '
+            f"{esc(attention.get('images', MISSING))} held-out {esc(attention.get('split', 'test'))} images; "
+            f"heads chosen on {esc(selection.get('images', MISSING))} {esc(selection.get('split', 'val'))} "
+            f"images)</small></h3>{attention_table(attention)}</div>"
+        )
+    if isinstance(knn, Mapping):
+        refs, queries = knn.get("references") or {}, knn.get("queries") or {}
+        out.append(
+            f'<div class="card"><h3>k-NN top-1 on CLS features <small>(k {esc(knn.get("k", MISSING))}, '
+            f"T {esc(knn.get('temperature', MISSING))}; {esc(refs.get('images', MISSING))} "
+            f"{esc(refs.get('split', 'val'))} references, {esc(queries.get('images', MISSING))} "
+            f"{esc(queries.get('split', 'test'))} queries of {esc(queries.get('compositions', 'seen'))} "
+            f"compositions)</small></h3>{knn_table(knn)}</div>"
+        )
+    out.append("</div>")
+    if not isinstance(attention, Mapping) and not isinstance(knn, Mapping):
+        out.append("<p><small>no probes in metrics.json</small></p>")
+    out.append(pretrain_reading(probe))
+    return "".join(out)
+
+
 def _section_zeroshot(paths: PathsConfig, root: Path, recipes: Sequence[str]) -> str:
     from dinoalign.evaluate.visualize import confusion_chart
 
@@ -721,6 +914,7 @@ def render_report(inputs: ReportInputs) -> str:
     dataset = inputs.dataset
     sections = "".join(
         [
+            _section_pretrain(inputs),  # the backbone the recipes stand on, before them
             _section_results(metrics, missing),
             _section_zeroshot(paths, root, recipes),
             _section_curves(paths, root, recipes),

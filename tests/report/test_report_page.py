@@ -1,6 +1,7 @@
 """The report stage: one self-contained page, checked in headless Chromium (Debian's
 /usr/bin/chromium, driven by Playwright): no console errors, no network, every picture
-decodes, the numbers on screen are those of metrics/<recipe>.details.json, and the charts
+decodes, the numbers on screen are those of metrics/<recipe>.details.json (and of the
+pretrain stage's metrics.json in the backbone section, before the recipes), and the charts
 have axes, ticks and legends."""
 
 from __future__ import annotations
@@ -14,15 +15,25 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pipeline_testing import DemoModels
+from pipeline_testing import DemoModels, write_pretrain_outputs
 from PIL import Image
 
-from dinoalign.report import curve_charts, pct, write_report
+from dinoalign.report import PRETRAIN_TITLE, curve_charts, pct, write_report
 from dinoalign.stages.report import report_inputs
 
+
 @pytest.fixture(scope="module")
-def report(evaluated_demo: DemoModels) -> Path:
-    assert evaluated_demo.main("report") == 0
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic pretrain stage outputs (metrics.json, curve.csv): the demo models'
+    backbone is a random init, the section is what is checked."""
+    folder = tmp_path_factory.mktemp("report_pretrain") / "pretrain"
+    write_pretrain_outputs(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(evaluated_demo: DemoModels, pretrained: Path) -> Path:
+    assert evaluated_demo.main("report", f"paths.pretrained={pretrained}") == 0
     return evaluated_demo.root / "report" / "index.html"
 
 
@@ -42,7 +53,7 @@ def _cell_texts(page, heading: str) -> dict[str, dict[str, str]]:
 
 
 def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
-    evaluated_demo: DemoModels, report: Path, chromium: Any, tmp_path: Path
+    evaluated_demo: DemoModels, report: Path, pretrained: Path, chromium: Any, tmp_path: Path
 ) -> None:
     html = report.read_text()
     assert not re.search(r"""(src|href)=["']https?://""", html.split('<h2 id="mlflow-runs">')[0]), (
@@ -79,19 +90,33 @@ def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
             "[a.textContent, !!document.getElementById(a.hash.slice(1))])"
         )
         links = page.evaluate("Array.from(document.querySelectorAll('a')).map(a => a.href)")
+        attention = page.evaluate(
+            """() => Array.from(document.querySelectorAll('table')).find(t =>
+                 t.querySelector('th').textContent.startsWith('attention inside the object'))
+               .querySelector('tbody tr').innerText"""
+        )
+        reading = page.evaluate(
+            "Array.from(document.querySelectorAll('p')).find(p => p.textContent.startsWith('Reading.')).innerText"
+        )
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     finally:
         page.close()
     assert problems == []
     assert requests == [report.as_uri()]  # pictures are data: URIs, nothing else is fetched
     # 2 examples × 2 subsets + 2 pixel-confusion pictures, for each of the two dense
-    # recipes, and the SVG charts: the teacher's training curve (the untrained models have
-    # none) and a zero-shot confusion per recipe
+    # recipes, and the SVG charts: the pretraining curve, the teacher's training curve (the
+    # untrained models have none) and a zero-shot confusion per recipe
     assert len(widths) == 2 * (4 + 2) + len(charts) and min(widths) > 0
     assert sorted(alt for alt, _ in charts) == sorted(
-        ["teacher: loss and learning rate by step"] + [f"{r} zero-shot confusion" for r in DemoModels.RECIPES]
+        ["pretrain: loss and teacher entropy by epoch", "teacher: loss and learning rate by step"]
+        + [f"{r} zero-shot confusion" for r in DemoModels.RECIPES]
     ) and min(w for _, w in charts) > 200
-    assert [t for t, _ in contents][:2] == ["Results", "Zero-shot confusion"] and all(ok for _, ok in contents)
+    # the backbone the recipes stand on comes first, then the recipes' results
+    assert [t for t, _ in contents][:3] == [PRETRAIN_TITLE, "Results", "Zero-shot confusion"]
+    assert all(ok for _, ok in contents)
+    head = json.loads((pretrained / "metrics.json").read_text())["probe"]["attention"]["selected_head"]
+    assert attention.split("\t")[1:3] == [pct(head["pretrained"]), pct(head["random_init"])]
+    assert f"{pct(head['pretrained'])} % of the CLS attention inside the object, significantly above" in reading
     assert "Model registry" in [t for t, _ in contents]
     for recipe in DemoModels.RECIPES:
         metrics = json.loads((evaluated_demo.root / "metrics" / f"{recipe}.details.json").read_text())
@@ -133,11 +158,13 @@ def test_report_says_what_is_missing(evaluated_demo: DemoModels, tmp_path: Path)
         f"paths.report={tmp_path / 'report'}",
         f"paths.curves={tmp_path / 'no-curves'}",
         f"paths.curated={tmp_path / 'no-curate'}",
+        f"paths.pretrained={tmp_path / 'no-pretrain'}",
     )
     html = write_report(report_inputs(params, evaluated_demo.features.root)).read_text()
     assert "no metrics for dinotxt, projector" in html
     assert html.count("no curve.csv yet") == 3
     assert "curation (curate)</h3><small>not produced yet" in html
+    assert "the pretrain stage has not run" in html
     assert "RANDOM INIT (demo)" in html and "random-init" in html
 
 

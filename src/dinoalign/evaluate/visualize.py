@@ -193,13 +193,22 @@ def curve_chart(
     left_label: str = "loss",
     right_label: str = "learning rate",
     title: str = "",
+    references: Mapping[str, float] | None = None,
+    left_min: float | None = None,
+    legend_loc: str = "upper right",
 ) -> bytes:
     """Line chart (SVG bytes) of the ``left`` series against ``x`` on the left axis and the
     ``right`` series (e.g. the learning rate, dashed) on a second axis on the right, with
-    one legend for both."""
+    one legend for both. ``references``: horizontal dotted lines on the left axis (name ->
+    value, e.g. the log K a collapsed DINO teacher's entropy reaches); ``left_min``: the
+    bottom of the left axis (e.g. 0), else matplotlib's; ``legend_loc``: matplotlib's ``loc``."""
     figure = _figure(4.6, 2.9)
     ax = figure.subplots()
     lines = [ax.plot(x, values, label=name, linewidth=1.6)[0] for name, values in left.items()]
+    lines += [ax.axhline(value, label=name, linestyle=":", linewidth=1.4, color="#555555")
+              for name, value in (references or {}).items()]
+    if left_min is not None:
+        ax.set_ylim(bottom=left_min)
     ax.set_xlabel(x_label)
     ax.set_ylabel(left_label)
     ax.grid(alpha=0.3)
@@ -214,6 +223,6 @@ def curve_chart(
         twin.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc=legend_loc)
     return _encoded(figure, "svg")
 
