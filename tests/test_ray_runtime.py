@@ -161,17 +161,29 @@ print("probe: done")
 
 def test_a_piped_ray_run_prints_no_progress_blocks_prefixes_or_colour_codes(tmp_path) -> None:
     """A driver whose stdout is a pipe (dvc repro into a log): quiet by default, Ray's own
-    output with DINOALIGN_VERBOSE=1, and never raw ANSI colour codes."""
-    outputs = {}
-    for verbose in ("0", "1"):
-        env = {**os.environ, "DINOALIGN_VERBOSE": verbose, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1"}
-        env.pop("RAY_ADDRESS", None)
-        env.pop("RAY_COLOR_PREFIX", None)
-        run = subprocess.run([sys.executable, "-c", CONSOLE_PROBE], env=env, capture_output=True, text=True,
-                             timeout=300, cwd=tmp_path)
-        assert run.returncode == 0, run.stderr[-3000:]
-        outputs[verbose] = run.stdout + run.stderr
+    output with DINOALIGN_VERBOSE=1, and never raw ANSI colour codes. The quiet and the
+    verbose driver run side by side, each on its own local Ray: part of a Ray start-up is
+    waiting (51-57 s on 2 busy cores, 66-71 s one after the other)."""
+    runs = {}
+    try:
+        for verbose in ("0", "1"):
+            env = {**os.environ, "DINOALIGN_VERBOSE": verbose, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1"}
+            env.pop("RAY_ADDRESS", None)
+            env.pop("RAY_COLOR_PREFIX", None)
+            (tmp_path / verbose).mkdir()
+            runs[verbose] = subprocess.Popen([sys.executable, "-c", CONSOLE_PROBE], env=env, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True, cwd=tmp_path / verbose)
+        outputs = {}
+        for verbose, run in runs.items():
+            out, err = run.communicate(timeout=300)
+            assert run.returncode == 0, err[-3000:]
+            outputs[verbose] = out + err
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
     quiet, loud = outputs["0"], outputs["1"]
     assert "\x1b[" not in quiet and "\x1b[" not in loud
     assert "probe: tagged line" in quiet.splitlines() and "probe: done" in quiet

@@ -2,14 +2,19 @@
 head on free 127.0.0.1 ports), in a throw-away checkout with a small demo world:
 
 1. the stack profile (params/stack.txt) through `dvc exp run` of the pipeline of one
-   recipe (prepare, teacher, embed, curate, align, evaluate; training on the Ray head):
+   recipe (prepare, pretrain, teacher, embed, curate, align, evaluate; training on the Ray head):
    runs on the MLflow server with artifacts in the bucket, checkpoints in the bucket;
    `dvc push`, then a fresh clone `dvc pull`s every output with the hashes of dvc.lock;
    the MLflow UI in headless Chromium shows the runs and the registered models;
 2. `dinoalign retrain` with new caption data: only the new uids are embedded, a new
-   version is `@candidate`, the decision follows the rule (no champion yet: promoted);
-3. a candidate made worse on purpose (learning rate ~0): the champion stays;
-4. the same data again: no new data, nothing changes.
+   version is `@candidate`, the decision follows the rule (no champion yet: promoted), and
+   the promoted model beats chance on the held-out test split by a wide margin;
+3. the same data again: no new data, nothing changes.
+
+The rule's other outcomes (a candidate worse by more than the tolerance: the champion
+stays; within it: promoted) and a failed run that leaves the champion untouched are
+tests/ops/test_ops_retrain.py's, on a real MLflow registry: a second retraining here
+would cost another Ray Train run and evaluation (about 2 of this test's 14 minutes).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from ops_mlflow_ui import check_mlflow_ui
 from pipeline_testing import DEMO_BACKBONE, DEMO_WORLD
 from PIL import Image
 
-from dinoalign.ops.promotion import rule
 from dinoalign.ops.stack import stack_env
 from dinoalign.storage import S3Settings, boto3_client
 
@@ -39,28 +43,34 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "talk2dino"  # the recipe these runs train, compare and promote (the cheapest to train)
-TARGET = f"evaluate@{RECIPE}"  # dvc repro target: prepare, teacher, embed, curate, align and evaluate of it
-STAGES = ("prepare", "teacher", "embed", "curate", f"align@{RECIPE}", TARGET)
+TARGET = f"evaluate@{RECIPE}"  # dvc repro target: prepare, pretrain, teacher, embed, curate, align, evaluate
+STAGES = ("prepare", "pretrain", "teacher", "embed", "curate", f"align@{RECIPE}", TARGET)
 WORLD = DEMO_WORLD  # the test split must be large enough for the promotion metric to tell models apart
 SMALL = {
     **{f"data.synthetic.{k}": v for k, v in WORLD.items()},
     "backbone.model_kwargs": DEMO_BACKBONE,
-    # a tiny CLIP teacher trained long enough that its text tower carries the demo world
+    # a tiny DINO pretraining: the stage runs on the stack, its weights feed embed
+    "pretrain.pool_size": 64, "pretrain.epochs": 2, "pretrain.batch_size": 32, "pretrain.out_dim": 64,
+    "pretrain.head_hidden_dim": 64, "pretrain.head_bottleneck_dim": 32, "pretrain.probe_images": 60,
+    # a tiny CLIP teacher trained long enough that its text tower carries the demo world (the
+    # R@5 below after 15 align epochs, on the earlier 3×3 world without pretraining: 0.27 with
+    # 8 teacher epochs, 0.26 with 15; more adds little)
     "teacher.embed_dim": 64, "teacher.image_size": 32, "teacher.patch_size": 8, "teacher.vision_width": 96,
     "teacher.vision_layers": 2, "teacher.text_width": 64, "teacher.text_layers": 2, "teacher.text_heads": 2,
-    "teacher.epochs": 40, "teacher.batch_size": 64, "teacher.warmup_steps": 20,
+    "teacher.epochs": 10, "teacher.batch_size": 64, "teacher.warmup_steps": 20,
     # embed in-process (Ray Data's fixed costs dominate 300 images); align uses the Ray head
     "embed.engine": "local", "embed.batch_size": 64, "embed.decode_batch_size": 64, "embed.shard_rows": 128,
     "curate.levels": "[8, 2]", "curate.resample_steps": "[1, 1]", "curate.resample_points": "[8, 2]",
     "curate.target_size": 460, "curate.text_threshold": 1000,
     "align.cpus_per_worker": 1,
-    f"align.{RECIPE}.epochs": 40, f"align.{RECIPE}.lr": 0.003, f"align.{RECIPE}.batch_size": 64,
+    f"align.{RECIPE}.epochs": 15, f"align.{RECIPE}.lr": 0.003, f"align.{RECIPE}.batch_size": 64,
     f"align.{RECIPE}.log_every": 50, f"align.{RECIPE}.checkpoint_every": 1000,
     "evaluate.zeroshot_templates": "talk2dino", "evaluate.num_examples": 1,
     # retraining: the candidate and the champion on text->image R@5 of the fixed test split
-    # (270 caption queries over 90 images; measured on this world: trained 0.148, untrained
-    # 0.067, chance 0.056). Zero-shot top-1 over the split's ~50 single-object images is too
-    # noisy to tell a trained model from an untrained one (0.02-0.10 vs 0.04).
+    # (270 caption queries over 90 images, chance 0.056; measured: the retrained model 0.29,
+    # an untrained one (lr 1e-9) 0.07 on the earlier 3×3 world). Zero-shot top-1 over the split's ~50
+    # single-object images is too noisy to tell a trained model from an untrained one
+    # (0.02-0.10 vs 0.04).
     "retrain.recipes": f"[{RECIPE}]", "retrain.metrics": f"{{{RECIPE}: retrieval.t2i.r5}}",
     "retrain.tolerance": 0.02, "retrain.targets": f"[{TARGET}]",
 }
@@ -107,7 +117,7 @@ def _embed_run(client: Any, experiment: str, pipeline_run: str) -> Any:
     return runs[0]
 
 
-@pytest.mark.timeout(1800)  # about 12 min on 2 idle cores: the pipeline and two retrainings
+@pytest.mark.timeout(1800)  # ~16 min alone on 2 busy cores: the pipeline and one retraining
 def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromium: Any) -> None:
     from mlflow import MlflowClient
 
@@ -185,30 +195,17 @@ def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromiu
         assert str(client.get_model_version_by_alias(model, "champion").version) == decision["candidate_version"]
         assert json.loads((root / "retrain" / "decision.json").read_text())["batch"] == record["batch"]
         assert "in sync" in _run([sys.executable, "-m", "dvc", "status", "-c"], root, env)  # pushed
-        champion = decision["candidate_version"]
+        # what it promoted learned: R@5 on the held-out test split, as retrain measured the
+        # registered version and as the evaluate stage measured the trained folder, far above chance
+        details = json.loads((root / "metrics" / f"{RECIPE}.details.json").read_text())["retrieval"]["t2i"]
+        assert decision["candidate_value"] == pytest.approx(details["r5"], abs=1e-9), (decision, details)
+        assert decision["candidate_value"] > 2 * details["chance_r5"], (decision, details)
 
-        # ---- 3. a candidate made worse on purpose: the champion stays
-        raw = yaml.safe_load((root / "params.yaml").read_text())
-        raw["align"][RECIPE].update(lr=1e-9, epochs=1)  # it cannot learn anything
-        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        second_drop = _new_captions(tmp_path / "drop2", WORLD["n_train"] + 24, 16)
-        record = json.loads(_run([*dinoalign, "retrain", "--new", str(second_drop)], root, env))
-        (decision,) = record["decisions"]
-        assert decision["champion_version"] == champion
-        assert decision["candidate_value"] < decision["champion_value"] - decision["tolerance"], decision
-        assert decision["action"] == "keep"
-        assert (decision["action"], decision["reason"]) == rule(decision["candidate_value"],
-                                                                decision["champion_value"], decision["tolerance"])
-        assert str(client.get_model_version_by_alias(model, "champion").version) == champion
-        assert client.get_model_version(model, decision["candidate_version"]).tags["dinoalign.retrain.decision"] == "keep"
-        history = (root / "retrain" / "history.jsonl").read_text().splitlines()
-        assert [json.loads(h)["decisions"][0]["action"] for h in history] == ["promote", "keep"]
-
-        # ---- 4. the same data again: no new data, quickly, nothing changes
+        # ---- 3. the same data again: no new data, quickly, nothing changes
         git(root, "add", "-A")
-        git(root, "commit", "-q", "-m", "two retrainings")
+        git(root, "commit", "-q", "-m", "a retraining")
         n_runs = len(client.search_runs([experiment.experiment_id]))
-        record = json.loads(_run([*dinoalign, "retrain", "--new", str(second_drop)], root, env))
+        record = json.loads(_run([*dinoalign, "retrain", "--new", str(first_drop)], root, env))
         assert record["status"] == "no_new_data"
         assert len(client.search_runs([experiment.experiment_id])) == n_runs  # no stage ran
         assert git(root, "status", "--porcelain") == ""
