@@ -45,7 +45,14 @@ def test_head_embeddings_match_a_by_hand_softmax_pooling() -> None:
             torch.testing.assert_close(got[b, h].double(), expected, rtol=1e-5, atol=1e-6)
     feats = image_features(out, keep_patches=True)
     assert feats["head_embeddings"].shape == (2, 3, 48)
-    torch.testing.assert_close(feats["head_mean_embedding"], got.mean(1))
+    # Talk2DINO's avg_self_attn_token (lorebianchi98/Talk2DINO, process_self_attention): the
+    # heads' logits averaged, then one softmax over patches; not the mean of the heads' pools.
+    for b in range(B):
+        mean_logits = out.attn_logits[b].double().mean(0)
+        w = (mean_logits - mean_logits.max()).exp()
+        expected = (w / w.sum()) @ out.patches[b].double()
+        torch.testing.assert_close(feats["head_mean_embedding"][b].double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(feats["head_mean_embedding"], got.mean(1), atol=1e-4)
     all_tokens = torch.cat([out.cls[:, None], out.registers, out.patches], 1)
     torch.testing.assert_close(feats["token_mean"], all_tokens.mean(1))
     assert feats["registers"].shape == (2, 4, 48) and feats["patches"].shape == (2, P, 48)

@@ -3,6 +3,7 @@ head, frozen backbone, the cross-rank gather (2 gloo processes) and learning."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,3 +245,26 @@ def test_learns_to_caption_synthetic_classes() -> None:
             scores = model.encode_text([template.format(w) for w in words]) @ image.T
             accuracy = (scores.argmax(dim=0) == labels).float().mean().item()
             assert accuracy > 0.8  # zero-shot over 8 classes: chance 1/8
+
+
+def test_without_patch_tokens_g_is_the_class_token_alone(tiny) -> None:
+    """The paper's [CLS] vs [CLS ; patch mean] ablation, as the official ``VisionTower``
+    builds g from ``use_class_token`` / ``use_patch_tokens`` (facebookresearch/dinov3,
+    dinov3/eval/text/vision_tower.py): CLS′ alone, D wide, and the text tower projects to D."""
+    cfg = dataclasses.replace(tiny.configs["dinotxt"], use_patch_tokens=False)
+    torch.manual_seed(0)
+    model = build("dinotxt", cfg)
+    full = tiny.model("dinotxt")
+    full.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text.")}, strict=False)
+    batch = tiny.batch("dinotxt", batch_size=3)
+    g, patches = model.vision_features(batch["tokens_vision"])
+    g_full, _ = full.vision_features(batch["tokens_vision"])
+    assert model.embed_dim == 16 and g.shape == (3, 16)
+    torch.testing.assert_close(g, g_full[:, :16])  # the same CLS′, without the patch mean
+    text = model.encode_text(tiny.class_texts("dinotxt", n=2))
+    assert text.shape == (2, 16) and model.encode_image(batch).shape == (3, 16)
+    loss, _ = model.loss(batch)
+    assert torch.isfinite(loss)
+    dense = model.dense_logits(batch, text)  # the whole (CLS-trained) text embedding
+    cosine = _dot(_unit(patches[1, 4].tolist()), _unit(text[0].tolist()))
+    assert dense[1, 0, 1, 1].item() == pytest.approx(cosine, abs=1e-5)

@@ -339,3 +339,28 @@ def test_similarity_scores_pairs_by_their_best_head(tiny) -> None:
                 _dot(text[n].tolist(), _unit(v)) for v in batch["head_embeddings"][b].tolist()
             ]
             assert scores[n, b].item() == pytest.approx(max(cosines), abs=1e-6)
+
+
+@pytest.mark.parametrize(("image_feature", "column"), [("averaged_attention", "head_mean_embedding"), ("cls", "cls")])
+def test_a_single_image_vector_is_one_head_and_the_loss_is_plain_infonce(image_feature: str, column: str) -> None:
+    """The paper's ablation rows (lorebianchi98/Talk2DINO: ``avg_self_attn_token``, or
+    neither flag = the CLS token): one B×D embedding per image, trained with the same
+    symmetric InfoNCE as the official ``Contrastive.compute_contrastive_loss`` (src/loss.py)."""
+    torch.manual_seed(0)
+    model = build("talk2dino", Talk2DINOConfig(text_dim=5, vision_dim=4, image_feature=image_feature))
+    assert model.image_columns == (column,)
+    features = {column: torch.randn(6, 4), "head_embeddings": torch.randn(6, 3, 4)}
+    batch = model.batch_from_features(features)
+    assert set(batch) == {"head_embeddings"} and batch["head_embeddings"].shape == (6, 1, 4)
+    text = torch.randn(6, 5)
+    loss, stats = model.loss({"text": text, **batch})
+    t_hat = model.encode_text(text).tolist()
+    v_hat = [[_unit(v)] for v in features[column].tolist()]
+    expected, best = _loss_by_hand(t_hat, v_hat, tau=0.07)
+    assert best == [0] * 6 and stats["distinct_heads"] == 1.0
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Zero-shot scores are the plain cosines with that vector.
+    scores = model.similarity(model.encode_text(text), batch)
+    assert scores[2, 3].item() == pytest.approx(_dot(t_hat[2], v_hat[3][0]), abs=1e-6)
+    with pytest.raises(ValueError, match="image_feature must be one of"):
+        Talk2DINOConfig(image_feature="mean")

@@ -66,7 +66,7 @@ from dinoalign.errors import ConfigError
 from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
 
 STAGE = "embed"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: head_mean_embedding is the official averaged-attention embedding
 HALF_COLUMNS = ("patches", "registers")  # token-level columns are stored in fp16
 CAPTION_CHUNK_FACTOR = 4  # a caption shard holds 4 × shard_rows rows (captions are small)
 

@@ -63,6 +63,9 @@ class DinoTxtConfig:
     tokenizer: str = "ViT-B-16"  # open_clip tokenizer name (CLIP BPE)
     temperature: float = 0.07  # initial; learnable, scale clamped at max_logit_scale
     max_logit_scale: float = 100.0
+    # g = [CLS′ ; mean_p patch′] (the released model); false: g = CLS′ alone (the paper's
+    # ablation; facebookresearch/dinov3 DINOTxtConfig.vision_model_use_patch_tokens).
+    use_patch_tokens: bool = True
 
     def __post_init__(self) -> None:
         check_positive(
@@ -172,12 +175,17 @@ class DinoTxt(Recipe):
             width=cfg.text_width,
             heads=cfg.text_heads,
             layers=cfg.text_layers,
-            output_dim=2 * cfg.vision_dim,
+            output_dim=self.embed_dim,
             pool_type="argmax",  # EOT has the largest id in CLIP's vocabulary
         )
         self.logit_scale = LogitScale(
             cfg.temperature, learnable=True, max_scale=cfg.max_logit_scale
         )
+
+    @property
+    def embed_dim(self) -> int:
+        """E: 2D with the patch mean in g, D with CLS′ alone."""
+        return (2 if self.cfg.use_patch_tokens else 1) * self.cfg.vision_dim
 
     def input_spec(self) -> dict[str, ShapeSpec]:
         d, r = self.cfg.vision_dim, self.cfg.num_registers
@@ -201,9 +209,14 @@ class DinoTxt(Recipe):
         return torch.cat([out.cls.unsqueeze(1), out.registers, out.patches], dim=1)
 
     def vision_features(self, tokens_vision: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens_vision B×(1+R+P)×D -> (g B×2D not normalised, patch′ B×P×D)."""
+        """tokens_vision B×(1+R+P)×D -> (g B×E not normalised, patch′ B×P×D): g =
+        [CLS′ ; mean_p patch′], or CLS′ alone without ``use_patch_tokens`` (as the official
+        ``VisionTower`` builds its global embedding from ``use_class_token`` and
+        ``use_patch_tokens``, facebookresearch/dinov3 dinov3/eval/text/vision_tower.py)."""
         x = self.vision_norm(self.vision_blocks(tokens_vision))
         patches = x[:, 1 + self.cfg.num_registers :]
+        if not self.cfg.use_patch_tokens:
+            return x[:, 0], patches
         return torch.cat([x[:, 0], patches.mean(dim=1)], dim=-1), patches
 
     def _vision_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -216,7 +229,7 @@ class DinoTxt(Recipe):
         return tokens
 
     def encode_image(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """B×2D: norm(concat(CLS′, mean_p patch′))."""
+        """B×E: norm(concat(CLS′, mean_p patch′)), or norm(CLS′) without ``use_patch_tokens``."""
         return F.normalize(self.vision_features(self._vision_tokens(batch))[0], dim=-1)
 
     # ------------------------------------------------------------------ text
@@ -226,7 +239,7 @@ class DinoTxt(Recipe):
         return _tokenizer(self.cfg.tokenizer, self.cfg.context_length)(list(texts))
 
     def encode_text(self, text: Tensor | Sequence[str]) -> Tensor:
-        """N×2D normalised text embeddings from strings or N×context token ids."""
+        """N×E normalised text embeddings from strings or N×context token ids."""
         tokens = self.tokenize(text) if not isinstance(text, Tensor) else text
         if tokens.is_floating_point() or tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
             raise ValueError(
@@ -271,11 +284,13 @@ class DinoTxt(Recipe):
         grid: tuple[int, int] | None = None,
     ) -> Tensor:
         """B×N×h×w cosine between norm(patch′) and the normalised second half of the
-        N×2D ``encode_text`` outputs (the half trained against mean_p patch′)."""
+        N×2D ``encode_text`` outputs (the half trained against mean_p patch′). Without
+        ``use_patch_tokens`` no half was trained against patches: the whole N×D text
+        embedding (trained against CLS′) is compared, which is what the ablation measures."""
         d = self.cfg.vision_dim
-        text = self.check_shape(class_text_embeddings, "class_text_embeddings", ("N", 2 * d))
+        text = self.check_shape(class_text_embeddings, "class_text_embeddings", ("N", self.embed_dim))
         patches = F.normalize(self.vision_features(self._vision_tokens(batch))[1], dim=-1)
-        scores = torch.einsum("bpd,nd->bnp", patches, F.normalize(text[:, d:], dim=-1))
+        scores = torch.einsum("bpd,nd->bnp", patches, F.normalize(text[:, -d:], dim=-1))
         return to_grid(scores, grid)
 
     def dense_logits_from_images(

@@ -34,6 +34,11 @@ from dinoalign.recipes.base import (
 from dinoalign.recipes._registry import RECIPES
 
 PROJECTIONS = ("mlp", "linear")
+# The image side ψ is trained against (the paper's ablation; lorebianchi98/Talk2DINO flags
+# ``disentangled_self_attn_token`` (default), ``avg_self_attn_token``, neither = CLS) -> the
+# feature-store column it reads. A single vector is one "head": best-head InfoNCE is then
+# plain InfoNCE, as the official loss over a B×D image embedding.
+IMAGE_FEATURES = {"heads": "head_embeddings", "averaged_attention": "head_mean_embedding", "cls": "cls"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +51,20 @@ class Talk2DINOConfig:
     projection: str = "mlp"  # "mlp" (paper) or "linear" (ablation)
     temperature: float = 0.07
     learnable_temperature: bool = False
+    # heads (paper: per-head embeddings, best head per caption), averaged_attention (one
+    # embedding pooled by the heads' averaged attention) or cls: IMAGE_FEATURES.
+    image_feature: str = "heads"
 
     def __post_init__(self) -> None:
         check_positive(self, "text_dim", "vision_dim", "temperature")
         if self.projection not in PROJECTIONS:
             raise ValueError(
                 f"Talk2DINOConfig.projection must be one of {PROJECTIONS}, got {self.projection!r}"
+            )
+        if self.image_feature not in IMAGE_FEATURES:
+            raise ValueError(
+                f"Talk2DINOConfig.image_feature must be one of {tuple(IMAGE_FEATURES)}, "
+                f"got {self.image_feature!r}"
             )
 
 
@@ -89,10 +102,11 @@ class Talk2DINO(Recipe):
         """One sample per caption: its ``text_<encoder>`` row with its image's ``head_embeddings``."""
         from dinoalign.train.data import talk2dino_data
 
-        return talk2dino_data(training, source)
+        return talk2dino_data(training, source, IMAGE_FEATURES[model_cfg.image_feature])
 
     def __init__(self, cfg: Talk2DINOConfig) -> None:
         super().__init__(cfg)
+        self.image_columns = (IMAGE_FEATURES[cfg.image_feature],)
         self.proj_in = nn.Linear(cfg.text_dim, cfg.vision_dim)  # W1, b1
         self.proj_out = (
             nn.Linear(cfg.vision_dim, cfg.vision_dim) if cfg.projection == "mlp" else None
@@ -107,6 +121,11 @@ class Talk2DINO(Recipe):
             "patches": ("B", "P", d),
             "attn_logits": ("B", "H", "P"),
         }
+
+    def batch_from_features(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:  # type: ignore[override]
+        """{"head_embeddings": B×H×D} from the configured column; a single vector per image
+        (``image_feature`` averaged_attention or cls) is B×1×D."""
+        return {"head_embeddings": as_heads(features[self.image_columns[0]])}
 
     def project_text(self, text_features: Tensor) -> Tensor:
         """ψ(t): N×T -> N×D (not normalised)."""
@@ -205,6 +224,11 @@ class Talk2DINO(Recipe):
             )
             return cleaned.unflatten(-1, out.grid)
         return self.dense_logits({"patches": out.patches}, class_text_embeddings, out.grid)
+
+
+def as_heads(image_features: Tensor) -> Tensor:
+    """B×H×D per-head embeddings as they are, a B×D embedding as one head B×1×D."""
+    return image_features if image_features.dim() == 3 else image_features.unsqueeze(1)
 
 
 def select_best_heads(text_hat: Tensor, heads_hat: Tensor) -> tuple[Tensor, Tensor]:

@@ -403,16 +403,20 @@ def build_training_data(
     )
 
 
-def talk2dino_data(training: Talk2DINOTrainingConfig, source: FeatureSource) -> Talk2DINOData:
+def talk2dino_data(
+    training: Talk2DINOTrainingConfig, source: FeatureSource, image_column: str = "head_embeddings"
+) -> Talk2DINOData:
     """One sample per caption: its ``text_<align.talk2dino.text_encoder>`` row and the
-    index of its image into ``head_embeddings``."""
-    images = load_image_features(source.features, ["head_embeddings"], source.uids)
+    index of its image into ``head_embeddings`` (I×H×D; ``image_column`` when it is another
+    one: a single vector per image becomes I×1×D)."""
+    images = load_image_features(source.features, [image_column], source.uids)
     column = f"text_{training.text_encoder}"
     captions = _captions(source, images["uid"], [column])
+    heads = images[image_column]
     return Talk2DINOData(
         text=column_to_numpy(captions.column(column), tuple(source.spec["columns"][column])),
         image_index=np.searchsorted(images["uid"], np.asarray(captions.column("uid").to_pylist())),
-        head_embeddings=images["head_embeddings"],
+        head_embeddings=heads if heads.ndim == 3 else heads[:, None],
     )
 
 
