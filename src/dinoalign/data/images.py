@@ -39,6 +39,7 @@ Decoding rules (:func:`decode_image`):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -189,6 +190,21 @@ def load_image(
     )
 
 
+def load_image_sha256(
+    uri: str, *, max_pixels: int, min_side: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    read_attempts: int = DEFAULT_READ_ATTEMPTS,
+    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
+) -> tuple[np.ndarray, str]:
+    """:func:`load_image` and the sha256 (hex) of the bytes it decoded: what the pixels
+    were made from (the embed stage's content key)."""
+    data = _read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s)
+    array = decode_image(data, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
+    return array, hashlib.sha256(data).hexdigest()
+
+
 def probe_image(
     uri: str, *, max_pixels: int, min_side: int,
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
@@ -200,10 +216,38 @@ def probe_image(
     """Validate ``uri`` with a full decode (truncation is caught) and return its upright
     ``(width, height)``, skipping the EXIF rotation and RGB conversion of the pixels.
     Reads as :func:`load_image` does."""
-    image = _open_validated(
-        _read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s),
-        max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
-    )
+    return probe_image_sha256(
+        uri, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio, max_bytes=max_bytes,
+        read_timeout_s=read_timeout_s, read_attempts=read_attempts, read_backoff_s=read_backoff_s,
+    )[0]
+
+
+def probe_image_sha256(
+    uri: str, *, max_pixels: int, min_side: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    read_attempts: int = DEFAULT_READ_ATTEMPTS,
+    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
+) -> tuple[tuple[int, int], str]:
+    """:func:`probe_image` and the sha256 (hex) of the bytes it validated (the prepare
+    stage records it in the pairs manifest as ``image_sha256``)."""
+    data = _read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s)
+    return _probe(data, max_pixels, min_side, max_aspect_ratio), hashlib.sha256(data).hexdigest()
+
+
+def image_sha256(
+    uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    read_attempts: int = DEFAULT_READ_ATTEMPTS, read_backoff_s: float = DEFAULT_READ_BACKOFF_S, **_decode: Any,
+) -> str:
+    """The sha256 (hex) of the bytes at ``uri``, read as :func:`load_image` reads them
+    (the decode bounds in ``_decode`` are accepted and unused); ImageRejected when
+    unreadable."""
+    return hashlib.sha256(_read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s)).hexdigest()
+
+
+def _probe(data: bytes, max_pixels: int, min_side: int, max_aspect_ratio: float) -> tuple[int, int]:
+    image = _open_validated(data, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
     width, height = image.size
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION)

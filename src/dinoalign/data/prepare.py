@@ -27,7 +27,7 @@ from dinoalign.config import DataConfig
 from dinoalign.data.images import (
     ImageRejected,
     image_limits,
-    probe_image,
+    probe_image_sha256,
 )
 from dinoalign.data.incoming import read_incoming
 from dinoalign.data.schema import (
@@ -48,15 +48,17 @@ def validate_records(
     records: Iterable[PairRecord], *, max_pixels: int, min_side: int, workers: int = 8, **limits: Any,
 ) -> Iterator[PairRecord | Reject]:
     """Decode every image once (threads: decoding is I/O + C code) and turn failures into
-    rejects with the decoder's reason code. Order of the output is not significant. Each
-    read is bounded (``limits``: :func:`probe_image`'s other bounds, ``read_timeout_s``,
+    rejects with the decoder's reason code; a valid record gets ``image_sha256``, the sha256
+    of the bytes validated. Order of the output is not significant. Each
+    read is bounded (``limits``: :func:`probe_image_sha256`'s other bounds, ``read_timeout_s``,
     ``max_bytes``, ...), so a stalled or endless URL is a ``read_timeout`` / ``too_large``
     reject, not a hung or killed stage; a transient failure is tried ``read_attempts`` times."""
     limits = dict(max_pixels=max_pixels, min_side=min_side, **limits)
 
     def check(rec: PairRecord) -> PairRecord | Reject:
         try:
-            probe_image(rec.image_uri, **limits)
+            # the hash of the bytes validated: embed's content key (changed pixels re-embed)
+            rec.image_sha256 = probe_image_sha256(rec.image_uri, **limits)[1]
             return rec
         except ImageRejected as e:
             return Reject(uid=rec.uid, stage=STAGE, reason=e.reason, detail=e.detail, key=rec.image_uri)

@@ -39,6 +39,9 @@ class PairRecord:
     source: str
     label: str | None = None
     mask_uri: str | None = None
+    # sha256 (hex) of the image bytes prepare read when it validated the image; None where
+    # it did not read them (prepare.validate_images false): the embed stage's content key
+    image_sha256: str | None = None
 
 
 # Why a source or the prepare stage drops an input, besides the image decoder's reasons
@@ -106,6 +109,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("label", pa.string()),
         pa.field("mask_uri", pa.string()),
+        pa.field("image_sha256", pa.string()),
     ]
 )
 

@@ -1,8 +1,19 @@
 """The embed stage: pairs manifest -> feature store, incrementally and loss-free.
 
-The work is cut into **chunks** before anything runs: the uids still to embed, sorted, in
-runs of ``embed.shard_rows`` (captions: of ``4 × shard_rows``). One chunk becomes exactly
-one shard, named by the sha256 of its keys (``part-<16 hex>.parquet``), holding its rows in
+The work is keyed by **content**: every row records the sha256 of what it was computed
+from (``content_sha256``: the image bytes, or the caption's UTF-8 text), and the pairs
+manifest says what each uid holds now (``image_sha256``, recorded by prepare from the
+bytes it validated; hashed here from the bytes read where prepare did not; captions hash
+from their text). A row is live while its (key, hash) is the manifest's; the others are
+stale (changed pixels or text, a uid gone from the pairs, an image now rejected) and are
+retired first (:func:`retire`: a shard holding one is rewritten without it, its other
+rows copied, not recomputed). The model and preprocessing are the feature spec's: a
+changed spec re-embeds all.
+
+The work is cut into **chunks** before anything runs: the uids without a live row, sorted,
+in runs of ``embed.shard_rows`` (captions: of ``4 × shard_rows``). One chunk becomes
+exactly one shard, named by the sha256 of its (key, content hash) pairs
+(``part-<16 hex>.parquet``: a name says which contents a shard holds), holding its rows in
 key order and, in the parquet metadata, the chunk's rejects. So:
 
 - a shard is the unit of completion: it appears whole or not at all (temp + rename
@@ -30,9 +41,11 @@ shards' rejects) and ``manifest.json`` from what is in storage: every listed sha
 its row count, size and sha256 (reported by the worker that wrote it, kept from the last
 manifest when the size is unchanged, read otherwise).
 
-Incremental: uids in complete shards of the same feature spec, or rejected for good, are
-skipped; a transient reject (``read_timeout``, ``unavailable``) is tried again; a changed
-spec (other models, weights or preprocessing) starts afresh.
+Incremental: uids whose content is in a complete shard of the same feature spec, or was
+rejected for good, are skipped; a transient reject (``read_timeout``, ``unavailable``) is
+tried again; changed content is embedded again and its old row retired; a changed spec
+(other models, weights or preprocessing) starts afresh, and so does a store written
+before content hashes (its rows do not say what they were made from).
 
 Preprocessing comes from each model's own config: the backbone's mean, std,
 interpolation and crop from timm's data config of the built model (``embed.interpolation``
@@ -43,6 +56,7 @@ records both (``spec["preprocessing"]``, see :mod:`dinoalign.embed.store`).
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
@@ -58,10 +72,10 @@ import pyarrow.compute as pc
 import torch
 
 from dinoalign.config import BackboneConfig, ClipConfig, EmbedConfig, TextEncoderConfig
-from dinoalign.data.images import TRANSIENT_REASONS, ImageRejected, load_image, resize_crop
+from dinoalign.data.images import TRANSIENT_REASONS, ImageRejected, image_sha256, load_image_sha256, resize_crop
 from dinoalign.data.schema import REJECTS_SCHEMA, make_caption_id
 from dinoalign.embed.features import image_features
-from dinoalign.embed.store import FeatureStore, ShardReport, vector_column
+from dinoalign.embed.store import CONTENT_COLUMN, KINDS, FeatureStore, ShardContent, ShardReport, vector_column
 from dinoalign.errors import ConfigError
 from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
 
@@ -122,16 +136,24 @@ def shard_name(keys: Sequence[str]) -> str:
     return f"part-{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]}.parquet"
 
 
+def content_key(key: str, sha256: str) -> str:
+    """What names a row in a shard name: its key and the hash of its content."""
+    return f"{key} {sha256}"
+
+
 def plan_chunks(kind: str, table: pa.Table, key: str, size: int) -> list[Chunk]:
     """``table`` (in the order the caller sorted it) in runs of ``size`` rows, one chunk
-    each, named by its ``key`` column (:func:`shard_name`)."""
+    each, named by its ``key`` column (:func:`shard_name`), each key with its content hash
+    (:func:`content_key`) when the table has a ``content_sha256`` column."""
     if size < 1:
         raise ConfigError(f"embed.shard_rows must be >= 1, got {size}")
     cols = {c: table.column(c).to_pylist() for c in table.column_names}
     chunks = []
     for start in range(0, table.num_rows, size):
         part = {c: v[start : start + size] for c, v in cols.items()}
-        chunks.append(Chunk(kind, shard_name(part[key]), part))
+        keys = part[key] if CONTENT_COLUMN not in part else [
+            content_key(k, h) for k, h in zip(part[key], part[CONTENT_COLUMN])]
+        chunks.append(Chunk(kind, shard_name(keys), part))
     return chunks
 
 
@@ -141,20 +163,23 @@ def decode_batch(
     crop_mode: str = "center", **limits: Any,
 ) -> dict[str, np.ndarray]:
     """uids + image URIs -> uint8 images N×S×S×3 (:func:`~dinoalign.data.images.resize_crop`:
-    at crop_pct 1 and ``center``, short-side resize + centre crop) and a reject reason per
-    row ("" when decoded). ``limits``: :func:`~dinoalign.data.images.image_limits`. Never
-    raises for a bad image."""
+    at crop_pct 1 and ``center``, short-side resize + centre crop), a reject reason per
+    row ("" when decoded) and the sha256 of the bytes decoded (``content_sha256``, "" for
+    a reject). ``limits``: :func:`~dinoalign.data.images.image_limits`. Never raises for a
+    bad image."""
     uids = list(batch["uid"])
     images = np.zeros((len(uids), img_size, img_size, 3), dtype=np.uint8)
     reasons = np.full(len(uids), "", dtype=object)
     details = np.full(len(uids), "", dtype=object)
+    hashes = np.full(len(uids), "", dtype=object)
     for i, uri in enumerate(batch["image_uri"]):
         try:
-            images[i] = resize_crop(load_image(str(uri), **limits), img_size, interpolation, crop_pct, crop_mode)
+            pixels, hashes[i] = load_image_sha256(str(uri), **limits)
+            images[i] = resize_crop(pixels, img_size, interpolation, crop_pct, crop_mode)
         except ImageRejected as e:
             reasons[i], details[i] = e.reason, e.detail
     return {"uid": np.asarray(uids, dtype=object), "image": images, "reject_reason": reasons,
-            "reject_detail": details}
+            "reject_detail": details, CONTENT_COLUMN: hashes}
 
 
 class DecodeChunk:
@@ -170,7 +195,10 @@ class DecodeChunk:
         chunk = Chunk.from_row(row)
         out = decode_batch(chunk.columns, **self.kw)
         payload = {"uid": list(chunk.columns["uid"]), "reason": [str(r) for r in out["reject_reason"]],
-                   "detail": [str(d) for d in out["reject_detail"]]}
+                   "detail": [str(d) for d in out["reject_detail"]],
+                   # what the pixels were made from, and what the plan expected (rejects keep that)
+                   "read_sha256": [str(h) for h in out[CONTENT_COLUMN]],
+                   "planned_sha256": list(chunk.columns.get(CONTENT_COLUMN, [""] * len(chunk)))}
         return {"kind": chunk.kind, "shard": chunk.name, "payload": json.dumps(payload),
                 "images": out["image"].tobytes()}
 
@@ -336,9 +364,13 @@ class ImageShards(_ShardWorker):
             seconds += float(out["model_seconds"].sum())
             parts.append(out)
         feats = {c: np.concatenate([p[c] for p in parts]) for c in self.shapes if parts and c in parts[0]}
-        table = feature_table({"uid": [uids[i] for i in ok]}, feats, self.shapes, ("uid",))
-        rejects = [{"uid": uids[i], "stage": STAGE, "reason": reasons[i], "detail": details[i], "key": ""}
-                   for i, r in enumerate(reasons) if r]
+        # a row records the hash of the bytes it was computed from; a reject, the hash planned
+        # (the hash of the bytes read where none was planned: "" when none could be read)
+        read, planned = meta["read_sha256"], meta["planned_sha256"]
+        table = feature_table({"uid": [uids[i] for i in ok], CONTENT_COLUMN: [read[i] for i in ok]}, feats,
+                              self.shapes, ("uid", CONTENT_COLUMN))
+        rejects = [{"uid": uids[i], "stage": STAGE, "reason": reasons[i], "detail": details[i], "key": "",
+                    CONTENT_COLUMN: planned[i] or read[i]} for i, r in enumerate(reasons) if r]
         return self._finish("images", str(row["shard"]), table, rejects, seconds)
 
 
@@ -354,7 +386,7 @@ class CaptionShards(_ShardWorker):
         chunk = Chunk.from_row(row)
         t0 = time.perf_counter()
         feats = self.model(chunk.columns)
-        table = feature_table(chunk.columns, feats, self.shapes, ("caption_id", "uid", "caption"))
+        table = feature_table(chunk.columns, feats, self.shapes, ("caption_id", "uid", "caption", CONTENT_COLUMN))
         return self._finish("captions", chunk.name, table, [], time.perf_counter() - t0)
 
 
@@ -534,7 +566,8 @@ def _run_phase(chunks: list[Chunk], decode: DecodeChunk | None, worker: type, jo
 
 
 def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
-    """Embed every manifest uid not yet embedded; return counts and throughput."""
+    """Embed every manifest uid (and caption) whose content is not yet embedded, retire
+    the rows whose content is no longer in the manifest; return counts and throughput."""
     cfg = job.embed
     if cfg.engine not in ENGINES:
         raise ConfigError(f"embed.engine={cfg.engine!r}: choose one of {sorted(ENGINES)}")
@@ -550,18 +583,32 @@ def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
     elif old is None and (store.shards("images") or store.shards("captions")):
         print("embed: shards without spec.json (unknown provenance): re-embedding all")
         store.clear()
+    contents = {"images": store.contents("images", "uid"), "captions": store.contents("captions", "caption_id")}
+    if any(not c.hashed for kind in KINDS for c in contents[kind]):
+        # never trusted: nothing records what the rows were computed from
+        print(f"embed: the features at {job.features} predate content hashes (no {CONTENT_COLUMN} column): "
+              "re-embedding all once")
+        store.clear()
+        contents = {"images": [], "captions": []}
     store.write_json("spec.json", spec)
     t_start = time.perf_counter()
     reports: dict[str, ShardReport] = {}
     nodes: collections.Counter[str] = collections.Counter()
 
-    # ---- images: plan what is neither in a shard nor rejected for good
-    state = store.scan("images", "uid")
-    rejected = _latest_rejects(state.rejects, state.keys)
-    transient = {u for u, r in rejected.items() if r["reason"] in TRANSIENT_REASONS}
+    # ---- images: retire rows whose bytes changed or whose uid left the pairs, then plan
+    # what has no live row and no live permanent reject
     manifest_uids = manifest.column("uid").to_pylist()
-    todo_mask = [u not in state.keys and (u not in rejected or u in transient) for u in manifest_uids]
-    todo = manifest.filter(pa.array(todo_mask, pa.bool_())).select(["uid", "image_uri"]).sort_by("uid")
+    want, hashed_here = image_content(manifest, job.limits, {k for c in contents["images"] for k, _ in c.rows})
+    images = retire(store, "images", contents["images"], want)
+    rejected = _latest_rejects(images.rejects, images.live)
+    transient = {u for u, r in rejected.items() if r["reason"] in TRANSIENT_REASONS}
+    todo_uids, todo_uris = [], []
+    for u, uri in zip(manifest_uids, manifest.column("image_uri").to_pylist()):
+        if u not in images.live and (u not in rejected or u in transient):
+            todo_uids.append(u)
+            todo_uris.append(uri)
+    todo = pa.table({"uid": pa.array(todo_uids, pa.string()), "image_uri": pa.array(todo_uris, pa.string()),
+                     CONTENT_COLUMN: pa.array([want[u] or "" for u in todo_uids], pa.string())}).sort_by("uid")
     retry = pc.is_in(todo.column("uid"), value_set=pa.array(sorted(transient), pa.string()))
     # retried uids form chunks of their own: the others keep the boundaries of a first run
     chunks = (plan_chunks("images", todo.filter(pc.invert(retry)), "uid", cfg.shard_rows)
@@ -574,21 +621,26 @@ def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
     t_images = time.perf_counter() - t0
     new_rejects = [r for c in chunks for r in reports[c.name].rejects]
 
-    # ---- captions of every embedded image
-    embedded = state.keys | {u for c in chunks for u in c.columns["uid"]} - {r["uid"] for r in new_rejects}
-    done_captions = store.scan("captions", "caption_id").keys
-    cap_rows = _caption_rows(manifest, embedded, done_captions)
-    cap_chunks = plan_chunks("captions", cap_rows, "caption_id", cfg.shard_rows * CAPTION_CHUNK_FACTOR)
+    # ---- captions of every embedded image: retire those whose text changed or whose
+    # image is gone or rejected, then plan the captions with no live row
+    embedded = images.live | {u for c in chunks for u in c.columns["uid"]} - {r["uid"] for r in new_rejects}
+    cap_rows = _caption_rows(manifest, embedded)
+    want_caps = dict(zip(cap_rows.column("caption_id").to_pylist(), cap_rows.column(CONTENT_COLUMN).to_pylist()))
+    captions = retire(store, "captions", contents["captions"], want_caps)
+    cap_todo = cap_rows.filter(pc.invert(pc.is_in(cap_rows.column("caption_id"),
+                                                  value_set=pa.array(sorted(captions.live), pa.string()))))
+    cap_chunks = plan_chunks("captions", cap_todo, "caption_id", cfg.shard_rows * CAPTION_CHUNK_FACTOR)
     t0 = time.perf_counter()
     caption_ops: dict[str, Any] = {}
     captions_written, _ = _run_phase(cap_chunks, None, CaptionShards, job, spec, store, reports, nodes, caption_ops)
     t_captions = time.perf_counter() - t0
 
     # ---- what is in storage: rejects and the manifest
-    final = store.scan("images", "uid")
-    all_rejects = _rejects_table(_latest_rejects(final.rejects, final.keys))
+    final = store.contents("images", "uid")
+    all_rejects = _rejects_table(_latest_rejects([r for c in final for r in c.rejects],
+                                                 {k for c in final for k, _ in c.rows}))
     store.write_rejects(all_rejects)
-    entries = store.shard_entries(reports, previous=store.read_manifest())
+    entries = store.shard_entries({**images.reports, **captions.reports, **reports}, previous=store.read_manifest())
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     summary = {
         "images_embedded": images_written,
@@ -599,7 +651,14 @@ def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
         "images_total": sum(e["rows"] for e in entries if e["kind"] == "images"),
         "captions_total": sum(e["rows"] for e in entries if e["kind"] == "captions"),
         "rejects_total": all_rejects.num_rows,
-        "images_skipped": len(manifest_uids) - len(todo),
+        "images_skipped": len(manifest_uids) - len(todo),  # unchanged: a live row or a permanent reject
+        # planned again because their bytes changed since they were embedded (or rejected)
+        "images_changed": len(images.changed & set(todo_uids)),
+        "images_retired": images.retired,  # stale rows removed (changed bytes, uid gone from the pairs)
+        "images_hashed_here": hashed_here,  # hashed by embed: the pairs manifest had no image_sha256
+        "captions_skipped": cap_rows.num_rows - cap_todo.num_rows,
+        "captions_changed": len(captions.changed & set(cap_todo.column("caption_id").to_pylist())),
+        "captions_retired": captions.retired,
         "images_per_s": images_written / t_images if images_written else 0.0,
         "captions_per_s": captions_written / t_captions if captions_written else 0.0,
         "shards_written": len(reports),
@@ -625,6 +684,95 @@ def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
     return summary
 
 
+# ----------------------------------------------------------------------------- content
+def caption_sha256(text: str) -> str:
+    """A caption's content hash: the sha256 of its UTF-8 text (its row is keyed by
+    caption_id, which names the uid and the caption's index)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def image_content(manifest: pa.Table, limits: Mapping[str, Any], stored: set[str],
+                  threads: int = 8) -> tuple[dict[str, str | None], int]:
+    """uid -> sha256 of its image bytes: the manifest's ``image_sha256`` (prepare hashed
+    what it validated). Without one (``prepare.validate_images`` false, or pairs prepared
+    before content hashes), a uid with a ``stored`` row is read and hashed here, to know
+    whether its row still holds ("" when unreadable: the row is retired, the uid planned
+    and its decode says why); any other is None: unknown, embedded if new (its row records
+    the hash of the bytes decoded) and, if rejected for good, not read again. Returns the
+    map and how many were hashed here."""
+    uids = manifest.column("uid").to_pylist()
+    known = (manifest.column("image_sha256").to_pylist() if "image_sha256" in manifest.column_names
+             else [None] * len(uids))
+    out: dict[str, str | None] = dict(zip(uids, known))
+    missing = [(u, uri) for u, uri, h in zip(uids, manifest.column("image_uri").to_pylist(), known)
+               if not h and u in stored]
+    if missing:
+        print(f"embed: hashing {len(missing)} embedded image(s) the pairs manifest has no image_sha256 for "
+              "(prepare.validate_images false, or pairs prepared before content hashes)", file=sys.stderr)
+
+        def read(uri: str) -> str:
+            try:
+                return image_sha256(uri, **limits)
+            except ImageRejected:
+                return ""
+
+        with cf.ThreadPoolExecutor(max_workers=threads) as pool:
+            for (u, _), h in zip(missing, pool.map(read, [uri for _, uri in missing])):
+                out[u] = h
+    return out, len(missing)
+
+
+@dataclasses.dataclass
+class Retired:
+    """A kind's store after :func:`retire`: the keys with a live row, the live rejects,
+    the keys whose stale row or reject had another hash (changed content), how many stale
+    rows were removed and the reports of the shards rewritten without them."""
+
+    live: set[str]
+    rejects: list[dict[str, str]]
+    changed: set[str]
+    retired: int
+    reports: dict[str, ShardReport]
+
+
+def retire(store: FeatureStore, kind: str, shards: Sequence[ShardContent], want: Mapping[str, str | None]) -> Retired:
+    """Remove every stale row and reject of ``kind`` (its key's content hash is not
+    ``want[key]``, or its key is not in ``want``; a reject of a key whose hash is unknown,
+    None, is kept). A shard holding one is rewritten
+    without it, the other rows copied as stored (never recomputed), under the name of
+    the (key, hash) pairs it keeps, in key order (the new shard is written before the old
+    one is removed: a run killed in between leaves a duplicate that the next run's rewrite
+    of the same shard, to the same bytes, removes); a shard left with nothing is removed."""
+    out = Retired(set(), [], set(), 0, {})
+    for shard in shards:
+        keep = [want.get(k) == h for k, h in shard.rows]
+        kept_rejects = [r for r in shard.rejects
+                        if r["uid"] in want and want[r["uid"]] in (None, r.get(CONTENT_COLUMN))]
+        stale = [kh for kh, ok in zip(shard.rows, keep) if not ok]
+        stale += [(r["uid"], r.get(CONTENT_COLUMN, "")) for r in shard.rejects if r not in kept_rejects]
+        out.live.update(k for (k, _), ok in zip(shard.rows, keep) if ok)
+        out.rejects.extend(kept_rejects)
+        if not stale:
+            continue
+        out.changed.update(k for k, _ in stale if k in want)
+        out.retired += len(keep) - sum(keep)
+        if not any(keep) and not kept_rejects:
+            store.delete_shard(kind, shard.name)
+            continue
+        table = store.read_table(kind, shard.name).filter(pa.array(keep, pa.bool_()))
+        pairs = [kh for kh, ok in zip(shard.rows, keep) if ok]
+        pairs += [(r["uid"], r[CONTENT_COLUMN]) for r in kept_rejects]
+        if kept_rejects:  # image shards: rows and rejects, in uid order as planned
+            pairs.sort()
+        name = shard_name([content_key(k, h) for k, h in pairs])
+        data = FeatureStore.encode_shard(table, kept_rejects)
+        store.put_shard(kind, name, data)
+        if name != shard.name:
+            store.delete_shard(kind, shard.name)
+        out.reports[name] = ShardReport.of(kind, name, data, table.num_rows, kept_rejects)
+    return out
+
+
 def _latest_rejects(rejects: list[dict[str, str]], embedded: set[str]) -> dict[str, dict[str, str]]:
     """One reject per uid that is in no shard: a permanent reason over a transient one (a
     uid tried again that failed for good), then the first by (reason, detail)."""
@@ -637,21 +785,22 @@ def _latest_rejects(rejects: list[dict[str, str]], embedded: set[str]) -> dict[s
 
 def _rejects_table(rejects: Mapping[str, Mapping[str, str]]) -> pa.Table:
     # by uid, not in the engine's order: the same inputs, the same bytes
-    return pa.Table.from_pylist([dict(rejects[u]) for u in sorted(rejects)], schema=REJECTS_SCHEMA)
+    return pa.Table.from_pylist([{f: rejects[u].get(f) for f in REJECTS_SCHEMA.names} for u in sorted(rejects)],
+                                schema=REJECTS_SCHEMA)
 
 
-def _caption_rows(manifest: pa.Table, embedded: set[str], done: set[str]) -> pa.Table:
+def _caption_rows(manifest: pa.Table, embedded: set[str]) -> pa.Table:
+    """Every caption of the ``embedded`` uids, with its content hash, by (uid, index)."""
     uids, cids, idxs, texts = [], [], [], []
     for uid, caps in zip(manifest.column("uid").to_pylist(), manifest.column("captions").to_pylist()):
         if uid not in embedded:
             continue
         for i, cap in enumerate(caps):
-            cid = make_caption_id(uid, i)
-            if cid not in done:
-                uids.append(uid)
-                cids.append(cid)
-                idxs.append(i)
-                texts.append(cap)
+            uids.append(uid)
+            cids.append(make_caption_id(uid, i))
+            idxs.append(i)
+            texts.append(cap)
     table = pa.table({"caption_id": pa.array(cids, pa.string()), "uid": pa.array(uids, pa.string()),
-                      "caption_index": pa.array(idxs, pa.int32()), "caption": pa.array(texts, pa.string())})
+                      "caption_index": pa.array(idxs, pa.int32()), "caption": pa.array(texts, pa.string()),
+                      CONTENT_COLUMN: pa.array([caption_sha256(t) for t in texts], pa.string())})
     return table.sort_by([("uid", "ascending"), ("caption_index", "ascending")])

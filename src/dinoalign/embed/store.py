@@ -2,16 +2,21 @@
 
 Layout under ``paths.features`` (a local path or ``s3://bucket/prefix``)::
 
-    images/part-<16 hex>.parquet    uid + image feature columns (fixed-size float lists);
-                                    the chunk's rejects in the parquet metadata
-    captions/part-<16 hex>.parquet  caption_id, uid, caption_index, caption + text_<encoder> columns
+    images/part-<16 hex>.parquet    uid, content_sha256 (of the image bytes) + image feature
+                                    columns (fixed-size float lists); the chunk's rejects
+                                    (each with the content_sha256 planned) in the parquet metadata
+    captions/part-<16 hex>.parquet  caption_id, uid, caption, content_sha256 (of the caption's
+                                    UTF-8 text), caption_index + text_<encoder> columns
     spec.json                       the feature spec; written first
     rejects.parquet                 uid, stage, reason, detail, key (from the shards' metadata)
     manifest.json                   spec, shard list with row counts, sizes and sha256, counts;
                                     written last
 
-A shard's name is the sha256 of its planned keys (:func:`dinoalign.embed.engine.shard_name`),
-so rows carry no order across shards: readers sort (:func:`load_image_features` by uid).
+A shard's name is the sha256 of the (key, content hash) pairs it holds
+(:func:`dinoalign.embed.engine.shard_name`), so rows carry no order across shards: readers
+sort (:func:`load_image_features` by uid). A row is live while its content hash is the one
+its key has in the pairs manifest; the embed stage retires the others (see
+:mod:`dinoalign.embed.engine`).
 
 ``spec["preprocessing"]`` records how the pixels reached each image tower: ``backbone``
 (mean, std, interpolation, crop_pct, crop_mode, input_size, from the timm model's data
@@ -45,6 +50,8 @@ KINDS = ("images", "captions")
 # part-<16 hex> (named by content); part-<5+ digits>: stores written before dinoalign 0.9
 _PART = re.compile(r"^part-([0-9a-f]{16}|\d{5,})\.parquet$")
 REJECTS_KEY = b"dinoalign.rejects"  # a shard's rejects, JSON, in its parquet metadata
+# sha256 (hex) of what a row was computed from: the image bytes / the caption's UTF-8 text
+CONTENT_COLUMN = "content_sha256"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,18 @@ class ShardReport:
         """The manifest entry."""
         return {"kind": self.kind, "file": f"{self.kind}/{self.name}", "rows": self.rows, "bytes": self.bytes,
                 "sha256": self.sha256}
+
+
+@dataclass
+class ShardContent:
+    """What one complete shard holds: its (key, content hash) rows, in stored order, and
+    its rejects (each with the ``content_sha256`` it was planned with). ``hashed``: False
+    for a shard written before content hashes (no ``content_sha256`` column)."""
+
+    name: str
+    rows: list[tuple[str, str]]
+    rejects: list[dict[str, str]]
+    hashed: bool
 
 
 @dataclass
@@ -152,6 +171,27 @@ class FeatureStore:
         if kind == "images":
             rejects.extend(self.read_rejects().to_pylist())
         return StoreState(keys, rejects)
+
+    def contents(self, kind: str, key: str) -> list[ShardContent]:
+        """Every complete shard of ``kind`` with its (``key``, ``content_sha256``) rows and
+        its rejects (from its metadata only: ``rejects.parquet`` is derived from them)."""
+        out = []
+        for name in self.shards(kind):
+            with self.fs.open(self.path(kind, name), "rb") as f:
+                parquet = pq.ParquetFile(f)
+                hashed = CONTENT_COLUMN in parquet.schema_arrow.names
+                table = parquet.read(columns=[key, CONTENT_COLUMN] if hashed else [key])
+                keys = table.column(key).to_pylist()
+                hashes = table.column(CONTENT_COLUMN).to_pylist() if hashed else [""] * len(keys)
+                meta = parquet.schema_arrow.metadata or {}
+                rejects = json.loads(meta.get(REJECTS_KEY, b"[]"))
+            out.append(ShardContent(name, list(zip(keys, hashes)), rejects, hashed))
+        return out
+
+    def delete_shard(self, kind: str, name: str) -> None:
+        if not _PART.match(name):
+            raise ValueError(f"{name!r} is not a shard name (part-<16 hex>.parquet)")
+        self.fs.rm(self.path(kind, name))
 
     # ---------------------------------------------------------------- reading & writing
     def read_table(self, kind: str, name: str, columns: list[str] | None = None) -> pa.Table:

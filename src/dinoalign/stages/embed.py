@@ -6,8 +6,10 @@ text towers, into the feature store (Ray Data actor pool, or a plain loop).
 
 Reads the pairs manifest (``paths.pairs``); writes parquet shards, ``spec.json``,
 ``manifest.json`` and ``rejects.parquet`` to ``paths.features`` (a path or ``s3://``
-URI; :mod:`dinoalign.embed.engine`). Incremental: uids already embedded with the same
-models and preprocessing are skipped, so new pairs cost only themselves.
+URI; :mod:`dinoalign.embed.engine`). Incremental by content: images whose bytes and
+captions whose text are already embedded with the same models and preprocessing are
+skipped, changed ones are embedded again and their old rows retired, so new or edited
+pairs cost only themselves.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         f"embed: {summary['images_embedded']} images + {summary['captions_embedded']} captions embedded "
         f"({summary['images_per_s']:.1f} images/s), {summary['images_skipped']} skipped, "
         f"{summary['images_rejected']} rejected -> {params.paths.features}\n"
+        f"embed: by content: {summary['images_changed']} images and {summary['captions_changed']} captions "
+        f"re-embedded because they changed, {summary['images_retired']} image and {summary['captions_retired']} "
+        f"caption rows retired (changed or gone from the pairs), {summary['images_skipped']} images and "
+        f"{summary['captions_skipped']} captions skipped as unchanged\n"
         f"embed: backbone {params.backbone.name}: {backbone}\n"
         + (f"embed: {summary['images_rejected_transient']} of the rejects are transient (read_timeout, "
            "unavailable): the next run tries them again (DVC sees no change: dvc repro -s -f embed)\n"
