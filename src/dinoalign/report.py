@@ -633,6 +633,91 @@ def _section_pretrain(inputs: ReportInputs) -> str:
     return "".join(out)
 
 
+ABLATIONS_TITLE = "The papers' ablations, in miniature"
+ABLATIONS_FILE = "docs/benchmarks/ablations.json"  # benchmarks/ablations.py writes it (an hour on 2 cores)
+ABLATION_METRICS = (
+    ("heldout/zeroshot/top1", "held-out zero-shot top-1"),
+    ("heldout/segmentation/miou", "held-out mIoU"),
+    ("seen/zeroshot/top1", "seen zero-shot top-1"),
+    ("seen/segmentation/miou", "seen mIoU"),
+)
+
+
+def ablation_verdict(row: Mapping[str, Any]) -> str:
+    """Ours against the paper's direction on the held-out metrics the paper's words name
+    ("mIoU", "zero-shot", else both): 'agrees', 'differs' (every seed the other way) or
+    'unclear' (the seeds disagree); '' when the paper gives no direction."""
+    paper = str(row.get("paper") or "")
+    expected = "lower" if paper.startswith("lower") else "higher" if paper.startswith("higher") else None
+    if expected is None:
+        return ""
+    held_out = [k for k, _ in ABLATION_METRICS if k.startswith("heldout/")]
+    named = [k for k in held_out if ("mIoU" in paper and "miou" in k) or ("zero-shot" in paper and "zeroshot" in k)]
+    keys = named or held_out
+    found = [_get(row, ("metrics", k, "direction")) for k in keys]
+    if all(d == expected for d in found):
+        return "agrees"
+    if any(d not in (expected, "mixed") for d in found):
+        return "differs"
+    return "unclear"
+
+
+def _ablation_cell(m: Mapping[str, Any] | None, baseline: bool) -> str:
+    if not isinstance(m, Mapping) or not _is_number(m.get("mean")):
+        return f'<td class="num">{MISSING}</td>'
+    text = f"{pct(m['mean'])} ± {pct(m.get('std'))}"
+    if not baseline and _is_number(m.get("diff_mean")):
+        n = len(m.get("values") or [])
+        moved = m.get("seeds_higher", 0) if m["diff_mean"] > 0 else m.get("seeds_lower", 0)
+        text += f" ({100 * m['diff_mean']:+.1f}, {moved}/{n})"
+    return f'<td class="num">{esc(text)}</td>'
+
+
+def _section_ablations(root: Path) -> str:
+    """The ablation tables of Talk2DINO and dino.txt on the demo world, from
+    :data:`ABLATIONS_FILE` (benchmarks/ablations.py; not rerun by ``dvc repro``): per row
+    mean ± std over seeds, the difference to the baseline row and in how many seeds it had
+    that sign, the paper's direction and whether ours agrees."""
+    path = root / ABLATIONS_FILE
+    data = read_json(path)
+    out = [heading(ABLATIONS_TITLE)]
+    if not data or not isinstance(data.get("table"), list):
+        out.append(f"<p><small>not measured in this checkout (no {esc(ABLATIONS_FILE)}): "
+                   "<code>python benchmarks/ablations.py</code> after <code>make demo</code></small></p>")
+        return "".join(out)
+    seeds = data.get("seeds") or []
+    out.append(
+        f"<p>One factor changed per row against the recipe's baseline (the paper's choice), trained and "
+        f"evaluated as the pipeline does, {len(seeds)} seeds each ({esc(', '.join(map(str, seeds)))}); "
+        f"dinotxt {esc(data.get('dinotxt_epochs', MISSING))} epochs. Cells: mean ± std over seeds (%), in "
+        "brackets the difference to the baseline (points) and the seeds that moved that way. Measured by "
+        f"<code>benchmarks/ablations.py</code> on {esc(data.get('date', MISSING))} at commit "
+        f"<code>{esc(str(data.get('commit') or MISSING)[:10])}</code> ({esc(ABLATIONS_FILE)}); "
+        "<code>dvc repro</code> does not rerun it.</p>"
+    )
+    differs = []
+    for recipe in dict.fromkeys(str(r.get("recipe")) for r in data["table"]):
+        rows = []
+        for row in (r for r in data["table"] if r.get("recipe") == recipe):
+            verdict = ablation_verdict(row)
+            if verdict == "differs":
+                differs.append(f"{recipe}: {row.get('row')}")
+            label = f"{row.get('row')}{' (baseline)' if row.get('baseline') else ''}"
+            cells = [f"<td>{esc(label)}</td>"]
+            cells += [_ablation_cell(_get(row, ("metrics", k)), bool(row.get("baseline"))) for k, _ in ABLATION_METRICS]
+            cells += [f"<td>{esc(row.get('paper') or '')}</td>", f"<td>{esc(verdict)}</td>"]
+            rows.append(cells)
+        out.append(f"<h3>{esc(recipe)}</h3>")
+        out.append(table([recipe, *(label for _, label in ABLATION_METRICS), "paper", "ours vs paper"], rows, raw=True))
+    sentence = (
+        "Where ours differs from the paper's direction (every seed the other way): " + "; ".join(differs) + "."
+        if differs else "No row moves against the paper's direction in every seed."
+    )
+    out.append(f"<p><b>Reading.</b> {esc(sentence)} 'unclear': the seeds disagree; the demo world "
+               "is not the papers' data, and nothing here was tuned to agree.</p>")
+    return "".join(out)
+
+
 def _section_zeroshot(paths: PathsConfig, root: Path, recipes: Sequence[str]) -> str:
     from dinoalign.evaluate.visualize import confusion_chart
 
@@ -916,6 +1001,7 @@ def render_report(inputs: ReportInputs) -> str:
         [
             _section_pretrain(inputs),  # the backbone the recipes stand on, before them
             _section_results(metrics, missing),
+            _section_ablations(root),
             _section_zeroshot(paths, root, recipes),
             _section_curves(paths, root, recipes),
             _section_segmentation(paths, root, metrics),

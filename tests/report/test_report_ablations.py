@@ -1,0 +1,62 @@
+"""The report's ablations section (issue #15): benchmarks/ablations.py's table, summarised
+by its own ``_summarise`` from per-seed numbers made up here, rendered with the paper's
+direction beside ours and a verdict per row; a checkout without the file says how to make it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+from dinoalign.report import ABLATIONS_FILE, ABLATIONS_TITLE, _section_ablations, ablation_verdict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("ablations_benchmark", REPO / "benchmarks" / "ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(zeroshot: list[float], miou: list[float]) -> dict[int, dict[str, float]]:
+    return {s: {"heldout/zeroshot/top1": z, "heldout/segmentation/miou": m,
+                "seen/zeroshot/top1": z + 0.1, "seen/segmentation/miou": m + 0.01}
+            for s, (z, m) in enumerate(zip(zeroshot, miou))}
+
+
+def test_rows_are_summarised_against_their_baseline_and_judged_against_the_paper(tmp_path: Path) -> None:
+    bench = _benchmark()
+    rows = [r for r in bench.ROWS if r.recipe == "talk2dino"][:4]  # baseline, averaged, CLS, linear
+    base, averaged, cls, linear = (r.name for r in rows)
+    runs = {
+        base: _numbers([0.20, 0.22, 0.24], [0.10, 0.12, 0.11]),
+        averaged: _numbers([0.10, 0.12, 0.14], [0.05, 0.06, 0.07]),  # lower in every seed: agrees
+        cls: _numbers([0.30, 0.32, 0.34], [0.20, 0.22, 0.21]),  # higher in every seed: differs
+        linear: _numbers([0.21, 0.21, 0.25], [0.09, 0.13, 0.11]),  # mixed: unclear
+    }
+    table = bench._summarise(rows, runs)
+    by_row = {e["row"]: e for e in table}
+    m = by_row[averaged]["metrics"]["heldout/zeroshot/top1"]
+    assert abs(m["mean"] - 0.12) < 1e-9 and abs(m["diff_mean"] + 0.10) < 1e-9
+    assert m["seeds_lower"] == 3 and m["direction"] == "lower"
+    assert "diff_mean" not in by_row[base]["metrics"]["heldout/zeroshot/top1"]
+    assert [ablation_verdict(by_row[n]) for n in (averaged, cls, linear)] == ["agrees", "differs", "unclear"]
+
+    (tmp_path / ABLATIONS_FILE).parent.mkdir(parents=True)
+    (tmp_path / ABLATIONS_FILE).write_text(json.dumps({"table": table, "seeds": [0, 1, 2], "date": "2026-12-07",
+                                                       "commit": "abc1234567890", "dinotxt_epochs": 8}))
+    html = _section_ablations(tmp_path)
+    assert ABLATIONS_TITLE.replace("'", "&#x27;") in html and "3 seeds each" in html
+    assert "12.0 ± 2.0 (-10.0, 3/3)" in html  # averaged attention, held-out zero-shot
+    reading = re.search(r"<p><b>Reading\.</b> (.*?)</p>", html).group(1)
+    assert "talk2dino: CLS token instead of the best head" in reading and "averaged" not in reading
+
+
+def test_a_checkout_without_measurements_says_how_to_make_them(tmp_path: Path) -> None:
+    html = _section_ablations(tmp_path)
+    assert "not measured in this checkout" in html and "benchmarks/ablations.py" in html
