@@ -81,3 +81,22 @@ def test_the_ray_token_and_the_seaweedfs_identity_are_mode_600(
     services.start_seaweedfs(tmp_path / "weed", "dinoalign", SECRET)
     identity = tmp_path / "weed" / "s3.json"
     assert _mode(identity) == 0o600 and SECRET in identity.read_text()
+    # the JWT signing keys and the mTLS key (issue #19: no way in but S3 with the keys)
+    security = tmp_path / "weed" / services.SEAWEEDFS_SECURITY
+    assert _mode(security) == 0o600 and "[jwt.filer_signing.read]" in security.read_text()
+    tls = tmp_path / "weed" / services.SEAWEEDFS_TLS
+    assert _mode(tls) == _mode(tmp_path / "weed") == 0o700
+    assert {p.name: _mode(p) for p in tls.iterdir()} == {"ca.crt": 0o600, "node.crt": 0o600, "node.key": 0o600}
+
+
+def test_the_mlflow_auth_files_are_mode_600(tmp_path: Path, open_umask: None) -> None:
+    """The basic-auth config of the stack's mlflow server: 600, and the password only in
+    the server's environment."""
+    from dinoalign.ops import services
+
+    auth = services.MlflowAuth("admin-user", SECRET)
+    env = services.mlflow_auth_env(tmp_path / "mlflow", auth)
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert _mode(ini) == 0o600 and SECRET not in ini.read_text() and "NO_PERMISSIONS" in ini.read_text()
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == SECRET and len(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) >= 32
+    assert SECRET not in repr(auth)

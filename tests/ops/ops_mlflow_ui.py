@@ -3,6 +3,7 @@ and their aliases, rendered by headless Chromium (shared by the UI and integrati
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,16 +14,25 @@ TIMEOUT_MS = 90_000  # the UI's JS bundle is large and the machine is shared
 def check_mlflow_ui(browser: Any, url: str, experiment_id: str, run_names: Iterable[str],
                     model_aliases: dict[str, str], shots: Path, pipelines: int = 0,
                     datasets: dict[str, str] | None = None,
-                    signatures: dict[tuple[str, str], list[str]] | None = None) -> None:
+                    signatures: dict[tuple[str, str], list[str]] | None = None,
+                    credentials: tuple[str, str] | None = None) -> None:
     """Assert that the runs page of ``experiment_id`` (model-training view) lists every run
     in ``run_names``, the models page lists every model of ``model_aliases``, and each
     model's page shows its alias. ``pipelines``: the number of pipeline parent runs the
     table lists with the runs of ``run_names`` nested under them (hidden until a parent is
     expanded); ``datasets``: run name -> a dataset its row shows in the Dataset column;
     ``signatures``: (model, version) -> input fields its version page shows in its schema.
-    Screenshots go to ``shots`` (kept by pytest's tmp dirs for a look)."""
+    Screenshots go to ``shots`` (kept by pytest's tmp dirs for a look). ``credentials``:
+    (user, password) of a basic-auth server, sent as an ``Authorization`` header with
+    every request of the page (the URL holds none; Playwright's ``http_credentials``,
+    which answers the 401 challenge instead, failed in Chromium with
+    ERR_INVALID_AUTH_CREDENTIALS in the full suite)."""
     shots.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    auth = {}
+    if credentials:
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+        auth = {"extra_http_headers": {"Authorization": f"Basic {token}"}}
+    page = browser.new_page(viewport={"width": 1400, "height": 900}, **auth)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:

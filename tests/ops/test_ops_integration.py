@@ -118,7 +118,8 @@ def _embed_run(client: Any, experiment: str, pipeline_run: str) -> Any:
 
 
 @pytest.mark.timeout(1800)  # ~16 min alone on 2 busy cores: the pipeline and one retraining
-def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromium: Any) -> None:
+def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromium: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     root = copy_checkout(REPO, tmp_path / "repo", SMALL)
@@ -134,6 +135,10 @@ def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromiu
                               "us-east-1")
         s3 = boto3_client(settings=settings)
         bucket = env["DINOALIGN_STACK_BUCKET"]
+        # the mlflow server takes its admin's basic auth only (stack.env has it for the stages);
+        # MLflow's client reads it from this process's environment at each request
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.setenv(key, env[key])
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
 
         # ---- 1. the pipeline on the stack, with the stack profile
@@ -157,6 +162,8 @@ def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromiu
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
         assert parent.data.tags["dvc.exp_name"] and parent.info.status == "FINISHED"
         assert all(r.data.tags["dinoalign.profile"] == "stack" for r in [parent, *runs])
+        secrets_ = (env["MLFLOW_TRACKING_PASSWORD"], env["AWS_SECRET_ACCESS_KEY"])
+        assert not any(s in json.dumps([r.data.params, r.data.tags]) for r in [parent, *runs] for s in secrets_)
         assert keys(f"mlflow/{experiment.experiment_id}/")  # run artifacts went through the server
         model = f"dinoalign-{RECIPE}"
         assert str(client.get_model_version_by_alias(model, "candidate").version) == "1"
@@ -177,7 +184,8 @@ def test_pipeline_on_the_stack_then_scheduled_retraining(tmp_path: Path, chromiu
         assert "up to date" in _run([sys.executable, "-m", "dvc", "status", TARGET], clone, env)
 
         check_mlflow_ui(chromium, env["MLFLOW_TRACKING_URI"], experiment.experiment_id, STAGES,
-                        {model: "candidate"}, tmp_path / "shots", pipelines=1, datasets={TARGET: "pairs:test"})
+                        {model: "candidate"}, tmp_path / "shots", pipelines=1, datasets={TARGET: "pairs:test"},
+                        credentials=(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]))
 
         # ---- 2. new caption data lands: retrain
         _run([sys.executable, "-m", "dvc", "freeze", "teacher"], root, env)  # the stand-in CLIP stays put

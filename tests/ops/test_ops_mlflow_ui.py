@@ -56,7 +56,8 @@ def test_mlflow_ui_shows_pipeline_runs_and_registered_models(tracking_stack: Any
                     {"dinoalign-projector": "champion", "dinoalign-talk2dino": "candidate",
                      "dinoalign-dinotxt": "candidate"}, tmp_path / "shots",
                     pipelines=1, datasets={"prepare": "pairs"},
-                    signatures={("dinoalign-dinotxt", version): ["image_b64", "classes", "mask_png_b64"]})
+                    signatures={("dinoalign-dinotxt", version): ["image_b64", "classes", "mask_png_b64"]},
+                    credentials=(tracking_stack.auth.username, tracking_stack.auth.password))
     assert (tmp_path / "shots" / "runs.png").stat().st_size > 10_000
 
 

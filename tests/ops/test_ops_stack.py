@@ -77,6 +77,22 @@ def test_credentials_generated_private_and_reused(tmp_path: Path, monkeypatch: p
     assert stack_credentials(tmp_path) == ("from-env", "secret-from-env", None)
 
 
+def test_mlflow_admin_generated_beside_the_s3_keys_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinoalign.ops.stack import mlflow_credentials
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    access, secret, _ = stack_credentials(tmp_path)
+    auth, path = mlflow_credentials(tmp_path)
+    assert path == tmp_path / CREDENTIALS_FILE and _mode(path) == 0o600 and len(auth.password) >= 32
+    assert read_env_file(path) == {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
+                                   "MLFLOW_TRACKING_USERNAME": auth.username, "MLFLOW_TRACKING_PASSWORD": auth.password}
+    assert mlflow_credentials(tmp_path) == (auth, path) and stack_credentials(tmp_path) == (access, secret, path)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "me")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "password-from-env")
+    assert mlflow_credentials(tmp_path)[1] is None and mlflow_credentials(tmp_path)[0].password == "password-from-env"
+
+
 def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
     """A state file whose PID now names another process (same PID, other start time)."""
     other = subprocess.Popen(["sleep", "60"])
@@ -154,7 +170,7 @@ def test_infra_up_status_use_down(tmp_path: Path) -> None:
                                 text=True, timeout=300)
         assert client.returncode == 0, client.stderr[-3000:]
         report = json.loads(client.stdout.strip().splitlines()[-1])
-        assert report["ray"] == 42 and report["cpus"] == 1.0
+        assert report["ray"] == 42 and report["cpus"] == 1.0 and report["worker_logged"] == 1
         assert report["artifact_keys"] == [f"mlflow/{report['experiment']}/{report['run']}/artifacts/notes/hello.txt"]
         assert report["anonymous_status"] == 403 and report["wrong_key_error"] in ("InvalidAccessKeyId", "AccessDenied")
         (root / "data.txt").write_text("tracked\n")
@@ -189,6 +205,13 @@ mlflow.set_experiment("smoke")
 with mlflow.start_run() as run:
     mlflow.log_text("hello", "notes/hello.txt")
 out.update(experiment=run.info.experiment_id, run=run.info.run_id)
+
+@ray.remote
+def log_from_a_worker(uri, run_id):  # as align's Ray Train workers do: the head's env has the MLflow admin
+    mlflow.MlflowClient(uri).log_metric(run_id, "from_worker", 1.0)
+    return 1
+
+out["worker_logged"] = ray.get(log_from_a_worker.remote(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id))
 listing = boto3_client().list_objects_v2(Bucket=os.environ["DINOALIGN_STACK_BUCKET"], Prefix="mlflow/")
 out["artifact_keys"] = [o["Key"] for o in listing.get("Contents", [])]
 try:

@@ -77,7 +77,7 @@ def _infra_up(args: argparse.Namespace) -> int:
     for s in state["services"]:
         print(f"infra: {s['name']:<12} pid {s['pid']:<7} {s['url']}   (log {s['log']})")
     print(f"infra: bucket s3://{state['bucket']} (MLflow artifacts under mlflow/, DVC remote under dvc/); "
-          f"keys from {state['keys_from']}")
+          f"keys from {state['keys_from']}; MLflow basic auth from {state['mlflow_auth_from']}")
     if state["dvc_remote"]:
         print(f"infra: DVC remote {state['dvc_remote']!r} is this checkout's default (.dvc/config.local)")
     print(f"infra: use it with:  source {state['env_file']}")

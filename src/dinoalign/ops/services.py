@@ -114,12 +114,24 @@ class Service:
             pass
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, float]:
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+           umask: int = -1) -> tuple[int, float]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True, umask=umask)
     return proc.pid, _started_at(proc.pid)
+
+
+def write_private(path: Path, data: str | bytes) -> Path:
+    """Write ``data`` to a file only its owner can read or write (created 600, never wider,
+    whatever the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    path.chmod(0o600)
+    return path
 
 
 def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,), service: Service | None = None) -> None:
@@ -181,17 +193,33 @@ SEAWEEDFS_PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "f
                    "admin", "admin_grpc")
 
 
+SEAWEEDFS_SECURITY = "security.toml"
+SEAWEEDFS_TLS = "tls"
+# the gRPC servers of `weed mini` (and what its processes dial with): each gets the mTLS pair
+SEAWEEDFS_GRPC_ROLES = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq",
+                        "client")
+
+
 def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str, ports: dict[str, int] | None = None) -> Service:
     """``weed mini`` with every port free on 127.0.0.1 (or the given ``ports``, to restart
     on the same data and address), telemetry off, and an S3 identity that requires the
-    given keys (without one the store is open to anyone)."""
+    given keys (without one the store is open to anyone).
+
+    The S3 API with those keys is the only way in: ``security.toml`` (mode 600, in
+    ``data_dir``, read from weed's working directory; fresh keys at every start) makes the
+    filer's HTTP API refuse reads and writes without a JWT signed by the S3 gateway, the
+    volume servers refuse reads and writes without one from the master or filer, and every
+    gRPC port (and unix socket) refuse a client without a certificate of the stack's own CA
+    (mTLS); the admin server needs a random password, volume and filer UIs are off. The
+    master's HTTP API still answers status and file-id requests, which give no access
+    to data. The process runs with umask 077 (its files and unix sockets owner-only)."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
     ident = data_dir / "s3.json"
-    ident.touch(mode=0o600)
-    ident.chmod(0o600)
-    ident.write_text(json.dumps({"identities": [{
+    write_private(ident, json.dumps({"identities": [{
         "name": "dinoalign", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    write_seaweedfs_security(data_dir)
     ports = dict(ports) if ports else {k: free_port() for k in SEAWEEDFS_PORTS}
     cmd = [
         _bin("weed"), "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -201,13 +229,75 @@ def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str, ports: dic
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
         f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-webdav=false", "-admin.ui=false", f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin_grpc']}",
-        "-metricsPort=0",
+        "-metricsPort=0", "-filer.disableDirListing", "-filer.exposeDirectoryData=false", "-disableHttp",
     ]
     log = data_dir / "weed.log"
-    pid, started = _spawn(cmd, log)
+    # weed reads ./security.toml first: its working directory is data_dir
+    pid, started = _spawn(cmd, log, cwd=data_dir, umask=0o077)
     svc = Service("seaweedfs", pid, f"http://127.0.0.1:{ports['s3']}", str(log), ports, started)
     # an unauthenticated GET answers 403 once the S3 gateway is up
     return _started(svc, lambda: wait_http(svc.url + "/", timeout=60, ok=(), service=svc))
+
+
+def write_seaweedfs_security(data_dir: Path) -> Path:
+    """``data_dir/security.toml`` (mode 600) with fresh random JWT signing keys (volume
+    writes and reads, filer writes and reads), an admin password, and the mTLS files of a
+    fresh CA under ``data_dir/tls`` (the CA's key is not kept: no other certificate can be
+    made for it)."""
+    tls = data_dir / SEAWEEDFS_TLS
+    ca, cert, key = write_tls_pair(tls)
+    q = json.dumps  # a TOML basic string is a JSON string
+    lines = ["# written by dinoalign (ops/services.py) at every start; keys are random per start", ""]
+    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
+        lines += [f"[{section}]", f"key = {q(secrets.token_urlsafe(32))}", "expires_after_seconds = 10", ""]
+    lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false", "",
+              "[admin]", 'user = "admin"', f"password = {q(secrets.token_urlsafe(24))}", "",
+              "[grpc]", f"ca = {q(str(ca))}", ""]
+    for role in SEAWEEDFS_GRPC_ROLES:
+        lines += [f"[grpc.{role}]", f"cert = {q(str(cert))}", f"key = {q(str(key))}", ""]
+    return write_private(data_dir / SEAWEEDFS_SECURITY, "\n".join(lines))
+
+
+def write_tls_pair(folder: Path) -> tuple[Path, Path, Path]:
+    """A fresh self-signed CA and one certificate it signs for 127.0.0.1 (server and
+    client use), as ``ca.crt``, ``node.crt``, ``node.key`` (all mode 600) in ``folder``."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"dinoalign stack CA {secrets.token_hex(4)}")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=3650))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    node_cert = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dinoalign-seaweedfs")]))
+                 .issuer_name(ca_name).public_key(node_key.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=3650))
+                 .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                 .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    return (write_private(folder / "ca.crt", ca_cert.public_bytes(pem)),
+            write_private(folder / "node.crt", node_cert.public_bytes(pem)),
+            write_private(folder / "node.key", node_key.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())))
 
 
 def ensure_bucket(bucket: str, settings: Any = None) -> None:
@@ -268,12 +358,34 @@ def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlf
 
 
 # ----------------------------------------------------------------------------- MLflow
+MLFLOW_AUTH_INI = "basic_auth.ini"
+MLFLOW_AUTH_DB = "basic_auth.db"
+
+
+@dataclass(frozen=True)
+class MlflowAuth:
+    """The admin of an ``mlflow server --app-name basic-auth``: the only user; clients
+    present it as ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``."""
+
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # never the password in a log or a traceback
+        return f"MlflowAuth(username={self.username!r}, password=***)"
+
+    def client_env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+
 def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, env: dict[str, str] | None = None,
-                 port: int | None = None) -> Service:
+                 port: int | None = None, auth: MlflowAuth | None = None) -> Service:
     """``mlflow server`` with proxied artifacts (clients need no S3 keys), jobs off.
 
     ``env`` reaches only the server: for an ``s3://`` destination it must hold
-    ``MLFLOW_S3_ENDPOINT_URL`` and the keys (:func:`dinoalign.storage.mlflow_server_env`)."""
+    ``MLFLOW_S3_ENDPOINT_URL`` and the keys (:func:`dinoalign.storage.mlflow_server_env`).
+    ``auth``: MLflow's basic-auth app (:func:`mlflow_auth_env`): every request but
+    ``/health``, the server-info route and the UI's static files needs the admin's
+    credentials (401 without them)."""
     if backend_uri.startswith("postgresql"):
         try:
             import psycopg  # noqa: F401  (mlflow's SQLAlchemy dialect for postgresql://)
@@ -284,10 +396,35 @@ def start_mlflow(backend_uri: str, artifacts_destination: str, log_dir: Path, en
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
+    server_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    if auth is not None:
+        cmd += ["--app-name", "basic-auth"]
+        server_env.update(mlflow_auth_env(log_dir, auth))
     log = log_dir / "mlflow.log"
-    pid, started = _spawn(cmd, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
+    # umask 077: the user store (password hashes) and what else the server writes are owner-only
+    pid, started = _spawn(cmd, log, server_env, umask=0o077 if auth is not None else -1)
     svc = Service("mlflow", pid, f"http://127.0.0.1:{port}", str(log), {"http": port}, started)
     return _started(svc, lambda: wait_http(svc.url + "/health", timeout=120, service=svc))
+
+
+def mlflow_auth_env(folder: Path, auth: MlflowAuth) -> dict[str, str]:
+    """The environment of an ``mlflow server --app-name basic-auth`` whose only user is
+    ``auth`` (an admin): ``folder/basic_auth.ini`` (mode 600; no secret in it) with no
+    permission for anyone else and the user store ``folder/basic_auth.db``, rebuilt at
+    every start so that the credentials given are the ones that work; the admin's
+    password and a random CSRF key only in the environment (never argv)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / MLFLOW_AUTH_DB
+    db.unlink(missing_ok=True)
+    ini = write_private(folder / MLFLOW_AUTH_INI, "\n".join([
+        "# written by dinoalign (ops/services.py) at every start of the stack's mlflow server",
+        "[mlflow]", "default_permission = NO_PERMISSIONS", f"database_uri = sqlite:///{db}",
+        f"admin_username = {auth.username}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        "grant_default_workspace_access = false", ""]))
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": auth.username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": auth.password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32)}
 
 
 def start_model_server(model_uri: str, log_dir: Path, env: dict[str, str] | None = None,
