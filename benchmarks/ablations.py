@@ -89,15 +89,16 @@ class Row:
 
 ROWS = (
     Row("talk2dino", "best head, ψ MLP (the paper's)", baseline=True),
+    # Talk2DINO's ablations are segmentation mIoU (its paper has no zero-shot classification)
     Row("talk2dino", "averaged attention instead of the best head",
-        model=(("image_feature", "averaged_attention"),), paper="lower"),
-    Row("talk2dino", "CLS token instead of the best head", model=(("image_feature", "cls"),), paper="lower"),
-    Row("talk2dino", "ψ linear instead of the MLP", model=(("projection", "linear"),), paper="lower"),
+        model=(("image_feature", "averaged_attention"),), paper="lower mIoU"),
+    Row("talk2dino", "CLS token instead of the best head", model=(("image_feature", "cls"),), paper="lower mIoU"),
+    Row("talk2dino", "ψ linear instead of the MLP", model=(("projection", "linear"),), paper="lower mIoU"),
     Row("talk2dino", "no background cleaning", evaluate=("evaluate.background_cleaning=false",),
         paper="lower mIoU (datasets with background)"),
     Row("talk2dino", "with PAMR", evaluate=("evaluate.segmentation.pamr=true",), paper="higher mIoU"),
     Row("talk2dino", "random-init backbone", backbone="random",
-        paper="lower (no random backbone in the paper: every row uses DINOv2)"),
+        paper="none: every row of the paper uses DINOv2 (expected lower)"),
     Row("dinotxt", "[CLS′ ; mean patch′] on curated data (the paper's)", baseline=True),
     Row("dinotxt", "CLS′ only", model=(("use_patch_tokens", False),), paper="lower, mIoU most"),
     Row("dinotxt", "no curation (every train uid)", align=("align.use_curated=false",),
@@ -113,6 +114,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dinotxt-epochs", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "ablations.json"))
+    p.add_argument("--summarise", metavar="JSON", default=None,
+                   help="recompute the table of an earlier --out from its per-seed runs (the rows' labels "
+                        "and paper directions as this file has them), write it back, train nothing")
     return p.parse_args(argv)
 
 
@@ -222,6 +226,8 @@ def _git_commit(root: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if args.summarise:
+        return _resummarise(Path(args.summarise))
     root = Path(args.root).resolve()
     torch.set_num_threads(args.threads)
     rows = [r for r in ROWS if r.recipe in args.rows]
@@ -272,6 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     print(f"ablations: {len(rows)} rows × {len(args.seeds)} seeds in {result['wall_s']:.0f} s -> {out}")
+    return 0
+
+
+def _resummarise(path: Path) -> int:
+    """Rebuild ``table`` of the results at ``path`` from its ``runs`` (JSON keys the seeds)."""
+    result = json.loads(path.read_text())
+    runs = {name: {int(seed): m for seed, m in per_seed.items()} for name, per_seed in result["runs"].items()}
+    rows = [r for r in ROWS if r.name in runs]
+    result["table"] = _summarise(rows, runs)
+    result["summarised"] = time.strftime("%Y-%m-%d")
+    path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    _print(result["table"])
     return 0
 
 
