@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,34 @@ def copy_checkout(src: Path, dst: Path, overrides: dict[str, Any]) -> Path:
     git(dst, "add", "-A")
     git(dst, "commit", "-q", "-m", "checkout for the test")
     return dst
+
+
+def empty_checkout(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository under ``tmp_path`` (``infra`` commands run in one)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def infra_cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``dinoalign infra --root root ARGS`` in a subprocess with ``env``."""
+    return subprocess.run([sys.executable, "-m", "dinoalign.cli", "infra", "--root", str(root), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def infra_up(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path, dict[str, Any]]:
+    """``dinoalign infra up --ray-cpus 1`` in a fresh checkout: (root, its run folder, the
+    started services by name from the stack's state file). The caller stops them."""
+    import json
+
+    from dinoalign.ops import services as infra
+    from dinoalign.ops.stack import STATE_FILE, run_dir
+
+    root = empty_checkout(tmp_path)
+    started = infra_cli(root, "up", "--ray-cpus", "1", env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    run = run_dir(root)
+    state = json.loads((run / STATE_FILE).read_text())
+    return root, run, {s["name"]: infra.Service(**s) for s in state["services"]}

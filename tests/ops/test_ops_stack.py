@@ -29,19 +29,7 @@ from dinoalign.ops.stack import (
     stack_env,
     up,
 )
-
-
-def _checkout(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    root.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    return root
-
-
-def _cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dinoalign.cli", "infra", "--root", str(root), *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+from ops_checkout import empty_checkout, infra_cli, infra_up
 
 
 def _env_without_keys() -> dict[str, str]:
@@ -121,7 +109,7 @@ def test_worker_nodes_outside_a_private_network_are_refused_before_anything_star
 
 
 def test_failed_up_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = _checkout(tmp_path)
+    root = empty_checkout(tmp_path)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     before = {p.pid for p in psutil.process_iter()}
@@ -135,13 +123,9 @@ def test_failed_up_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.Mon
 
 @pytest.mark.integration
 def test_infra_up_status_use_down(tmp_path: Path) -> None:
-    root = _checkout(tmp_path)
     env = _env_without_keys()
-    started = _cli(root, "up", "--ray-cpus", "1", env=env)
-    assert started.returncode == 0, started.stderr[-3000:]
-    run = run_dir(root)
+    root, run, services = infra_up(tmp_path, env)
     state = json.loads((run / STATE_FILE).read_text())
-    services = {s["name"]: infra.Service(**s) for s in state["services"]}
     try:
         assert set(services) == {"seaweedfs", "mlflow", "ray"}
         # every listening socket of every process of the stack is on loopback
@@ -155,9 +139,9 @@ def test_infra_up_status_use_down(tmp_path: Path) -> None:
         assert secret not in (root / ".dvc" / "config").read_text()
         assert secret in (root / ".dvc" / "config.local").read_text()
 
-        shown = _cli(root, "status", env=env)
+        shown = infra_cli(root, "status", env=env)
         assert shown.returncode == 0 and shown.stdout.count("healthy") == 3, shown.stdout
-        again = _cli(root, "up", env=env)
+        again = infra_cli(root, "up", env=env)
         # a StackError is a UserError like any other: one line, exit 2 (it was exit 1)
         assert again.returncode == 2 and "already up" in again.stderr
         assert again.stderr.strip().splitlines() == [again.stderr.strip()], again.stderr
@@ -181,14 +165,14 @@ def test_infra_up_status_use_down(tmp_path: Path) -> None:
     finally:
         tree = [p for s in services.values() if s.alive()
                 for p in [psutil.Process(s.pid), *psutil.Process(s.pid).children(True)]]
-        stopped = _cli(root, "down", env=env)
+        stopped = infra_cli(root, "down", env=env)
     assert stopped.returncode == 0 and "stopped ray, mlflow, seaweedfs" in stopped.stdout
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert alive == [], [p.pid for p in alive]
     assert not (run / STATE_FILE).exists() and not (run / ENV_FILE).exists()
     assert not Path(state["ray_temp_dir"]).exists()
     assert "remote = stack" not in (root / ".dvc" / "config.local").read_text()  # `dvc push` -> committed default
-    assert _cli(root, "status", env=env).returncode == 3
+    assert infra_cli(root, "status", env=env).returncode == 3
     with pytest.raises(StackError, match="not up"):
         stack_env(root)
 

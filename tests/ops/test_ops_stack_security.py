@@ -16,7 +16,6 @@ port its processes listen on is tried the way another user of the machine would:
 from __future__ import annotations
 
 import base64
-import json
 import os
 import stat
 import subprocess
@@ -29,8 +28,10 @@ import psutil
 import pytest
 
 from dinoalign.ops import services as infra
-from dinoalign.ops.stack import CREDENTIALS_FILE, ENV_FILE, STATE_FILE, read_env_file, run_dir, stack_env
+from dinoalign.ops.stack import CREDENTIALS_FILE, ENV_FILE, STATE_FILE, read_env_file, stack_env
 from dinoalign.storage import S3Settings, boto3_client
+
+from ops_checkout import infra_cli, infra_up
 
 pytestmark = pytest.mark.integration
 
@@ -38,18 +39,6 @@ BUCKET = "dinoalign"
 KEY = "private/secret-object.bin"
 BODY = b"only-with-the-keys:" + os.urandom(64).hex().encode() * 4000  # > 256 KB: stored in volume chunks
 
-
-def _checkout(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    root.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    return root
-
-
-def _cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dinoalign.cli", "infra", "--root", str(root), *args],
-                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def _request(method: str, url: str, data: bytes | None = None,
@@ -84,13 +73,8 @@ def _mode(path: Path) -> int:
 
 @pytest.mark.timeout(900)
 def test_every_port_of_the_stack_refuses_a_client_without_credentials(tmp_path: Path) -> None:
-    root = _checkout(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
-    started = _cli(root, "up", "--ray-cpus", "1", env=env)
-    assert started.returncode == 0, started.stderr[-3000:]
-    run = run_dir(root)
-    state = json.loads((run / STATE_FILE).read_text())
-    services = {s["name"]: infra.Service(**s) for s in state["services"]}
+    root, run, services = infra_up(tmp_path, env)
     try:
         stack = stack_env(root)
         creds = read_env_file(run / CREDENTIALS_FILE)
@@ -213,7 +197,7 @@ def test_every_port_of_the_stack_refuses_a_client_without_credentials(tmp_path: 
             assert not any(s in text for s in secrets_.values()), path
         assert "intruder" not in with_creds.stdout
     finally:
-        stopped = _cli(root, "down", env=env)
+        stopped = infra_cli(root, "down", env=env)
     assert stopped.returncode == 0, stopped.stderr[-2000:]
 
 

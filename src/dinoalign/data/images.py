@@ -170,24 +170,10 @@ def decode_image(
     return _to_rgb_array(image)
 
 
-def load_image(
-    uri: str, *, max_pixels: int, min_side: int,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-    read_attempts: int = DEFAULT_READ_ATTEMPTS,
-    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
-) -> np.ndarray:
-    """Read ``uri`` (local path, ``s3://``, ``http(s)://``) and decode it: H×W×3 uint8 RGB.
-
-    The read stops at ``max_bytes`` (``too_large``) or after ``read_timeout_s`` in all
-    (``read_timeout``); see :func:`dinoalign.storage.read_bytes`. A transient failure
-    (:data:`TRANSIENT_REASONS`) is tried ``read_attempts`` times in all, waiting
-    ``read_backoff_s`` × 2^k (k = 0, 1, ...; jittered) between tries."""
-    return decode_image(
-        _read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s),
-        max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio,
-    )
+def load_image(uri: str, **limits: Any) -> np.ndarray:
+    """Read ``uri`` (local path, ``s3://``, ``http(s)://``) and decode it: H×W×3 uint8 RGB
+    (:func:`load_image_sha256` without the hash; ``limits`` as there)."""
+    return load_image_sha256(uri, **limits)[0]
 
 
 def load_image_sha256(
@@ -198,28 +184,24 @@ def load_image_sha256(
     read_attempts: int = DEFAULT_READ_ATTEMPTS,
     read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
 ) -> tuple[np.ndarray, str]:
-    """:func:`load_image` and the sha256 (hex) of the bytes it decoded: what the pixels
-    were made from (the embed stage's content key)."""
+    """Read ``uri`` (local path, ``s3://``, ``http(s)://``), decode it (H×W×3 uint8 RGB) and
+    hash the bytes decoded (sha256 hex: what the pixels were made from, the embed stage's
+    content key).
+
+    The read stops at ``max_bytes`` (``too_large``) or after ``read_timeout_s`` in all
+    (``read_timeout``); see :func:`dinoalign.storage.read_bytes`. A transient failure
+    (:data:`TRANSIENT_REASONS`) is tried ``read_attempts`` times in all, waiting
+    ``read_backoff_s`` × 2^k (k = 0, 1, ...; jittered) between tries."""
     data = _read(uri, max_bytes, read_timeout_s, read_attempts, read_backoff_s)
     array = decode_image(data, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
     return array, hashlib.sha256(data).hexdigest()
 
 
-def probe_image(
-    uri: str, *, max_pixels: int, min_side: int,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-    read_attempts: int = DEFAULT_READ_ATTEMPTS,
-    read_backoff_s: float = DEFAULT_READ_BACKOFF_S,
-) -> tuple[int, int]:
+def probe_image(uri: str, **limits: Any) -> tuple[int, int]:
     """Validate ``uri`` with a full decode (truncation is caught) and return its upright
-    ``(width, height)``, skipping the EXIF rotation and RGB conversion of the pixels.
-    Reads as :func:`load_image` does."""
-    return probe_image_sha256(
-        uri, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio, max_bytes=max_bytes,
-        read_timeout_s=read_timeout_s, read_attempts=read_attempts, read_backoff_s=read_backoff_s,
-    )[0]
+    ``(width, height)``, skipping the EXIF rotation and RGB conversion of the pixels
+    (:func:`probe_image_sha256` without the hash). Reads as :func:`load_image` does."""
+    return probe_image_sha256(uri, **limits)[0]
 
 
 def probe_image_sha256(
