@@ -1001,10 +1001,10 @@ def render_report(inputs: ReportInputs) -> str:
         [
             _section_pretrain(inputs),  # the backbone the recipes stand on, before them
             _section_results(metrics, missing),
-            _section_ablations(root),
             _section_zeroshot(paths, root, recipes),
             _section_curves(paths, root, recipes),
             _section_segmentation(paths, root, metrics),
+            _section_ablations(root),  # one factor at a time, after the recipes' own sections
             _section_data(paths, root),
             _section_versions(inputs, metrics),
             _section_registry(inputs.tracking_uri, recipes),
