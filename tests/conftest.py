@@ -182,7 +182,8 @@ def evaluated_demo(demo_models: DemoModels) -> DemoModels:
     mlflow.set_experiment(experiment_id=hand)
     with mlflow.start_run(run_name="align@dinotxt"):
         logged = mlflow.initialize_logged_model(name="model", tags={WEIGHTS_TAG: sha})
-        mlflow.register_model(f"models:/{logged.model_id}", registered_model_name("dinotxt"), tags={WEIGHTS_TAG: sha})
+        name = registered_model_name("dinotxt", demo_models.params().tracking.experiment)
+        mlflow.register_model(f"models:/{logged.model_id}", name, tags={WEIGHTS_TAG: sha})
     assert demo_models.main("evaluate") == 0
     return demo_models
 

@@ -1,7 +1,8 @@
 """MLflow runs the way their users expect (issue #16 "Runs", #20): one parent run per
 pipeline execution with each stage nested under it, only the params a stage reads, runs a
 killed process left RUNNING marked FAILED, an unreachable server refused in seconds, the
-experiment in the UI's model-training view. Real DVC, real processes, the embedded store."""
+experiment in the UI's model-training view, registered models scoped by experiment. Real
+DVC, real processes, the embedded store."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from dinoalign.tracking import (
     ABANDONED_TAG,
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
+    EXPERIMENT_TAG,
     check_reachable,
+    register_model,
+    registered_model_name,
     stage_params,
     stage_run,
 )
@@ -168,3 +172,44 @@ def test_an_unreachable_tracking_server_fails_in_seconds_in_one_line(tmp_path: P
         silent.listen()
         with pytest.raises(ConfigError, match=r"\$MLFLOW_TRACKING_URI\) does not answer within 0.5 s"):
             check_reachable(f"http://127.0.0.1:{silent.getsockname()[1]}", "$MLFLOW_TRACKING_URI", timeout=0.5)
+
+
+def test_two_experiments_sharing_one_store_keep_their_own_candidates(tmp_path: Path) -> None:
+    """Issue #20: two pipelines (tracking.experiment a and b) on one MLflow store register
+    under <experiment>-<recipe>, so neither moves the other's @candidate; a model of that
+    name that another experiment owns is refused, not joined."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'shared.db'}")
+    try:
+        client = MlflowClient()
+        versions = {}
+        for experiment in ("a", "b", "a"):
+            mlflow.set_experiment(experiment)
+            with mlflow.start_run():
+                logged = mlflow.initialize_logged_model(name="model")
+                versions[experiment] = register_model("talk2dino", experiment, f"models:/{logged.model_id}")
+        assert registered_model_name("talk2dino", "a") == "a-talk2dino"
+        assert registered_model_name("talk2dino", "dinoalign") == "dinoalign-talk2dino"  # the demo's
+        assert versions == {"a": "2", "b": "1"}  # a's second version did not touch b's
+        for experiment, version in versions.items():
+            name = f"{experiment}-talk2dino"
+            assert str(client.get_model_version_by_alias(name, "candidate").version) == version
+            assert client.get_registered_model(name).tags[EXPERIMENT_TAG] == experiment
+
+        client.create_registered_model("c-talk2dino", tags={EXPERIMENT_TAG: "someone-else"})
+        mlflow.set_experiment("c")
+        with mlflow.start_run():
+            logged = mlflow.initialize_logged_model(name="model")
+            with pytest.raises(ConfigError, match="belongs to the MLflow experiment 'someone-else'"):
+                register_model("talk2dino", "c", f"models:/{logged.model_id}")
+        assert client.search_model_versions("name = 'c-talk2dino'") == []
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("name", ["' '", "a/b", "team:x"])
+def test_an_experiment_that_cannot_name_a_model_is_refused_when_params_load(name: str) -> None:
+    with pytest.raises(ConfigError, match="tracking.experiment must be a non-empty name"):
+        load_params(REPO / "params.yaml", [f"tracking.experiment={name}"])

@@ -49,8 +49,15 @@ class TrackingConfig:
     (MLflow's system metrics, psutil; GPUs with pynvml)."""
 
     uri: str | None = None
+    # the MLflow experiment; also scopes the registered models: <experiment>-<recipe>
     experiment: str = "dinoalign"
     system_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        name = self.experiment
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "/:"):
+            raise ConfigError(f"tracking.experiment must be a non-empty name without '/' or ':' (it names the "
+                              f"registered models <experiment>-<recipe>), got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +151,7 @@ MOVED_KEYS = {
     "evaluate.report_dir": "paths.report",
     "retrain.decisions_dir": "paths.decisions",
     "retrain.lock_file": "paths.retrain_lock",
-    "retrain.model_prefix": "nothing: models are always registered as dinoalign-<recipe>",
+    "retrain.model_prefix": "tracking.experiment (models are registered as <tracking.experiment>-<recipe>)",
 }
 
 

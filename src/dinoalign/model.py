@@ -105,7 +105,7 @@ def _download_mlflow_model(reference: str, tracking_uri: str | None, dst: Path) 
         raise InferenceError(
             f"MLflow could not resolve {reference!r} at {mlflow.get_tracking_uri()}: {e.message.rstrip('.')}. "
             "Check the registered model name and alias (the align stage registers "
-            "dinoalign-<recipe> with alias 'candidate') and tracking.uri"
+            "<tracking.experiment>-<recipe>, e.g. dinoalign-talk2dino, with alias 'candidate') and tracking.uri"
         ) from None
     candidates = sorted(
         p.parent for p in local.rglob(CONFIG_FILE) if (p.parent / WEIGHTS_FILE).is_file()

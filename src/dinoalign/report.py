@@ -164,7 +164,7 @@ def mlflow_runs(
 
 
 def registry_versions(
-    tracking_uri: str, recipes: Sequence[str], per_model: int = 5
+    tracking_uri: str, experiment: str, recipes: Sequence[str], per_model: int = 5
 ) -> tuple[list[dict[str, Any]], str | None]:
     """(rows, None) or ([], why not): the latest ``per_model`` versions of each recipe's
     registered model in the store at ``tracking_uri``, newest first, with their aliases
@@ -178,7 +178,7 @@ def registry_versions(
     try:
         client = MlflowClient(tracking_uri)
         for recipe in recipes:
-            name = registered_model_name(recipe)
+            name = registered_model_name(recipe, experiment)
             found = client.search_model_versions(f"name = '{name}'")
             found = sorted(found, key=lambda v: int(v.version), reverse=True)[:per_model]
             if not found:
@@ -913,9 +913,9 @@ def _section_versions(inputs: ReportInputs, metrics: Mapping[str, Mapping[str, A
     return "".join(out)
 
 
-def _section_registry(tracking_uri: str, recipes: Sequence[str]) -> str:
+def _section_registry(tracking_uri: str, experiment: str, recipes: Sequence[str]) -> str:
     out = [heading("Model registry")]
-    rows, problem = registry_versions(tracking_uri, recipes)
+    rows, problem = registry_versions(tracking_uri, experiment, recipes)
     if problem:
         return "".join(out) + f"<p><small>{esc(problem)}</small></p>"
     cells = [
@@ -1007,7 +1007,7 @@ def render_report(inputs: ReportInputs) -> str:
             _section_ablations(root),  # one factor at a time, after the recipes' own sections
             _section_data(paths, root),
             _section_versions(inputs, metrics),
-            _section_registry(inputs.tracking_uri, recipes),
+            _section_registry(inputs.tracking_uri, inputs.experiment, recipes),
             _section_mlflow(inputs, metrics),
         ]
     )

@@ -34,9 +34,10 @@ from dinoalign.errors import ConfigError
 
 EMBEDDED_DIR = "mlruns"
 
-# The model registry: align registers ``<MODEL_PREFIX><recipe>`` and points @candidate at
-# the new version; ``retrain`` promotes a better candidate to @champion.
-MODEL_PREFIX = "dinoalign-"
+# The model registry: align registers ``<tracking.experiment>-<recipe>``
+# (:func:`registered_model_name`, tagged with EXPERIMENT_TAG) and points @candidate at the
+# new version; ``retrain`` promotes a better candidate to @champion.
+EXPERIMENT_TAG = "dinoalign.experiment"
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_ARTIFACT = "model"  # the name of the pyfunc model align logs in its run
 
@@ -373,30 +374,42 @@ def without_credentials(uri: str) -> str:
     return uri
 
 
-def registered_model_name(recipe: str) -> str:
-    """The MLflow registry name of a recipe's models: ``dinoalign-<recipe>``."""
-    return f"{MODEL_PREFIX}{recipe}"
+def registered_model_name(recipe: str, experiment: str) -> str:
+    """The MLflow registry name of a recipe's models: ``<experiment>-<recipe>``
+    (``tracking.experiment``; the default experiment ``dinoalign`` gives
+    ``dinoalign-talk2dino``). Scoped by experiment so that two pipelines sharing one MLflow
+    store never move each other's ``@candidate`` / ``@champion``."""
+    return f"{experiment}-{recipe}"
 
 
-def register_model(recipe: str, model_uri: str, tags: dict[str, str] | None = None) -> str:
+def register_model(recipe: str, experiment: str, model_uri: str, tags: dict[str, str] | None = None) -> str:
     """Register the logged model ``model_uri`` (``models:/m-...``, an MLflow pyfunc model:
-    :func:`dinoalign.serve.log_model`) as a new version of ``dinoalign-<recipe>`` with
-    ``tags``, and point the ``candidate`` alias at it; returns the version."""
+    :func:`dinoalign.serve.log_model`) as a new version of ``<experiment>-<recipe>`` with
+    ``tags``, and point the ``candidate`` alias at it; returns the version. A registered
+    model of that name tagged with another experiment (``dinoalign.experiment``: created by
+    hand or another tool) is a ConfigError, not a version slipped under another pipeline's
+    aliases."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    name = registered_model_name(recipe)
+    name = registered_model_name(recipe, experiment)
     try:
         client.create_registered_model(
-            name,
-            description=f"dinoalign {recipe} models: MLflow pyfunc models (segment / classify / "
-            "embed; docs/serving.md), each holding the recipe weights and the frozen towers it needs",
+            name, tags={EXPERIMENT_TAG: experiment, "dinoalign.recipe": recipe},
+            description=f"dinoalign {recipe} models of the MLflow experiment {experiment!r}: MLflow pyfunc "
+            "models (segment / classify / embed; docs/serving.md), each holding the recipe weights and the "
+            "frozen towers it needs",
         )
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+        owner = client.get_registered_model(name).tags.get(EXPERIMENT_TAG)
+        if owner is not None and owner != experiment:
+            raise ConfigError(
+                f"the registered model {name!r} belongs to the MLflow experiment {owner!r}, not "
+                f"{experiment!r}: choose another tracking.experiment") from None
     version = mlflow.register_model(model_uri, name, tags=tags or {})
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return str(version.version)
@@ -408,9 +421,10 @@ WEIGHTS_TAG = "dinoalign.weights_sha256"
 EVAL_TAG_PREFIX = "dinoalign.eval."
 
 
-def record_evaluation(recipe: str, weights_sha256: str, metrics: dict[str, float], dataset: Any = None) -> list[str]:
+def record_evaluation(recipe: str, experiment: str, weights_sha256: str, metrics: dict[str, float],
+                      dataset: Any = None) -> list[str]:
     """Attach the active (evaluate) run's headline ``metrics`` to every registered version
-    of ``dinoalign-<recipe>`` tagged with these weights: as metrics of its logged model (on
+    of ``<experiment>-<recipe>`` tagged with these weights: as metrics of its logged model (on
     ``dataset``; the version page lists them) and as ``dinoalign.eval.<metric>`` version
     tags with ``dinoalign.eval.run_id``. Returns those versions (none: weights that were
     never registered)."""
@@ -418,7 +432,7 @@ def record_evaluation(recipe: str, weights_sha256: str, metrics: dict[str, float
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    name = registered_model_name(recipe)
+    name = registered_model_name(recipe, experiment)
     versions = client.search_model_versions(f"name = '{name}' and tags.`{WEIGHTS_TAG}` = '{weights_sha256}'")
     run_id = mlflow.active_run().info.run_id
     for version in versions:

@@ -179,7 +179,7 @@ def test_a_registered_model_uri_works_like_its_folder(demo_models: DemoModels, c
     with mlflow.start_run():  # logged and registered as the align stage does it
         logged = log_model(demo_models.model_dir("projector"), demo_models.params(),
                            demo_models.root, MODEL_ARTIFACT)
-        register_model("projector", logged.model_uri)
+        register_model("projector", "dinoalign", logged.model_uri)
     mlflow.set_tracking_uri(None)
     image = read_pairs(demo_models.features.pairs_dir).to_pylist()[0]["image_uri"]
     answers = [

@@ -56,7 +56,7 @@ def registered(demo_models: DemoModels, tmp_path_factory: pytest.TempPathFactory
                 logged = log_model(demo_models.model_dir(recipe), demo_models.params(),
                                    demo_models.root, MODEL_ARTIFACT)
                 versions[recipe] = register_model(
-                    recipe, logged.model_uri, {"dinoalign.weights_sha256": logged.info["weights_sha256"]})
+                    recipe, "dinoalign", logged.model_uri, {"dinoalign.weights_sha256": logged.info["weights_sha256"]})
     finally:
         mlflow.set_tracking_uri(None)
     rows = [r for r in read_pairs(demo_models.features.pairs_dir).to_pylist() if r["split"] == "test"]
@@ -253,10 +253,10 @@ def test_the_reports_registry_table_shows_the_versions_and_aliases(registered: R
     client.set_registered_model_alias("dinoalign-talk2dino", CHAMPION, first.version)
     mlflow.set_tracking_uri(registered.tracking_uri)
     try:
-        second = register_model("talk2dino", first.source)  # the same logged model, a new version
+        second = register_model("talk2dino", "dinoalign", first.source)  # the same logged model, a new version
     finally:
         mlflow.set_tracking_uri(None)
-    section = _section_registry(registered.tracking_uri, ["talk2dino", "projector"])
+    section = _section_registry(registered.tracking_uri, "dinoalign", ["talk2dino", "projector"])
     rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", section)
     assert rows == [("dinoalign-talk2dino", second, "@candidate"),
                     ("dinoalign-talk2dino", str(first.version), "@champion"),

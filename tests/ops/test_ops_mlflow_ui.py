@@ -78,6 +78,6 @@ def _register_pyfunc(url: str, experiment_id: str, tmp_path: Path) -> str:
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name="dinotxt model"):
             logged = log_model(tmp_path / "dinotxt", params, tmp_path, MODEL_ARTIFACT)
-        return register_model("dinotxt", logged.model_uri)
+        return register_model("dinotxt", "dinoalign", logged.model_uri)
     finally:
         mlflow.set_tracking_uri(None)

@@ -12,7 +12,7 @@ from dinoalign.train.config import recipe_names
 class RetrainConfig:
     """Scheduled retraining (``dinoalign retrain --new URI``; docs/operations.md).
 
-    - ``recipes``: the models compared and promoted, registered as ``dinoalign-<recipe>`` (``tracking.registered_model_name``).
+    - ``recipes``: the models compared and promoted, registered as ``<tracking.experiment>-<recipe>`` (``tracking.registered_model_name``).
     - ``metrics``: per recipe, the key of its evaluation (the evaluate stage's
       ``metrics/<recipe>.details.json`` layout, dotted; the headline ones are also in
       ``metrics/<recipe>.json``) that decides; higher is better. A recipe

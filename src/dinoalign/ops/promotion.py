@@ -1,6 +1,6 @@
 """Champion/candidate promotion in the MLflow model registry.
 
-The align stage registers every trained model as ``dinoalign-<recipe>`` with the alias
+The align stage registers every trained model as ``<tracking.experiment>-<recipe>`` with the alias
 ``candidate``. :func:`decide` evaluates that candidate and the current ``champion`` with
 the evaluate stage's own code, on the same fixed evaluation set and the same params, and
 applies the rule: promote when ``candidate >= champion - tolerance`` on the recipe's
@@ -103,7 +103,7 @@ def decide(client: Any, recipe: str, params: Params, pipeline_run_id: str, eval_
     """The decision for ``recipe``: its ``@candidate`` must come from this pipeline run
     (``dinoalign.pipeline_run_id``); it and ``@champion`` are evaluated with ``evaluate``."""
     cfg = params.retrain
-    model = registered_model_name(recipe)
+    model = registered_model_name(recipe, params.tracking.experiment)
     metric = promotion_metric(params, recipe)
     base = dict(recipe=recipe, model=model, metric=metric, tolerance=cfg.tolerance, eval_set=eval_set)
     candidate = _version(client, model, CANDIDATE)

@@ -31,7 +31,15 @@ from dinoalign.embed.store import FeatureStore
 from dinoalign.recipes import load_recipe
 from dinoalign.serve import log_model
 from dinoalign.storage import under_root
-from dinoalign.tracking import MODEL_ARTIFACT, log_dataset, register_model, run_url, stage_run, tracking_uri
+from dinoalign.tracking import (
+    MODEL_ARTIFACT,
+    log_dataset,
+    register_model,
+    registered_model_name,
+    run_url,
+    stage_run,
+    tracking_uri,
+)
 from dinoalign.train.data import uids_digest
 from dinoalign.train.loop import TrainJob, fit, latest_checkpoint, read_trainer_state
 from dinoalign.train.plan import CURVE_FILE, METRICS_FILE, export_model, plan_align, write_curve
@@ -120,8 +128,9 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
         logged = log_model(model_dir, params, root, MODEL_ARTIFACT)  # pyfunc: load, serve
         summary["model_id"] = logged.model_id
         summary["weights_sha256"] = logged.info["weights_sha256"]
+        summary["registered_model"] = registered_model_name(plan.recipe, params.tracking.experiment)
         summary["model_version"] = register_model(
-            plan.recipe, logged.model_uri,
+            plan.recipe, params.tracking.experiment, logged.model_uri,
             {"dinoalign.align_run": plan.run_name, "dinoalign.weights_sha256": logged.info["weights_sha256"]},
         )
         (curves_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -131,7 +140,7 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
         f"align: {summary['recipe']} {summary['steps']} steps ({summary['epochs']} epochs over "
         f"{summary['train_samples']} samples of {summary['train_uids']} train uids), final loss "
         f"{summary['final_loss']:.4f}, {summary['mean_samples_per_s']:.0f} samples/s -> "
-        f"{model_dir} (dinoalign-{summary['recipe']} version {summary['model_version']} @candidate)\n"
+        f"{model_dir} ({summary['registered_model']} version {summary['model_version']} @candidate)\n"
         f"align: MLflow run {summary['mlflow_run']}"
     )
     return summary

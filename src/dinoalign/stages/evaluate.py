@@ -75,14 +75,14 @@ def evaluate_recipe(params: Params, root: Path, recipe: str) -> dict[str, Any]:
         mlflow.set_tags({"dinoalign.recipe": recipe, "dinoalign.model_sha256": model.info.weights_sha256,
                          "dinoalign.backbone": model.backbone_description})
         mlflow.log_metrics(numeric_metrics(evaluation.metrics))
-        versions = record_evaluation(recipe, model.info.weights_sha256, numeric_metrics(headline(evaluation.metrics)),
-                                     eval_set)
+        versions = record_evaluation(recipe, params.tracking.experiment, model.info.weights_sha256,
+                                     numeric_metrics(headline(evaluation.metrics)), eval_set)
         mlflow.log_artifact(str(metrics_path))
         mlflow.log_artifact(str(details_path(metrics_path.parent, recipe)))
         if (plots_dir / EXAMPLES_DIR).is_dir():
             mlflow.log_artifacts(str(plots_dir / EXAMPLES_DIR), EXAMPLES_DIR)
 
-    name = registered_model_name(recipe)
+    name = registered_model_name(recipe, params.tracking.experiment)
     print(
         summary_line(recipe, evaluation.metrics)
         + f"\n{STAGE}@{recipe}: -> {metrics_path}, {plots_dir}/; MLflow run {run_url(run)}\n"
