@@ -20,7 +20,7 @@ from pipeline_testing import embed_features, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.data.prepare import read_pairs
-from dinoalign.data.schema import make_caption_id
+from dinoalign.data.schema import make_caption_id, make_uid
 from dinoalign.embed.store import CONTENT_COLUMN, FeatureStore
 
 P = "/nonexistent/params.yaml"
@@ -191,6 +191,51 @@ def _rows_texts(root: Path, caption_ids: set[str]) -> set[str]:
     manifest = read_pairs(root / "pairs")
     return {c for u, cs in zip(manifest.column("uid").to_pylist(), manifest.column("captions").to_pylist())
             for i, c in enumerate(cs) if make_caption_id(u, i) in caption_ids}
+
+
+def test_a_retrain_batch_that_edits_known_pairs_is_embedded_again_and_only_it(
+    tmp_path: Path, tiny_clip_dir: Path
+) -> None:
+    """Issue #20, the retrain path: new caption data that edits a known pair's captions
+    and replaces another's image (same keys) updates those rows of ``paths.incoming``
+    (``dinoalign.data.incoming.append_batch``); prepare gives them their new content, and
+    embed embeds exactly the edited caption and the replaced image again."""
+    from dinoalign.data import incoming
+
+    drop, folder = tmp_path / "drop", tmp_path / "incoming" / "pairs"
+    drop.mkdir()
+    for i in range(4):
+        _write_image(drop / f"new{i}.png", 200 + i)
+    table = [(f"new{i}.png", f"new image {i}") for i in range(4)]
+    _write_table(drop / "pairs.csv", table)
+    counts = incoming.append_batch(folder, incoming.new_data_items(str(drop / "pairs.csv"), tmp_path), "b1")
+    assert (counts["appended"], counts["updated"]) == (4, 0)
+    ov = _prepare(tmp_path, tiny_clip_dir, **{"paths.incoming": str(folder)})
+    first = _embed(ov, tmp_path)
+    assert first["images_embedded"] == 24 + 4 + 4 + 12  # the synthetic splits and the 4 appended
+    before_images = _rows(tmp_path / "features", "images", "uid")
+
+    _write_image(drop / "new1.png", 301)  # new bytes under the same key
+    _write_table(drop / "pairs.csv", [(im, "new image 2, edited" if im == "new2.png" else cap) for im, cap in table])
+    counts = incoming.append_batch(folder, incoming.new_data_items(str(drop / "pairs.csv"), tmp_path), "b2")
+    assert counts == {"records": 4, "appended": 0, "updated": 2, "already_present": 2, "rejected": 0}
+    rows = pq.read_table(folder / incoming.TABLE).to_pylist()  # new0 .. new3, in arrival order
+    assert [r["batch"] for r in rows] == ["b1", "b2", "b2", "b1"]  # replaced in place
+    assert (folder / rows[1]["image"]).read_bytes() == (drop / "new1.png").read_bytes()
+    assert rows[2]["captions"] == ["new image 2, edited"]
+    assert incoming.append_batch(folder, incoming.new_data_items(str(drop / "pairs.csv"), tmp_path),
+                                 "b3")["already_present"] == 4  # the same edit again changes nothing
+
+    assert main(["prepare", "-p", P, *ov]) == 0
+    second = _embed(ov, tmp_path)
+    assert (second["images_embedded"], second["images_changed"], second["images_retired"]) == (1, 1, 1)
+    assert (second["captions_embedded"], second["captions_changed"], second["captions_retired"]) == (1, 1, 1)
+    after_images = _rows(tmp_path / "features", "images", "uid")
+    changed = {u for u in after_images if after_images[u][CONTENT_COLUMN] != before_images[u][CONTENT_COLUMN]}
+    assert changed == {make_uid(incoming.SOURCE, rows[1]["key"])}
+    assert _rows_texts(tmp_path, {make_caption_id(make_uid(incoming.SOURCE, rows[2]["key"]), 0)}) == {
+        "new image 2, edited"}
+    _assert_store_is_the_manifest(tmp_path, tmp_path / "features")
 
 
 def test_dropped_uids_and_changed_rejects_leave_the_store(tmp_path: Path, tiny_clip_dir: Path) -> None:

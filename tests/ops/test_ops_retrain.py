@@ -156,7 +156,7 @@ def test_incoming_pairs_append_once_and_reach_the_manifest(tmp_path: Path) -> No
     folder = tmp_path / "repo" / "incoming" / "pairs"
     with pytest.MonkeyPatch.context():
         counts = incoming.append_batch(folder, incoming.new_data_items(str(drop / "pairs.csv"), tmp_path), "b1")
-    assert counts == {"records": 5, "appended": 4, "already_present": 0, "rejected": 2}
+    assert counts == {"records": 5, "appended": 4, "updated": 0, "already_present": 0, "rejected": 2}
     rejects = pq.read_table(folder / incoming.REJECTS).to_pylist()
     assert sorted(r["reason"] for r in rejects) == ["missing", "missing_image"]
     again = incoming.append_batch(folder, incoming.new_data_items(str(drop / "pairs.csv"), tmp_path), "b2")

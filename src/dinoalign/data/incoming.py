@@ -14,7 +14,10 @@ that marking a batch decided does not change the data the pipeline depends on.
 
 Identity: a new pair's ``key`` is the uid it has in its own source (a pairs table or
 webdataset shards), so ``uid = make_uid("incoming", key)`` is stable across retrains and a
-pair seen before is never appended twice. Appended pairs always join the ``train`` split:
+pair seen before is never appended twice. A key seen before whose captions or image bytes
+changed is an edit: its row and image are replaced in place (counted ``updated``), so the
+prepare stage gives the uid its new content hash and embed re-embeds exactly it (features
+are keyed by content: dinoalign.embed). Appended pairs always join the ``train`` split:
 the evaluation split stays fixed, so a candidate and the champion are compared on the
 same images.
 """
@@ -121,28 +124,31 @@ def new_data_items(uri: str, workdir: Path, image_column: str = "image", caption
 
 
 # ----------------------------------------------------------------------------- the folder
-def existing_keys(folder: Path) -> set[str]:
+def existing_rows(folder: Path) -> dict[str, dict[str, Any]]:
+    """The appended rows by key (empty when nothing was appended)."""
     table = folder / TABLE
-    return set(pq.read_table(table, columns=["key"]).column("key").to_pylist()) if table.exists() else set()
+    return {r["key"]: r for r in pq.read_table(table).cast(TABLE_SCHEMA).to_pylist()} if table.exists() else {}
 
 
 def append_batch(folder: Path, items: Iterator[PairRecord | Reject], batch: str) -> dict[str, int]:
     """Copy the images of new records into ``folder`` and append their rows (split
-    ``train``, ``batch``) to the table; records whose key is already there are skipped,
+    ``train``, ``batch``) to the table; a record whose key is already there is skipped when
+    its captions and image bytes are the same (``already_present``) and replaces its row
+    and image when either changed (``updated``, the row's ``batch`` becomes this one);
     unreadable images and the source's own rejects go to ``rejects.parquet``. Nothing is
-    written when no record is new. Returns counts."""
+    written when no record is new or changed. Returns counts."""
     folder.mkdir(parents=True, exist_ok=True)
-    known = existing_keys(folder)
-    rows: list[dict[str, Any]] = []
+    known = existing_rows(folder)
+    rows: dict[str, dict[str, Any]] = {}  # key -> new or replacing row, in arrival order
     rejects: list[Reject] = []
-    seen = present = 0
+    seen = present = updated = 0
     for item in items:
         if isinstance(item, Reject):
             rejects.append(Reject(item.uid, STAGE, item.reason, item.detail, item.key))
             continue
         seen += 1
         key = item.uid
-        if key in known:
+        if key in rows:  # twice in one batch: the first stays (as a second batch would see it)
             present += 1
             continue
         name = f"{IMAGES}/{make_uid(SOURCE, key)}{_suffix(item.image_uri)}"
@@ -155,20 +161,28 @@ def append_batch(folder: Path, items: Iterator[PairRecord | Reject], batch: str)
         except (FileNotFoundError, OSError) as e:
             rejects.append(Reject(make_uid(SOURCE, key), STAGE, "missing", f"{item.image_uri}: {e}", key))
             continue
+        before = known.get(key)
+        if before is not None:
+            stored = folder / before["image"]
+            if before["captions"] == list(item.captions) and stored.is_file() and stored.read_bytes() == data:
+                present += 1
+                continue
+            updated += 1
+            if before["image"] != name:  # another file type: the old file goes with its row
+                stored.unlink(missing_ok=True)
         write_atomic(folder / name, data)
-        rows.append({"key": key, "image": name, "captions": list(item.captions), "split": SPLIT, "batch": batch})
-        known.add(key)
+        rows[key] = {"key": key, "image": name, "captions": list(item.captions), "split": SPLIT, "batch": batch}
     if rows:
-        new = pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)
-        old = folder / TABLE
-        _atomic_parquet(pa.concat_tables([pq.read_table(old).cast(TABLE_SCHEMA), new]) if old.exists() else new, old)
+        merged = {**known, **rows}  # a replaced row keeps its place, new ones follow
+        _atomic_parquet(pa.Table.from_pylist(list(merged.values()), schema=TABLE_SCHEMA), folder / TABLE)
         if rejects:
             previous = folder / REJECTS
             table = rejects_to_table(rejects)
             if previous.exists():
                 table = pa.concat_tables([pq.read_table(previous).cast(REJECTS_SCHEMA), table])
             _atomic_parquet(table, previous)
-    return {"records": seen, "appended": len(rows), "already_present": present, "rejected": len(rejects)}
+    return {"records": seen, "appended": len(rows) - updated, "updated": updated, "already_present": present,
+            "rejected": len(rejects)}
 
 
 def _suffix(uri: str) -> str:

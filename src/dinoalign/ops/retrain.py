@@ -5,9 +5,11 @@ code 75 and changes nothing):
 
 1. New data: the pairs at ``URI`` (a csv/tsv/parquet table or webdataset shards, local or
    ``s3://``). A location whose fingerprint was already ingested, or whose pairs are all
-   known, is "no new data": exit 0 having read no images and written nothing. Otherwise
-   the new pairs are appended to ``paths.incoming`` (train split only) and the batch is
-   recorded as *pending* in the ledger (``<paths.decisions>/batches.json``).
+   known and unchanged, is "no new data": exit 0 having written nothing. Otherwise the new
+   pairs are appended to ``paths.incoming`` (train split only), a known pair whose captions
+   or image bytes changed replaces its row (``updated``: embed re-embeds exactly those,
+   features being keyed by content), and the batch is recorded as *pending* in the ledger
+   (``<paths.decisions>/batches.json``).
 2. ``dvc add`` of the folder, then ``dvc repro`` (``retrain.targets``) with
    ``DINOALIGN_PIPELINE_RUN_ID`` = the batch id:
    prepare adds the pairs, embed embeds only the new uids, curate, align (a new
@@ -132,15 +134,16 @@ def _ingest(params: Params, root: Path, folder: Path, ledger_path: Path, new_uri
             counts = incoming.append_batch(folder, items, batch_id)
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"cannot read new data at {new_uri}: {e}") from None
-    if counts["appended"] == 0:
+    if counts["appended"] == 0 and counts["updated"] == 0:
         _say(f"retrain: no new data: {counts['records']} pairs at {new_uri}, {counts['already_present']} already "
-              f"appended, {counts['rejected']} rejected")
+              f"appended unchanged, {counts['rejected']} rejected")
         return None
     batch = {"id": batch_id, "source": new_uri, "fingerprint": fp, "status": "pending",
              "appended_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **counts}
     _save_ledger(ledger_path, [*ledger, batch])  # before anything can fail: a re-run resumes the batch
-    _say(f"retrain: appended {counts['appended']} new pairs from {new_uri} to {folder} "
-          f"({counts['already_present']} already there, {counts['rejected']} rejected); batch {batch_id}")
+    _say(f"retrain: appended {counts['appended']} new pairs from {new_uri} to {folder}, updated "
+          f"{counts['updated']} whose captions or image changed ({counts['already_present']} already there "
+          f"unchanged, {counts['rejected']} rejected); batch {batch_id}")
     return batch
 
 
@@ -149,13 +152,14 @@ def _run_batch(params: Params, root: Path, folder: Path, ledger_path: Path, batc
     cfg = params.retrain
     env = {"DINOALIGN_PIPELINE_RUN_ID": batch["id"]}
     record: dict[str, Any] = {"batch": batch["id"], "source": batch["source"], "appended": batch["appended"],
-                              "started_at": _now(), "tolerance": cfg.tolerance}
+                              "updated": batch.get("updated", 0), "started_at": _now(), "tolerance": cfg.tolerance}
     previous = os.environ.get("DINOALIGN_PIPELINE_RUN_ID")
     os.environ["DINOALIGN_PIPELINE_RUN_ID"] = batch["id"]  # the retrain run is tagged like the stages
     try:
         with stage_run("retrain", params, run_name=f"retrain {batch['id']}", param_keys=PARAMS_READ) as run:
             record["mlflow_run"] = run_url(run)
-            log_dataset("new pairs", batch["source"], batch["fingerprint"], "new data", rows=batch["appended"])
+            log_dataset("new pairs", batch["source"], batch["fingerprint"], "new data",
+                        rows=batch["appended"] + batch.get("updated", 0))
             try:
                 started = time.perf_counter()
                 ops_dvc.dvc(root, "add", "-q", str(folder.relative_to(root)))  # version the appended pairs
