@@ -98,6 +98,8 @@ def test_cross_references() -> None:
             assert container["image"] == kustomization["images"][0]["name"]
             assert {"configMapRef": {"name": config}} in container["envFrom"]
             assert {"secretRef": {"name": "dinoalign-s3"}} in container["envFrom"]
+            # MLflow basic auth (#19): the workers log to MLflow themselves; optional for a server without it
+            assert {"secretRef": {"name": "dinoalign-mlflow", "optional": True}} in container["envFrom"]
     # the RayJobs run on that cluster, through the entry script, in a mode it knows
     script = (KUBE / "run-in-cluster.sh").read_text()
     for path in (KUBE / "rayjob-repro.yaml", KUBE / "rayjob-retrain.yaml"):
@@ -119,7 +121,8 @@ def test_cross_references() -> None:
     assert by_kind("RoleBinding")[0]["subjects"][0]["name"] == pod["serviceAccountName"]
     # no credentials in any manifest (comments aside): they come from the Secret only
     text = json.dumps([d for p in KUBE.glob("*.yaml") for d in docs(p)])
-    assert "AWS_SECRET_ACCESS_KEY" not in text and "AWS_ACCESS_KEY_ID" not in text
+    assert not any(key in text for key in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
+                                           "MLFLOW_TRACKING_USERNAME"))
 
 
 def test_entry_script_parses() -> None:
