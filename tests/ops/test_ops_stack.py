@@ -5,6 +5,7 @@ of its tests)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -131,9 +132,23 @@ def test_postgresql_backend(tmp_path: Path) -> None:
     try:
         tree = [psutil.Process(pg.pid), *psutil.Process(pg.pid).children(recursive=True)]
         assert {ip for ip, _ in listening(pg.pid)} == {"127.0.0.1"}
-        answer = subprocess.run(["/usr/lib/postgresql/15/bin/psql", uri, "-tAc", "select current_database()"],
+        psql = "/usr/lib/postgresql/15/bin/psql"
+        answer = subprocess.run([psql, uri, "-tAc", "select current_database()"],
                                 capture_output=True, text=True, check=True).stdout.strip()
         assert answer == "mlflow"
+        # password auth (#19): the URI names the 600 password file, never the password; without
+        # it, or with a wrong password, another local user is refused
+        passfile = base / "postgres" / infra.PG_PASSFILE
+        assert _mode(passfile) == 0o600 and f"passfile={passfile}" in uri
+        password = passfile.read_text().strip().rsplit(":", 1)[1]
+        assert len(password) >= 32 and password not in uri
+        bare = uri.split("?", 1)[0]
+        for env in ({"PGPASSFILE": "/dev/null"}, {"PGPASSFILE": "/dev/null", "PGPASSWORD": "wrong-password"}):
+            refused = subprocess.run([psql, bare, "-tAc", "select 1"], capture_output=True, text=True,
+                                     env={**os.environ, **env})
+            assert refused.returncode != 0 and "password" in refused.stderr, refused.stderr
+        assert password not in (base / "postgres" / "postgres.log").read_text()
+        assert not any(password in " ".join(p.cmdline()) for p in tree if p.is_running())
         if importlib.util.find_spec("psycopg") is None:
             with pytest.raises(RuntimeError, match=r"psycopg\[binary\]"):
                 infra.start_mlflow(uri, str(tmp_path / "artifacts"), tmp_path)

@@ -316,11 +316,17 @@ def ensure_bucket(bucket: str, settings: Any = None) -> None:
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
+PG_PASSFILE = "pgpass"
+
+
 def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlflow") -> tuple[Service, str]:
     """A private PostgreSQL cluster (Debian's server binaries) in ``data_dir`` on
-    127.0.0.1, trust auth for local connections only; returns the service and the
-    ``postgresql://`` URI of ``database``. PostgreSQL refuses to run as root: as root the
-    cluster belongs to the ``postgres`` user and runs through ``runuser``."""
+    127.0.0.1 with password (SCRAM-SHA-256) auth for every connection; returns the service
+    and the ``postgresql://`` URI of ``database``. The password is generated at ``initdb``
+    and kept in ``data_dir/pgpass`` (libpq's password file, mode 600); the URI names that
+    file (``?passfile=``), never the password, so it can sit on a command line (the mlflow
+    server's). PostgreSQL refuses to run as root: as root the cluster belongs to the
+    ``postgres`` user and runs through ``runuser``."""
     pg_bin = Path(os.environ.get("DINOALIGN_PG_BIN", "/usr/lib/postgresql/15/bin"))
     if not (pg_bin / "postgres").exists():
         raise StackError(f"PostgreSQL server binaries not found in {pg_bin} (apt-get install postgresql, "
@@ -328,33 +334,46 @@ def start_postgres(data_dir: Path, port: int | None = None, database: str = "mlf
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     user = "postgres" if as_user else psutil.Process().username()
     data_dir.mkdir(parents=True, exist_ok=True)
-    cluster, sockets = data_dir / "cluster", data_dir / "sockets"
+    cluster, sockets, passfile = data_dir / "cluster", data_dir / "sockets", data_dir / PG_PASSFILE
     sockets.mkdir(exist_ok=True)
     if as_user:
         shutil.chown(data_dir, "postgres")
         shutil.chown(sockets, "postgres")
     if not (cluster / "PG_VERSION").exists():
-        done = subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(cluster), "-U", user, "--auth=trust",
-                               "-E", "UTF8"], capture_output=True, text=True)
+        password = secrets.token_urlsafe(32)
+        pwfile = write_private(data_dir / "initdb.pw", password)  # initdb reads it; gone right after
+        if as_user:
+            shutil.chown(pwfile, "postgres")
+        try:
+            done = subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(cluster), "-U", user,
+                                   "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"],
+                                  capture_output=True, text=True)
+        finally:
+            pwfile.unlink(missing_ok=True)
         if done.returncode != 0:
             raise StackError(f"initdb of {cluster} as {user!r} failed (that user must be able to reach the "
                                f"folder): {done.stderr.strip()[-500:]}")
+        write_private(passfile, f"127.0.0.1:*:*:{user}:{password}\n")
+    elif not passfile.exists():
+        raise StackError(f"{cluster} was created without a password by an earlier dinoalign (trust auth): "
+                         f"dump what you need (pg_dump), then remove {data_dir} and run `infra up` again")
     port = port or free_port()
     log = data_dir / "postgres.log"
     pid, started = _spawn([*as_user, str(pg_bin / "postgres"), "-D", str(cluster), "-p", str(port),
                            "-h", "127.0.0.1", "-k", str(sockets)], log)
     svc = Service("postgres", pid, f"127.0.0.1:{port}", str(log), {"postgres": port}, started)
+    uri = f"postgresql://{user}@127.0.0.1:{port}/{database}?passfile={passfile}"
 
     def ready() -> None:
         _wait_port(svc, port, 60)
-        probe = [str(pg_bin / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres", "-tAc"]
+        probe = [str(pg_bin / "psql"), uri.replace(f"/{database}?", "/postgres?"), "-tAc"]
         exists = subprocess.run([*probe, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
                                 check=True, capture_output=True, text=True).stdout.strip()
         if exists != "1":
             subprocess.run([*probe, f'CREATE DATABASE "{database}"'], check=True, capture_output=True, text=True)
 
     _started(svc, ready)
-    return svc, f"postgresql://{user}@127.0.0.1:{port}/{database}"
+    return svc, uri
 
 
 # ----------------------------------------------------------------------------- MLflow
