@@ -867,7 +867,46 @@ def _section_data(paths: PathsConfig, root: Path) -> str:
         rows = [[r, _count(prepare_rejects.get(r, 0)), _count(embed_rejects.get(r, 0))] for r in reasons]
         out.append(_card("rejects by reason", table(["reason", "prepare", "embed"], rows)))
     out.append("</div>")
+    out.append(curation_charts(_at(paths.curated, root) / "plots"))
     return "".join(out)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def curation_charts(plots: Path) -> str:
+    """The curate stage's DVC plots drawn here (``dvc plots show`` loads its chart library
+    from a CDN, so it renders nothing offline): the points per cluster of each k-means
+    level, largest first, before and after curation, and the captions matching each
+    text-balancing entry before and after."""
+    from dinoalign.evaluate.visualize import curve_chart, paired_bar_chart  # matplotlib: charts only
+
+    charts = []
+    levels = sorted((plots / "cluster_sizes").glob("level_*.csv"), key=lambda p: int(p.stem.split("_")[1]))
+    for path in levels:
+        rows = _read_csv(path)
+        if rows:
+            ranks = [int(r["rank"]) + 1 for r in rows]
+            series = {k: [float(r[k]) for r in rows] for k in ("before", "after")}
+            level = path.stem.split("_")[1]
+            charts.append(chart_img(
+                curve_chart(ranks, series, x_label="cluster (largest first)", left_label="train pairs",
+                            title=f"curate: cluster sizes, level {level} ({len(rows)} clusters)", left_min=0.0),
+                f"curate: train pairs per cluster of level {level}, before and after"))
+    entries = plots / "captions_per_entry"
+    if (entries / "before.csv").is_file() and (entries / "after.csv").is_file():
+        before = {r["entry"]: float(r["captions"]) for r in _read_csv(entries / "before.csv")}
+        after = {r["entry"]: float(r["captions"]) for r in _read_csv(entries / "after.csv")}
+        order = sorted(before, key=lambda e: (-before[e], e))
+        charts.append(chart_img(
+            paired_bar_chart(order, [before[e] for e in order], [after.get(e, 0.0) for e in order],
+                             "curate: captions per text-balancing entry", "captions"),
+            "curate: captions matching each text-balancing entry, before and after"))
+    if not charts:
+        return ""
+    return "<h3>Curation charts</h3>" + "".join(charts)
 
 
 def _section_versions(inputs: ReportInputs, metrics: Mapping[str, Mapping[str, Any]]) -> str:

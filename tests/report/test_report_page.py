@@ -18,7 +18,7 @@ import pytest
 from pipeline_testing import DemoModels, write_pretrain_outputs
 from PIL import Image
 
-from dinoalign.report import PRETRAIN_TITLE, curve_charts, pct, write_report
+from dinoalign.report import PRETRAIN_TITLE, curation_charts, curve_charts, pct, write_report
 from dinoalign.stages.report import report_inputs
 
 
@@ -179,3 +179,32 @@ def test_curve_charts_draw_loss_with_the_learning_rate_and_the_accuracy() -> Non
     assert all(w in words[0] for w in ("step", "loss", "learning rate", "talk2dino", "15"))
     assert "in-batch accuracy" in words[1] and "t2i accuracy" in words[1]
     assert curve_charts([{"step": 0.0}], "x") == "<p><small>no loss values</small></p>"
+
+
+def test_curation_charts_draw_the_curate_stage_plots(tmp_path: Path) -> None:
+    """Issue #17: the curate stage's DVC plots (which `dvc plots show` cannot draw offline)
+    in the report, from the CSVs the stage's own writer makes: cluster sizes per level,
+    captions per text-balancing entry."""
+    import pyarrow as pa
+
+    from dinoalign.curate.tables import write_outputs
+
+    stats = {"kmeans": {"levels": [{"level": 1, "sizes_before": [5, 1, 9], "sizes_after": [2, 1, 3]},
+                                   {"level": 2, "sizes_before": [6, 9], "sizes_after": [3, 3]}]},
+             "text": {"enabled": True, "caption_counts_before": {"red": 10, "circle": 4, "left": 7},
+                      "caption_counts_after": {"red": 5, "circle": 4, "left": 6}}}
+    write_outputs(tmp_path / "curated", pa.table({"uid": ["a"]}), stats)
+    html = curation_charts(tmp_path / "curated" / "plots")
+    alts = re.findall(r'alt="([^"]+)"', html)
+    assert alts == ["curate: train pairs per cluster of level 1, before and after",
+                    "curate: train pairs per cluster of level 2, before and after",
+                    "curate: captions matching each text-balancing entry, before and after"]
+    svgs = [base64.b64decode(s).decode() for s in re.findall(r"data:image/svg\+xml;base64,([^\"]+)", html)]
+    words = [re.findall(r">([^<>]+)</text>", svg) for svg in svgs]
+    for level, (text, clusters) in enumerate(zip(words[:2], (3, 2)), start=1):
+        assert f"curate: cluster sizes, level {level} ({clusters} clusters)" in text
+        assert {"cluster (largest first)", "train pairs", "before", "after"} <= set(text)
+    # entries from the most captions before curation down, with the value axis named
+    entries = [w for w in words[2] if w in ("red", "circle", "left")]
+    assert entries == ["red", "left", "circle"] and {"captions", "before", "after"} <= set(words[2])
+    assert curation_charts(tmp_path / "nothing") == ""

@@ -226,3 +226,23 @@ def curve_chart(
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc=legend_loc)
     return _encoded(figure, "svg")
 
+
+
+def paired_bar_chart(labels: Sequence[str], before: Sequence[float], after: Sequence[float], title: str,
+                     value_label: str, names: tuple[str, str] = ("before", "after")) -> bytes:
+    """Horizontal bars (SVG bytes), two per label (``before`` light, ``after`` dark), in
+    the given order from the top, with a legend and the value axis labelled: e.g. the
+    captions matching each text-balancing entry before and after curation."""
+    n = len(labels)
+    figure = _figure(5.2, max(1.8, 0.22 * n + 1.0))
+    ax = figure.subplots()
+    rows = np.arange(n)
+    ax.barh(rows - 0.2, before, height=0.4, label=names[0], color="#9ecae1")
+    ax.barh(rows + 0.2, after, height=0.4, label=names[1], color="#3182bd")
+    ax.set_yticks(rows, [str(label) for label in labels], fontsize=max(5.0, min(8.0, 300 / max(n, 1))))
+    ax.invert_yaxis()  # the first label on top
+    ax.set_xlabel(value_label)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    return _encoded(figure, "svg")
