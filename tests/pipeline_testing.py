@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,25 @@ class DemoModels:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("DINOALIGN_ROOT", str(self.root))
             return main([command, "-p", str(self.features.params_file), *self.overrides, *args])
+
+
+def output_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too: a temporary left behind shows) by
+    relative path, with its bytes: what DVC hashes of an output folder, so two runs that
+    wrote the same output compare equal."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_on_a_full_disk(limit: int, code: str, *args: str, env: dict[str, str] | None = None
+                      ) -> subprocess.CompletedProcess:
+    """Python ``code`` (``sys.argv[1:]`` = ``args``) in a process that can write no file
+    past ``limit`` bytes: RLIMIT_FSIZE with SIGXFSZ ignored, so a write past it fails
+    part-way with EFBIG, as a write to a full disk fails with ENOSPC."""
+    prelude = ("import resource, signal, sys\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death\n"
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({int(limit)}, {int(limit)}))\n")
+    return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True,
+                          timeout=300, env=env)
 
 
 def binomial_tail(hits: int, n: int, chance: float) -> float:

@@ -272,6 +272,23 @@ def test_a_multi_line_message_is_printed_on_one_line(params: Path, monkeypatch, 
     assert (code, line) == (2, "dinoalign embed: first line second line")
 
 
+def test_a_full_disk_is_one_line_wherever_it_is_raised(params: Path, monkeypatch, capsys) -> None:
+    """No space, over quota, past the file-size limit: the user frees space, it is no bug
+    (tests/test_full_disk.py fills a disk under real stages)."""
+    import errno
+
+    import dinoalign.cli as cli
+
+    def run_stage(name, params, root):
+        full = OSError(errno.ENOSPC, "No space left on device", "/data/features/images/part-1.parquet")
+        raise RuntimeError("embed: a shard failed") from full  # as an engine wraps it
+
+    monkeypatch.setattr(cli, "run_stage", run_stage)
+    code, line = _one_line(["embed", "-p", str(params)], capsys)
+    assert (code, line) == (2, "dinoalign embed: disk full writing /data/features/images/part-1.parquet: No space "
+                               "left on device (ENOSPC); free space there and run the command again")
+
+
 # ----------------------------------------------------------------------------- bugs
 
 
@@ -283,6 +300,13 @@ def test_a_bug_is_not_a_user_error_and_keeps_its_traceback(params: Path, monkeyp
 
     monkeypatch.setattr(cli, "run_stage", run_stage)
     with pytest.raises(KeyError, match="no such key"):
+        main(["embed", "-p", str(params)])
+
+    def denied(name, params, root):  # an OSError that is not a full disk stays a traceback
+        raise PermissionError(13, "Permission denied", "/data/features")
+
+    monkeypatch.setattr(cli, "run_stage", denied)
+    with pytest.raises(PermissionError):
         main(["embed", "-p", str(params)])
 
 

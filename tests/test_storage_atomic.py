@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,46 @@ def test_no_other_module_writes_a_temporary_and_renames() -> None:
         if re.search(r"os\.replace\(|os\.rename\(|mkstemp\(|\.tmp\b", line.split("#")[0])
     ]
     assert offenders == [], "write through storage.write_atomic / atomic_path: " + ", ".join(offenders)
+
+
+def test_a_failed_write_names_the_file_it_was_writing_not_its_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "features" / "part-0.parquet"
+    with pytest.raises(OSError) as caught:
+        with storage.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a sha")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(target) and not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_disk_full_finds_the_os_error_behind_a_wrapped_one() -> None:
+    full = OSError(errno.EDQUOT, "Disk quota exceeded", "/data/x")
+    try:
+        raise RuntimeError("shard failed") from full
+    except RuntimeError as wrapped:
+        assert storage.disk_full(wrapped) is full
+    ray_style = RuntimeError("task failed")
+    ray_style.cause = OSError(errno.EFBIG, "File too large")  # ray.exceptions.RayTaskError.cause
+    assert storage.disk_full(ray_style) is ray_style.cause
+    assert storage.disk_full(OSError(errno.ENOSPC, "No space left on device")) is not None
+    assert storage.disk_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert storage.disk_full(ValueError("no")) is None
+
+
+def test_the_temporary_of_a_killed_writer_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    target = tmp_path / "plots" / "level_1.csv"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from dinoalign.storage import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('rank,cluster')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(target)])
+    assert killed.returncode == -signal.SIGKILL
+    [left] = target.parent.iterdir()
+    assert left.name.startswith(".level_1.csv.")
+    kept = [tmp_path / "uids.parquet", tmp_path / ".keep", tmp_path / "notes.tmp", tmp_path / "plots" / ".a.b.tmp"]
+    for path in kept:
+        path.write_text("mine")
+    assert storage.remove_temporaries(tmp_path) == [left]
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+    assert storage.remove_temporaries(tmp_path / "missing") == []

@@ -15,6 +15,7 @@ same data by one DVC + MLflow pipeline.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import typing
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. The only error handler of the package: a
     :class:`~dinoalign.errors.UserError` (a problem the user can fix, from any command)
     prints ``dinoalign <command>: <message>`` on one line and returns its ``exit_code``
-    (2 unless documented otherwise); anything else is a bug and keeps its traceback."""
+    (2 unless documented otherwise); so does a write that found the disk full
+    (:func:`dinoalign.storage.disk_full`: the file, the OS's reason, exit 2), wherever it
+    was raised; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "handler", None) is not None:  # infra, retrain, inference: commands with their own arguments
@@ -143,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"dinoalign {args.command}: {message}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        from dinoalign.storage import disk_full
+
+        full = disk_full(e)
+        if full is None:
+            raise
+        code = errno.errorcode.get(full.errno, str(full.errno))
+        what = f" writing {full.filename}" if full.filename is not None else ""
+        reason = " ".join(str(full.strerror or full).split())
+        print(f"dinoalign {args.command}: disk full{what}: {reason} ({code}); free space there and run the "
+              "command again", file=sys.stderr)
+        return UserError.exit_code
 
 
 if __name__ == "__main__":

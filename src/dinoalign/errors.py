@@ -5,7 +5,9 @@ output that is not there, a bad model folder, image or class list, a device or p
 machine lacks, a stack that cannot start) raises a :class:`UserError` subclass whose message
 says how to fix it. ``dinoalign.cli.main`` is the only place that catches them: it prints
 ``dinoalign <command>: <message>`` on one line and exits with ``exit_code`` (2 unless a
-command documents another). Anything else is a bug and ends with its traceback.
+command documents another). So does an ``OSError`` that says the disk is full (no space,
+over quota, past the file-size limit: :func:`dinoalign.storage.disk_full`), from wherever
+it comes. Anything else is a bug and ends with its traceback.
 
     UserError
     ├── ConfigError (ValueError)              params, overrides, settings that cannot run here

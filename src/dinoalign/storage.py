@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import stat
 import time
 import uuid
@@ -137,9 +138,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, tmp, str(tmp)):
+            e.filename = str(final)  # name the file being written (a full disk: which output), not its temporary
         raise
+
+
+# the names atomic_path gives its temporaries
+_TEMPORARY_NAME = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp")
+
+
+def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries :func:`atomic_path` left anywhere under local ``folder``:
+    those of writers killed between their write and their rename (SIGKILL, the OOM killer,
+    a power cut), which nothing else removes, so a DVC output would keep them for good.
+    A stage calls this on the folder it owns before it writes there (a live writer's
+    temporary would go too). Returns the files removed; a missing folder has none."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.rglob(".*.tmp") if _TEMPORARY_NAME.fullmatch(p.name) and p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def write_atomic(uri: str | os.PathLike[str], data: bytes | str, *, fsync: bool = False) -> None:
@@ -181,6 +203,25 @@ _TRANSIENT_ERRNOS = frozenset({
 })
 _TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                                  "ServiceUnavailable", "InternalError", "RequestLimitExceeded"})
+
+
+# a write that found no room: no space left on the device, over a disk quota, or past the
+# process's file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored: how the tests fill a disk)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The ``OSError`` that says a write found the disk full (:data:`DISK_FULL_ERRNOS`):
+    ``exc`` itself or one it was raised from (``__cause__``, or the ``cause`` of a Ray
+    task error); None when there is none. ``dinoalign.cli.main`` turns it into one line."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        cause = exc.__cause__ or getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else None
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:

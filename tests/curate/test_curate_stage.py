@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -12,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_testing import REPO, tiny_overrides
+from pipeline_testing import REPO, output_bytes, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.curate import load_vocab
@@ -62,11 +66,6 @@ def _train_uids(root: Path) -> list[str]:
                   if split == "train")
 
 
-def _output_bytes(out_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*"))
-            if p.is_file()}
-
-
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -98,7 +97,7 @@ def test_stage_lists_every_train_uid_with_its_filters_and_repeats_exactly(world,
     monkeypatch.setenv("DINOALIGN_ROOT", str(root))
     out = root / "curated"
     _run("curate", overrides)
-    first = _output_bytes(out)
+    first = output_bytes(out)
 
     table = pq.read_table(out / "uids.parquet")
     assert table.column_names == ["uid", "cluster_l1", "cluster_l2", "kept_features",
@@ -161,7 +160,7 @@ def test_stage_lists_every_train_uid_with_its_filters_and_repeats_exactly(world,
     assert {"stats.json", "plots"} <= artifacts
 
     _run("curate", overrides)
-    assert _output_bytes(out) == first
+    assert output_bytes(out) == first
 
 
 def test_new_pairs_are_curated_from_all_features_deterministically(
@@ -182,9 +181,9 @@ def test_new_pairs_are_curated_from_all_features_deterministically(
     _run("embed", overrides)  # embeds only the 16 new pairs
     _run("curate", overrides)
     out = tmp_path / "curated"
-    first = _output_bytes(out)
+    first = output_bytes(out)
     _run("curate", overrides)
-    assert _output_bytes(out) == first
+    assert output_bytes(out) == first
 
     table = pq.read_table(out / "uids.parquet")
     uids = table.column("uid").to_pylist()
@@ -192,6 +191,63 @@ def test_new_pairs_are_curated_from_all_features_deterministically(
     assert set(old_table.column("uid").to_pylist()) < set(uids)
     assert not table.equals(old_table)
     assert sum(table.column("kept_image").to_pylist()) == TARGET
+
+
+# argv: <k> <folder> <dinoalign arguments...>: the stage SIGKILLs itself when it is about
+# to rename its k-th file into <folder> (os.replace raises the audit event os.rename), so
+# the k-th file's temporary is written whole and never renamed, as when a run is killed there
+KILLED_AT_RENAME = """
+import os, signal, sys
+k, folder = int(sys.argv[1]), sys.argv[2].rstrip("/") + "/"
+renames = []
+
+def hook(event, args):
+    if event == "os.rename" and os.fspath(args[1]).startswith(folder):
+        renames.append(os.fspath(args[1]))
+        if len(renames) == k:
+            print("killed before renaming onto", renames[-1], file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+from dinoalign.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_a_killed_run_rerun_writes_the_bytes_of_an_uninterrupted_run(world, tmp_path, monkeypatch):
+    """#19 part 4: curate SIGKILLed part-way through its outputs, over the complete output
+    of an earlier curation (other params), then run again: the folder holds exactly what
+    an uninterrupted run writes, no temporary and nothing of the earlier output."""
+    root, overrides, _, _ = world
+    monkeypatch.setenv("DINOALIGN_ROOT", str(tmp_path))
+    out = tmp_path / "curated"
+    overrides = [*overrides, f"paths.curated={out}", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"]
+    _run("curate", overrides)
+    whole = output_bytes(out)
+    files = ["uids.parquet", "stats.json", "plots/cluster_sizes/level_1.csv", "plots/cluster_sizes/level_2.csv",
+             "plots/captions_per_entry/before.csv", "plots/captions_per_entry/after.csv"]
+    assert sorted(whole) == sorted(files)
+
+    for k in (1, 3, 6):  # before its first rename, in its plots, before its last rename
+        shutil.rmtree(out)
+        _run("curate", [*overrides, f"curate.target_size={TARGET - 8}"])
+        earlier = output_bytes(out)
+        assert sorted(earlier) == sorted(files) and earlier["uids.parquet"] != whole["uids.parquet"]
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_AT_RENAME, str(k), str(out), "curate", "-p", NO_PARAMS_FILE, *overrides],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "DINOALIGN_ROOT": str(tmp_path)},
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        target = killed.stderr.strip().splitlines()[-1].removeprefix("killed before renaming onto ")
+        assert Path(target).relative_to(out).as_posix() in files
+        left = output_bytes(out)
+        [temporary] = [name for name in left if Path(name).name.startswith(".")]
+        assert Path(out / temporary).parent == Path(target).parent
+        assert Path(temporary).name.startswith(f".{Path(target).name}.")
+        assert left[temporary] == whole[Path(target).relative_to(out).as_posix()]  # written, never renamed
+        assert left != whole
+        _run("curate", overrides)
+        assert output_bytes(out) == whole
 
 
 def test_bad_feature_choice_is_explained(world):

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline_testing import run_on_a_full_disk
 from dinoalign.config import ConfigError
 from dinoalign.data.images import load_image, load_mask
 from dinoalign.data.schema import PairRecord, Reject, make_uid
@@ -656,6 +657,28 @@ def test_webdataset_tar_cut_at_a_header_rejects_the_shard(tmp_path: Path, where:
     assert not (tmp_path / "images" / "cut").exists()
     whole = list(SOURCES.build("webdataset", WebDatasetSourceConfig(urls=str(good)), tmp_path))
     assert [type(i).__name__ for i in whole] == ["PairRecord", "PairRecord"]
+
+
+def test_webdataset_on_a_full_disk_stops_instead_of_rejecting_the_shard(tmp_path: Path) -> None:
+    """Issue #20: an image that cannot be extracted for want of room is no bad shard (a
+    reject, and prepare going on without it) but a stop, leaving no partial image."""
+    rng = np.random.default_rng(0)
+    noise = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
+    _write_tar(tmp_path / "shard-000.tar", [("000001.png", PNG_GREEN), ("000001.txt", b"small"),
+                                            ("000002.png", noise.getvalue()), ("000002.txt", b"large")])
+    listing = ("import sys\nfrom pathlib import Path\n"
+               "from dinoalign.data.sources import SOURCES\n"
+               "from dinoalign.data.sources.webdataset import WebDatasetSourceConfig\n"
+               "items = SOURCES.build('webdataset', WebDatasetSourceConfig(urls=sys.argv[1]), Path(sys.argv[2]))\n"
+               "print([type(item).__name__ for item in items])\n")
+    limit = len(noise.getvalue()) // 2
+    assert len(PNG_GREEN) < limit
+    done = run_on_a_full_disk(limit, listing, str(tmp_path / "shard-000.tar"), str(tmp_path / "work"))
+    assert done.returncode == 1 and "Reject" not in done.stdout, done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith("OSError: [Errno 27] File too large: ")
+    [extracted] = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
+    assert extracted.read_bytes() == PNG_GREEN  # the one that fitted, whole; no part of the other
 
 
 def test_brace_and_glob_expansion(tmp_path: Path) -> None:

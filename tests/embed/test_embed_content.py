@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline_testing import embed_features, tiny_overrides
+from pipeline_testing import embed_features, output_bytes, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.data.prepare import read_pairs
@@ -43,11 +43,6 @@ def _rows(features: Path, kind: str, key: str) -> dict[str, dict]:
     out = {r[key]: r for r in rows}
     assert len(out) == len(rows), f"a {kind} key is stored twice"
     return out
-
-
-def _file_digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _write_image(path: Path, seed: int) -> None:
@@ -159,7 +154,7 @@ def test_changed_images_and_captions_and_only_those_are_embedded_again(
             _embed(ov, tmp_path, tmp_path / "killed")
     resumed = _embed(ov, tmp_path, tmp_path / "killed")
     assert resumed["images_embedded"] == 2 and resumed["captions_embedded"] == 3
-    assert _file_digests(tmp_path / "killed") == _file_digests(features)
+    assert output_bytes(tmp_path / "killed") == output_bytes(features)
 
     # the new features are a fresh embed of the new inputs; two uninterrupted fresh runs
     # write the same bytes
@@ -176,15 +171,15 @@ def test_changed_images_and_captions_and_only_those_are_embedded_again(
         assert after_caps[k]["caption"] == fresh_caps[k]["caption"]
         np.testing.assert_allclose(after_caps[k]["text_clip"], fresh_caps[k]["text_clip"], rtol=1e-5, atol=1e-6)
     _embed(ov, tmp_path, tmp_path / "fresh2")
-    assert _file_digests(tmp_path / "fresh") == _file_digests(tmp_path / "fresh2")
+    assert output_bytes(tmp_path / "fresh") == output_bytes(tmp_path / "fresh2")
 
     # nothing changed: nothing embedded, nothing retired, not a byte moved
-    digests = _file_digests(features)
+    digests = output_bytes(features)
     third = _embed(ov, tmp_path)
     assert (third["images_embedded"], third["captions_embedded"], third["images_retired"],
             third["captions_retired"]) == (0, 0, 0, 0)
     assert third["images_skipped"] == 12 and third["captions_skipped"] == 24
-    assert _file_digests(features) == digests
+    assert output_bytes(features) == digests
 
 
 def _rows_texts(root: Path, caption_ids: set[str]) -> set[str]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from badfiles import CORPUS_MIN_SIDE, write_bad_corpus
-from pipeline_testing import embed_features, tiny_backbone, tiny_overrides
+from pipeline_testing import embed_features, output_bytes, tiny_backbone, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.data.prepare import read_pairs
@@ -74,12 +74,6 @@ def world(tmp_path: Path, tiny_clip_dir: Path) -> tuple[Path, list[str]]:
 
 def _uids(store_uri: str, kind: str = "images", key: str = "uid") -> list[str]:
     return FeatureStore(store_uri).read_all(kind, [key]).column(key).to_pylist()
-
-
-def _file_digests(folder: Path) -> dict[str, str]:
-    """md5 of every file under ``folder`` by relative path (what DVC's folder hash is made of)."""
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_chunks_are_a_function_of_the_uid_order_alone() -> None:
@@ -169,12 +163,12 @@ def test_ray_engine_gives_the_local_engine_features(world: tuple[Path, list[str]
 
     # the same inputs give the same bytes (the DVC hash of the features) whichever order
     # Ray Data's workers finish in: rows are written by uid, as the plain loop writes them
-    assert _file_digests(root / "ray") == _file_digests(root / "local")
+    assert output_bytes(root / "ray") == output_bytes(root / "local")
     # the same bytes when the shards come back to the driver instead of being written where
     # they were computed (embed.write=driver; the plain loop takes the same path)
     driver = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={root / 'driver'}", "embed.write=driver"])
     assert embed_features(driver, manifest)["shards_written"] == metrics["shards_written"]
-    assert _file_digests(root / "driver") == _file_digests(root / "local")
+    assert output_bytes(root / "driver") == output_bytes(root / "local")
     cols = ["cls", "token_mean", "head_embeddings", "clip_image"]
     a = load_image_features(str(root / "local"), cols)
     b = load_image_features(str(root / "ray"), cols)
@@ -369,7 +363,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path, tiny_clip_dir: Pa
     # #19 part 4: the killed and resumed run wrote the files of an uninterrupted one, byte for byte
     whole = load_params("/nonexistent/params.yaml", [*ov, f"paths.features={tmp_path / 'whole'}"])
     embed_features(whole, manifest)
-    assert _file_digests(tmp_path / "features") == _file_digests(tmp_path / "whole")
+    assert output_bytes(tmp_path / "features") == output_bytes(tmp_path / "whole")
 
 
 @pytest.mark.integration

@@ -41,7 +41,7 @@ from dinoalign.curate.curation import cluster_column, curate
 from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.store import FeatureStore, load_image_features
 from dinoalign.errors import ConfigError, DataError, DataFileMissing
-from dinoalign.storage import atomic_path, write_atomic
+from dinoalign.storage import atomic_path, remove_temporaries, write_atomic
 
 CURATED_SPLIT = "train"
 UIDS_FILE = "uids.parquet"
@@ -159,8 +159,10 @@ def _with_pairs_without_features(
 
 def write_outputs(out_dir: Path, table: pa.Table, stats: dict[str, Any]) -> None:
     """uids.parquet, stats.json and the plot CSVs (module docstring). Files are written
-    to a temporary name and renamed; plots of an earlier run are removed first, so a
-    change in the number of levels leaves no stale level file behind."""
+    to a temporary name and renamed; the temporaries of a killed run and the plots of an
+    earlier run are removed first, so a re-run writes exactly what an uninterrupted run
+    writes and a change in the number of levels leaves no stale level file behind."""
+    remove_temporaries(out_dir)
     with atomic_path(out_dir / UIDS_FILE) as tmp:
         pq.write_table(table, tmp)
     write_atomic(out_dir / STATS_FILE, json.dumps(stats, indent=2, sort_keys=True) + "\n")
@@ -186,8 +188,7 @@ def write_outputs(out_dir: Path, table: pa.Table, stats: dict[str, Any]) -> None
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)

@@ -39,7 +39,7 @@ from dinoalign.data.schema import (
 )
 from dinoalign.data.sources import build_source
 from dinoalign.errors import DataError, DataFileMissing
-from dinoalign.storage import atomic_path, write_atomic
+from dinoalign.storage import atomic_path, remove_temporaries, write_atomic
 
 STAGE = "prepare"
 
@@ -137,6 +137,7 @@ def prepare_pairs(
     and summary to ``out_dir``; return the summary. ``root``: the checkout, against which
     the manifest records relative image paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out_dir)  # of a killed run: what it wrote whole is kept
     items = build_source(data, out_dir)
     if incoming is not None:
         items = itertools.chain(items, read_incoming(incoming))

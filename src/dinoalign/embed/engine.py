@@ -18,7 +18,8 @@ key order and, in the parquet metadata, the chunk's rejects. So:
 
 - a shard is the unit of completion: it appears whole or not at all (temp + rename
   locally, one PUT on S3), with its rejects inside, so a killed run leaves complete chunks
-  and nothing else, and the next run plans the rest;
+  (and the temporary of a shard it was writing, which the next run removes first), and
+  the next run plans the rest;
 - chunk boundaries and names are a function of the uid order alone: an interrupted and
   resumed run writes the same files, byte for byte, as an uninterrupted one (transient
   rejects that are tried again form chunks of their own, after the others), and a chunk
@@ -78,6 +79,7 @@ from dinoalign.embed.features import image_features
 from dinoalign.embed.store import CONTENT_COLUMN, KINDS, FeatureStore, ShardContent, ShardReport, vector_column
 from dinoalign.errors import ConfigError
 from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
+from dinoalign.storage import remove_temporaries
 
 STAGE = "embed"
 SCHEMA_VERSION = 2  # 2: head_mean_embedding is the official averaged-attention embedding
@@ -573,6 +575,8 @@ def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
         raise ConfigError(f"embed.engine={cfg.engine!r}: choose one of {sorted(ENGINES)}")
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     store = FeatureStore(job.features)
+    if store.local:
+        remove_temporaries(store.root)  # of a killed run (S3 has none: a PUT is whole or absent)
     spec = feature_spec(job)
     # spec.json is written before any shard, so shards of a killed run are reusable
     # exactly when they were made with the same models and preprocessing.

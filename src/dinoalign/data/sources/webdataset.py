@@ -20,7 +20,8 @@ metadata, or a ``json`` member over 1 MiB), ``duplicate_key`` (a key seen earlie
 this run: uid from ``"<shard url>#<member key>"``), and per shard
 (``uid = make_uid(cfg.name, url)``): ``shard_read_error`` (cannot open or read it) and
 ``corrupt_shard`` (not a valid tar; the shard yields no records and its extracted
-images are deleted). Records of a shard
+images are deleted). A disk too full to extract into is no reject: the stage stops, and
+an image is extracted whole or not at all. Records of a shard
 are yielded once the whole shard has been read.
 """
 
@@ -45,7 +46,7 @@ from dinoalign.errors import ConfigError
 from dinoalign.data.config import WebDatasetSourceConfig
 from dinoalign.data.schema import PairRecord, Reject, make_uid
 from dinoalign.data.sources import SOURCES, STAGE, clean_caption
-from dinoalign.storage import fs_for, open_uri
+from dinoalign.storage import atomic_path, disk_full, fs_for, open_uri
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
 MAX_TEXT_MEMBER_BYTES = 1 << 20  # captions and metadata are small; refuse to buffer more
@@ -188,6 +189,8 @@ def _read_shard(url: str, out_dir: Path) -> list[_Sample]:
             "corrupt_shard", f"{url} is not a valid tar: {type(exc).__name__}: {exc}"
         ) from None
     except OSError as exc:
+        if disk_full(exc) is not None:
+            raise  # no room to extract into: the stage stops, the shard is not bad
         raise _ShardFailed(
             "shard_read_error", f"reading {url}: {type(exc).__name__}: {exc}"
         ) from None
@@ -205,7 +208,7 @@ def _add_member(
     if extension in IMAGE_EXTENSIONS:
         if sample.image_path is None:
             path = out_dir / f"{_safe_stem(member_key)}.{extension}"
-            with tar.extractfile(member) as source, open(path, "wb") as target:  # type: ignore[union-attr]
+            with tar.extractfile(member) as source, atomic_path(path) as tmp, open(tmp, "wb") as target:  # type: ignore[union-attr]
                 shutil.copyfileobj(source, target)
             sample.image_path = path
     elif extension in ("txt", "json"):
