@@ -893,7 +893,8 @@ def curation_charts(plots: Path) -> str:
             level = path.stem.split("_")[1]
             charts.append(chart_img(
                 curve_chart(ranks, series, x_label="cluster (largest first)", left_label="train pairs",
-                            title=f"curate: cluster sizes, level {level} ({len(rows)} clusters)", left_min=0.0),
+                            title=f"curate: cluster sizes, level {level} ({len(rows)} clusters)", left_min=0.0,
+                            integer_x=True),
                 f"curate: train pairs per cluster of level {level}, before and after"))
     entries = plots / "captions_per_entry"
     if (entries / "before.csv").is_file() and (entries / "after.csv").is_file():

@@ -196,12 +196,14 @@ def curve_chart(
     references: Mapping[str, float] | None = None,
     left_min: float | None = None,
     legend_loc: str = "upper right",
+    integer_x: bool = False,
 ) -> bytes:
     """Line chart (SVG bytes) of the ``left`` series against ``x`` on the left axis and the
     ``right`` series (e.g. the learning rate, dashed) on a second axis on the right, with
     one legend for both. ``references``: horizontal dotted lines on the left axis (name ->
     value, e.g. the log K a collapsed DINO teacher's entropy reaches); ``left_min``: the
-    bottom of the left axis (e.g. 0), else matplotlib's; ``legend_loc``: matplotlib's ``loc``."""
+    bottom of the left axis (e.g. 0), else matplotlib's; ``legend_loc``: matplotlib's ``loc``;
+    ``integer_x``: ticks only at whole numbers (ranks, epochs)."""
     figure = _figure(4.6, 2.9)
     ax = figure.subplots()
     lines = [ax.plot(x, values, label=name, linewidth=1.6)[0] for name, values in left.items()]
@@ -212,6 +214,10 @@ def curve_chart(
     ax.set_xlabel(x_label)
     ax.set_ylabel(left_label)
     ax.grid(alpha=0.3)
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if right:
         twin = ax.twinx()
         colours = ("#d62728", "#9467bd", "#8c564b")
