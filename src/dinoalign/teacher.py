@@ -30,6 +30,7 @@ from dinoalign.data.images import load_image, resize_crop
 from dinoalign.data.prepare import read_pairs
 from dinoalign.errors import DataError
 from dinoalign.evaluate.retrieval import retrieval_metrics
+from dinoalign.storage import write_atomic
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -149,7 +150,7 @@ def save_teacher(model: Any, cfg: TeacherConfig, out_dir: Path) -> Path:
         "model_cfg": model_cfg(cfg),
         "preprocess_cfg": preprocess_cfg(cfg),
     }
-    (d / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(d / "open_clip_config.json", json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(d / "open_clip_model.safetensors"))
     return d
@@ -202,10 +203,8 @@ def run_teacher(
     train_images, train_caps, _ = load_split_images(manifest, "train", **kw)
     model, curve = train_teacher(train_images, train_caps, cfg, seed, log=log)
     save_teacher(model, cfg, out)
-    with (out / "curve.csv").open("w") as f:
-        f.write("epoch,step,loss,samples_per_s\n")
-        for r in curve:
-            f.write(f"{r['epoch']},{r['step']},{r['loss']:.6f},{r['samples_per_s']:.2f}\n")
+    write_atomic(out / "curve.csv", "epoch,step,loss,samples_per_s\n" + "".join(
+        f"{r['epoch']},{r['step']},{r['loss']:.6f},{r['samples_per_s']:.2f}\n" for r in curve))
 
     test_images, test_caps, _ = load_split_images(manifest, "test", **kw)
     texts = [c for caps in test_caps for c in caps]
@@ -214,5 +213,5 @@ def run_teacher(
     metrics = retrieval_metrics(img, txt, owner)
     metrics.update({"train_images": len(train_images), "test_images": len(test_images),
                     "final_loss": curve[-1]["loss"], "model_dir": str(out / MODEL_DIR)})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics

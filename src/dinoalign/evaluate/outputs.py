@@ -43,7 +43,7 @@ import torch
 from dinoalign.evaluate.headline import DETAILS_SUFFIX, headline
 from dinoalign.evaluate.run import EXAMPLES_DIR, PER_CLASS_CSV, PREDICTIONS_CSV, STAGE, TOP_LEVEL_SUBSET, Evaluation
 from dinoalign.evaluate.visualize import confusion_chart, png_bytes
-from dinoalign.storage import write_atomic
+from dinoalign.storage import atomic_path, write_atomic
 
 
 def jsonable(value: Any) -> Any:
@@ -94,12 +94,10 @@ def write_outputs(evaluation: Evaluation, metrics_path: Path, plots_dir: Path) -
         _write_csv(plots_dir / PER_CLASS_CSV, ["class", *subsets], rows)
     for subset, matrix in evaluation.confusion.items():
         labels = evaluation.class_names.get(subset) or [str(i) for i in range(len(matrix))]
-        (plots_dir / f"segmentation_confusion_{subset}.png").write_bytes(
-            confusion_chart(np.asarray(matrix), labels, f"pixel confusion ({subset})")
-        )
+        write_atomic(plots_dir / f"segmentation_confusion_{subset}.png",
+                     confusion_chart(np.asarray(matrix), labels, f"pixel confusion ({subset})"))
     for name, picture in evaluation.examples.items():
-        (plots_dir / EXAMPLES_DIR).mkdir(exist_ok=True)
-        (plots_dir / EXAMPLES_DIR / name).write_bytes(png_bytes(picture))
+        write_atomic(plots_dir / EXAMPLES_DIR / name, png_bytes(picture))
     metrics = jsonable(evaluation.metrics)
     write_atomic(metrics_path.with_suffix(DETAILS_SUFFIX), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     write_atomic(metrics_path, json.dumps(headline(metrics), indent=2, sort_keys=True) + "\n")
@@ -110,7 +108,7 @@ def _csv_number(value: float) -> str:
 
 
 def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[Any]]) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)

@@ -20,6 +20,7 @@ threshold of step 4 on a held-apart split when a model's score scale is not know
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Callable
 
 import numpy as np
@@ -33,7 +34,7 @@ from dinoalign.evaluate.datasets.base import IGNORE_INDEX, SegmentationDataset
 from dinoalign.evaluate.metrics import ConfusionMatrix, chance_miou
 from dinoalign.evaluate.pamr import PAMR
 from dinoalign.progress import Progress
-from dinoalign.storage import fs_for
+from dinoalign.storage import write_atomic
 
 LogitsFn = Callable[[Tensor], Tensor]
 """Crop B×3×h×w (float RGB 0–255) -> class scores B×N×h'×w' (any grid, e.g. patches)."""
@@ -274,9 +275,6 @@ def save_label_png(label: Tensor, uri: str) -> None:
     array = label.numpy()
     if array.min(initial=0) < 0 or array.max(initial=0) > 255:
         raise ValueError("label ids must lie in [0, 255] to be saved as an 8-bit PNG")
-    fs, path = fs_for(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent != path:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        Image.fromarray(array.astype(np.uint8)).save(f, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    write_atomic(uri, buffer.getvalue())  # whole or not at all, local or remote

@@ -30,7 +30,7 @@ from dinoalign.data.prepare import manifest_digest
 from dinoalign.embed.store import FeatureStore
 from dinoalign.recipes import load_recipe
 from dinoalign.serve import log_model
-from dinoalign.storage import under_root
+from dinoalign.storage import under_root, write_atomic
 from dinoalign.tracking import (
     MODEL_ARTIFACT,
     log_dataset,
@@ -133,7 +133,7 @@ def run(params: Params, root: Path, callbacks: Iterable[Any] = ()) -> dict[str, 
             plan.recipe, params.tracking.experiment, logged.model_uri,
             {"dinoalign.align_run": plan.run_name, "dinoalign.weights_sha256": logged.info["weights_sha256"]},
         )
-        (curves_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_atomic(curves_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         summary["mlflow_run"] = run_url(run)
 
     print(

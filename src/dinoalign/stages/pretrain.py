@@ -33,7 +33,7 @@ from dinoalign.config import BackboneConfig, Params, describe_backbone, flatten,
 from dinoalign.errors import ConfigError
 from dinoalign.pretrain.probe import compare_backbones
 from dinoalign.pretrain.train import CHECKPOINT, demo_pool, pretrain
-from dinoalign.storage import under_root
+from dinoalign.storage import atomic_path, under_root, write_atomic
 from dinoalign.tracking import run_url, stage_run
 
 CURVE_FILE, METRICS_FILE = "curve.csv", "metrics.json"
@@ -53,7 +53,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
                 "reason": "pretrain.enabled=false: the backbone loads its own weights (backbone.weights or "
                           "backbone.pretrained)",
                 "backbone": params.backbone.name}
-        (out / METRICS_FILE).write_text(json.dumps(note, indent=2) + "\n")
+        write_atomic(out / METRICS_FILE, json.dumps(note, indent=2) + "\n")
         print(f"pretrain: skipped ({note['reason']}: {params.backbone.name})")
         return note
     if params.data.source != DEMO_SOURCE:
@@ -131,7 +131,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             "seconds": {"render": render_s, "pretrain": train_s, "probe": probe_s},
         }
         metrics["seconds"]["total"] = time.perf_counter() - started
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         mlflow.set_tag("dinoalign.backbone", metrics["backbone"]["description"])
         mlflow.log_metrics(_numbers({k: metrics[k] for k in ("final", "probe", "seconds")}))
         mlflow.log_artifact(str(out / CURVE_FILE))
@@ -151,7 +151,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _write_curve(curve: list[dict[str, float]], path: Path) -> None:
     """One row per epoch (the DVC plot: x epoch, y loss and teacher_entropy)."""
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in curve:

@@ -21,7 +21,7 @@ import mlflow
 from dinoalign.config import Params
 from dinoalign.data.images import image_limits
 from dinoalign.teacher import run_teacher
-from dinoalign.storage import under_root
+from dinoalign.storage import under_root, write_atomic
 from dinoalign.data.prepare import manifest_digest
 from dinoalign.tracking import log_dataset, run_url, stage_run
 
@@ -33,7 +33,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     if not cfg.enabled:
         note = {"skipped": True, "reason": "teacher.enabled=false: a real CLIP is configured",
                 "clip": {"name": params.clip.name, "pretrained": params.clip.pretrained}}
-        (out / "metrics.json").write_text(json.dumps(note, indent=2) + "\n")
+        write_atomic(out / "metrics.json", json.dumps(note, indent=2) + "\n")
         print(f"teacher: skipped ({note['reason']}: {params.clip.name})")
         return note
 

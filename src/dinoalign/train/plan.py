@@ -23,6 +23,7 @@ from typing import Any
 
 from dinoalign.data.prepare import read_pairs
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
+from dinoalign.storage import atomic_path
 from dinoalign.train.config import AlignConfig, RecipeTrainingConfig
 from dinoalign.train.data import (
     FeatureSource,
@@ -108,8 +109,7 @@ def write_curve(curve: list[dict[str, float]], path: Path) -> None:
     other statistics (the DVC plot of the stage)."""
     first = ["step", "epoch", "loss", "lr", "samples_per_s"]
     columns = first + sorted(set(curve[0]) - set(first))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in curve:

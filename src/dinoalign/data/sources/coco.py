@@ -49,7 +49,7 @@ from dinoalign.data.config import CocoSourceConfig
 from dinoalign.data.schema import PairRecord, Reject, make_uid
 from dinoalign.data.sources import SOURCES, STAGE, clean_caption, join_uri
 from dinoalign.errors import DataError, DataFileMissing
-from dinoalign.storage import atomic_path, open_uri
+from dinoalign.storage import atomic_path, open_uri, write_atomic
 
 BACKGROUND_INDEX = 0
 IGNORE_INDEX = 255
@@ -135,7 +135,7 @@ class CocoMasks:
             self.category_names[cid] for cid in sorted(self.class_index, key=self.class_index.get)
         ]
         classes = {"classes": names_by_index, "ignore_index": IGNORE_INDEX}
-        (out_dir.parent / "classes.json").write_text(json.dumps(classes, indent=1))
+        write_atomic(out_dir.parent / "classes.json", json.dumps(classes, indent=1))
 
     def write(self, image_id: Any) -> tuple[str | None, str | None]:
         """Write the mask of ``image_id``; return ``(mask path, single-category label)``,
