@@ -340,3 +340,30 @@ def test_a_store_without_content_hashes_is_embedded_again_once(
     _assert_store_is_the_manifest(tmp_path, features)
     assert _embed(ov, tmp_path)["images_embedded"] == 0
     assert "predate content hashes" not in capsys.readouterr().out
+
+
+def test_repo_relative_image_paths_are_read_from_the_checkout_wherever_embed_runs(
+    tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pairs manifest names the demo images relative to the checkout (the folder of
+    params.yaml); embed reads them from there, not from the working directory of the
+    process (`dinoalign embed -p checkout/params.yaml` elsewhere; a Ray worker's is not the
+    checkout either)."""
+    import os
+
+    root = tmp_path / "checkout"
+    root.mkdir()
+    (root / "params.yaml").write_text("seed: 0\n")
+    ov = tiny_overrides(root, tiny_clip_dir, **{
+        "embed.engine": "local", "paths.pairs": "artifacts/pairs", "paths.features": "artifacts/features",
+        "data.synthetic.n_train": "6", "data.synthetic.n_val": "2", "data.synthetic.n_test": "2"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["prepare", "-p", str(root / "params.yaml"), *ov]) == 0
+    uris = read_pairs(root / "artifacts" / "pairs").column("image_uri").to_pylist()
+    assert uris and not any(os.path.isabs(u) for u in uris)  # repo-relative
+    assert main(["embed", "-p", str(root / "params.yaml"), *ov]) == 0
+    listed = json.loads((root / "artifacts" / "features" / "manifest.json").read_text())
+    assert listed["counts"]["images_total"] == 10 and listed["counts"]["rejects_total"] == 0
+    assert not (elsewhere / "artifacts").exists()

@@ -79,7 +79,7 @@ from dinoalign.embed.features import image_features
 from dinoalign.embed.store import CONTENT_COLUMN, KINDS, FeatureStore, ShardContent, ShardReport, vector_column
 from dinoalign.errors import ConfigError
 from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
-from dinoalign.storage import remove_temporaries
+from dinoalign.storage import remove_temporaries, under_root
 
 STAGE = "embed"
 SCHEMA_VERSION = 2  # 2: head_mean_embedding is the official averaged-attention embedding
@@ -595,6 +595,10 @@ def run_embed(job: EmbedJob, manifest: pa.Table) -> dict[str, Any]:
         store.clear()
         contents = {"images": [], "captions": []}
     store.write_json("spec.json", spec)
+    if job.root is not None:  # repo-relative image paths, read where the workers run (not in the checkout)
+        uris = [under_root(u, job.root) for u in manifest.column("image_uri").to_pylist()]
+        manifest = manifest.set_column(manifest.column_names.index("image_uri"), "image_uri",
+                                       pa.array(uris, pa.string()))
     t_start = time.perf_counter()
     reports: dict[str, ShardReport] = {}
     nodes: collections.Counter[str] = collections.Counter()
