@@ -384,6 +384,16 @@ def test_coco_config_and_file_errors(tmp_path: Path) -> None:
                 "coco", CocoSourceConfig(captions_json=str(tmp_path / "other.json")), tmp_path
             )
         )
+    # one id for two files: an error naming both, never the last one silently (#19)
+    twice = {"images": [{"id": 7, "file_name": "a.jpg"}, {"id": 7, "file_name": "b.jpg"}],
+             "annotations": [{"image_id": 7, "caption": "a cat"}]}
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    with pytest.raises(ValueError, match=r"image id 7 is listed twice in 'images', as 'a.jpg' and 'b.jpg'"):
+        list(SOURCES.build("coco", CocoSourceConfig(captions_json=str(tmp_path / "twice.json")), tmp_path))
+    same = {**twice, "images": [twice["images"][0]] * 2}  # an exact repeat is one image
+    (tmp_path / "same.json").write_text(json.dumps(same))
+    built = list(SOURCES.build("coco", CocoSourceConfig(captions_json=str(tmp_path / "same.json")), tmp_path))
+    assert [r.captions for r in built] == [["a cat"]]
 
 
 # ----------------------------------------------------------------------------- pairs

@@ -317,7 +317,13 @@ def _images_by_id(images: list[dict[str, Any]], uri: str) -> dict[Any, dict[str,
             raise DataError(
                 f"{uri}: every entry of 'images' needs 'id' and 'file_name', got {image}"
             )
-        by_id[image["id"]] = image
+        earlier = by_id.get(image["id"])
+        if earlier is not None and earlier != image:  # which file would the captions be of?
+            raise DataError(
+                f"{uri}: image id {image['id']!r} is listed twice in 'images', as "
+                f"{earlier['file_name']!r} and {image['file_name']!r}: give each image its own id"
+            )
+        by_id[image["id"]] = image  # an exact repeat of an entry is the same image
     return by_id
 
 
