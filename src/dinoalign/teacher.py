@@ -30,7 +30,7 @@ from dinoalign.data.images import load_image, resize_crop
 from dinoalign.data.prepare import read_pairs
 from dinoalign.errors import DataError
 from dinoalign.evaluate.retrieval import retrieval_metrics
-from dinoalign.storage import write_atomic
+from dinoalign.storage import under_root, write_atomic
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -178,28 +178,31 @@ def encode_clip(
 
 
 def load_split_images(
-    manifest: Any, split: str, size: int, limits: dict[str, Any]
+    manifest: Any, split: str, size: int, limits: dict[str, Any], root: Path | None = None
 ) -> tuple[np.ndarray, list[list[str]], list[str]]:
     """uint8 images N×size×size×3, caption lists and uids of one split of a pairs manifest
-    (already validated by prepare, so a decode failure here is a real error)."""
+    (already validated by prepare, so a decode failure here is a real error); repo-relative
+    image paths are read from the checkout ``root`` (else from the working directory)."""
     rows = [r for r in manifest.to_pylist() if r["split"] == split]
     if not rows:
         raise DataError(f"the pairs manifest has no {split!r} split: the teacher needs one")
     images = np.stack([
-        resize_crop(load_image(r["image_uri"], **limits), size, "bicubic")
+        resize_crop(load_image(r["image_uri"] if root is None else under_root(r["image_uri"], root), **limits),
+                    size, "bicubic")
         for r in rows
     ])
     return images, [r["captions"] for r in rows], [r["uid"] for r in rows]
 
 
 def run_teacher(
-    cfg: TeacherConfig, pairs_dir: Path, limits: dict[str, Any], seed: int, out: Path, log: Any = None
+    cfg: TeacherConfig, pairs_dir: Path, limits: dict[str, Any], seed: int, out: Path, log: Any = None,
+    root: Path | None = None,
 ) -> dict[str, Any]:
     """Train the teacher on the train split of the pairs in ``pairs_dir`` (images read
     within ``limits``), save it with its curve to ``out`` and return its test-split
     retrieval metrics (also in ``out/metrics.json``)."""
     manifest = read_pairs(pairs_dir)
-    kw = dict(size=cfg.image_size, limits=limits)
+    kw = dict(size=cfg.image_size, limits=limits, root=root)
     train_images, train_caps, _ = load_split_images(manifest, "train", **kw)
     model, curve = train_teacher(train_images, train_caps, cfg, seed, log=log)
     save_teacher(model, cfg, out)

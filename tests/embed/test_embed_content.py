@@ -346,9 +346,9 @@ def test_repo_relative_image_paths_are_read_from_the_checkout_wherever_embed_run
     tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pairs manifest names the demo images relative to the checkout (the folder of
-    params.yaml); embed reads them from there, not from the working directory of the
-    process (`dinoalign embed -p checkout/params.yaml` elsewhere; a Ray worker's is not the
-    checkout either)."""
+    params.yaml); embed and the teacher read them from there, not from the working
+    directory of the process (`dinoalign embed -p checkout/params.yaml` elsewhere; a Ray
+    worker's is not the checkout either)."""
     import os
 
     root = tmp_path / "checkout"
@@ -366,4 +366,8 @@ def test_repo_relative_image_paths_are_read_from_the_checkout_wherever_embed_run
     assert main(["embed", "-p", str(root / "params.yaml"), *ov]) == 0
     listed = json.loads((root / "artifacts" / "features" / "manifest.json").read_text())
     assert listed["counts"]["images_total"] == 10 and listed["counts"]["rejects_total"] == 0
+    # the teacher stage reads the same images (its CLIP trained on the demo's train split)
+    assert main(["teacher", "-p", str(root / "params.yaml"), *ov, f"paths.teacher={root / 'teacher'}",
+                 "teacher.epochs=1", "teacher.batch_size=4"]) == 0
+    assert json.loads((root / "teacher" / "metrics.json").read_text())["train_images"] == 6
     assert not (elsewhere / "artifacts").exists()

@@ -44,7 +44,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     pairs_dir = Path(under_root(params.paths.pairs, root))
     with stage_run("teacher", params) as run:
         log_dataset("pairs", str(pairs_dir / "manifest"), manifest_digest(pairs_dir), "training")
-        metrics = run_teacher(cfg, pairs_dir, image_limits(params.data), params.seed, out, log=log)
+        metrics = run_teacher(cfg, pairs_dir, image_limits(params.data), params.seed, out, log=log, root=root)
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(out / "metrics.json"))
         metrics["mlflow_run"] = run_url(run)
