@@ -288,6 +288,17 @@ def test_a_full_disk_is_one_line_wherever_it_is_raised(params: Path, monkeypatch
     assert (code, line) == (2, "dinoalign embed: disk full writing /data/features/images/part-1.parquet: No space "
                                "left on device (ENOSPC); free space there and run the command again")
 
+    def log_to_a_full_store(name, params, root):  # what MLflow's sqlite store raises on a full disk
+        try:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full")
+        except RuntimeError:
+            raise RuntimeError("API request to endpoint /api/2.0/mlflow/runs/log-batch failed")
+
+    monkeypatch.setattr(cli, "run_stage", log_to_a_full_store)
+    code, line = _one_line(["embed", "-p", str(params)], capsys)
+    assert (code, line) == (2, "dinoalign embed: disk full in the MLflow store (tracking.uri): SQLite: database or "
+                               "disk is full; free space there and run the command again")
+
 
 # ----------------------------------------------------------------------------- bugs
 

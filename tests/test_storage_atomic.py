@@ -81,6 +81,29 @@ def test_disk_full_finds_the_os_error_behind_a_wrapped_one() -> None:
     assert storage.disk_full(ValueError("no")) is None
 
 
+def test_disk_full_finds_sqlites_full_database_behind_sqlalchemy(tmp_path: Path) -> None:
+    """MLflow's sqlite store on a full disk: SQLITE_FULL raised by SQLite itself (here: a
+    database capped by max_page_count), wrapped by SQLAlchemy, then by a plain error with
+    only the context kept, as MLflow's store does."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sqlalchemy.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA max_page_count = 2"))
+    with pytest.raises(sqlalchemy.exc.OperationalError) as full:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("CREATE TABLE runs (x BLOB)"))
+            for _ in range(50):
+                conn.execute(sqlalchemy.text("INSERT INTO runs VALUES (zeroblob(4000))"))
+    try:
+        try:
+            raise full.value
+        except sqlalchemy.exc.OperationalError:
+            raise RuntimeError("API request to the tracking store failed")  # context only, no cause
+    except RuntimeError as wrapped:
+        assert storage.disk_full(wrapped) is full.value
+    assert storage.disk_full(RuntimeError("database is locked")) is None
+
+
 def test_the_temporary_of_a_killed_writer_is_removed_and_nothing_else(tmp_path: Path) -> None:
     target = tmp_path / "plots" / "level_1.csv"
     killed = subprocess.run([sys.executable, "-c", (

@@ -152,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         full = disk_full(e)
         if full is None:
             raise
-        code = errno.errorcode.get(full.errno, str(full.errno))
-        what = f" writing {full.filename}" if full.filename is not None else ""
-        reason = " ".join(str(full.strerror or full).split())
-        print(f"dinoalign {args.command}: disk full{what}: {reason} ({code}); free space there and run the "
+        if isinstance(full, OSError):
+            code = errno.errorcode.get(full.errno, str(full.errno))
+            what = f" writing {full.filename}" if full.filename is not None else ""
+            reason = f"{' '.join(str(full.strerror or full).split())} ({code})"
+        else:  # SQLite's SQLITE_FULL: the MLflow store (tracking.uri) could not grow
+            what, reason = " in the MLflow store (tracking.uri)", "SQLite: database or disk is full"
+        print(f"dinoalign {args.command}: disk full{what}: {reason}; free space there and run the "
               "command again", file=sys.stderr)
         return UserError.exit_code
 

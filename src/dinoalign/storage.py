@@ -210,16 +210,25 @@ _TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException"
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def disk_full(exc: BaseException) -> OSError | None:
-    """The ``OSError`` that says a write found the disk full (:data:`DISK_FULL_ERRNOS`):
-    ``exc`` itself or one it was raised from (``__cause__``, or the ``cause`` of a Ray
-    task error); None when there is none. ``dinoalign.cli.main`` turns it into one line."""
+# SQLite's SQLITE_FULL (MLflow's sqlite store, through SQLAlchemy and MlflowException,
+# which keep the text but not always the exception)
+SQLITE_FULL_MESSAGE = "database or disk is full"
+
+
+def disk_full(exc: BaseException) -> BaseException | None:
+    """The error that says a write found the disk full: an ``OSError`` of
+    :data:`DISK_FULL_ERRNOS`, or SQLite's "database or disk is full" (the MLflow store);
+    ``exc`` itself or one it was raised from (``__cause__``, ``__context__``, or the
+    ``cause`` of a Ray task error); None when there is none. ``dinoalign.cli.main`` turns
+    it into one line."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
             return exc
-        cause = exc.__cause__ or getattr(exc, "cause", None)
+        if SQLITE_FULL_MESSAGE in str(exc):
+            return exc
+        cause = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
         exc = cause if isinstance(cause, BaseException) else None
     return None
 
