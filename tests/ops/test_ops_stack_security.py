@@ -1,5 +1,7 @@
-"""One real `dinoalign infra up` (SeaweedFS, mlflow server, Ray head on free 127.0.0.1
-ports), shared by this file's two tests (a stack takes ~2 min to start on 2 cores):
+"""A real `dinoalign infra up` (SeaweedFS, mlflow server, Ray head on free 127.0.0.1 ports)
+for each of this file's two tests (one stack shared by both saved ~2 min, but in CI the
+second test's Ray + MLflow client then hung for 300 s after the first test's intrusion
+attempts, while it passed alone: each test gets a fresh stack again):
 
 1. it lets no one in without its credentials (issue #19 part 3): every TCP port its
    processes listen on is tried the way another user of the machine would;
@@ -66,9 +68,9 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, dict, dict[str, str]]]:
-    """(root, run folder, services by name, the environment without keys) of one started
+    """(root, run folder, services by name, the environment without keys) of a started
     stack; stopped afterwards unless the up/down test already did."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
     root, run, services = infra_up(tmp_path_factory.mktemp("stack"), env)
