@@ -74,19 +74,3 @@ def infra_up(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path, dict[str,
     run = run_dir(root)
     state = json.loads((run / STATE_FILE).read_text())
     return root, run, {s["name"]: infra.Service(**s) for s in state["services"]}
-
-
-def listening(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of every TCP socket the process ``pid`` and its descendants listen on
-    (IPv4-mapped addresses as plain IPv4)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    found: set[tuple[str, int]] = set()
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            found |= {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port) for c in proc.net_connections("tcp")
-                      if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:  # a short-lived worker
-            pass
-    return found

@@ -1,14 +1,14 @@
-"""``dinoalign infra``'s parts: credentials, stopping by PID, refusals before anything
-starts, cleanup after a failed ``up``, the stack profile, the PostgreSQL backend. The full
-``up|status|down`` on a real stack is in test_ops_stack_security.py (one stack for both
-of its tests)."""
+"""``dinoalign infra up|status|down``: real SeaweedFS, mlflow server and Ray head on free
+127.0.0.1 ports, used for real, then stopped by PID with nothing left running."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,19 +19,38 @@ import pytest
 from dinoalign.ops import services as infra
 from dinoalign.ops.stack import (
     CREDENTIALS_FILE,
+    ENV_FILE,
     STATE_FILE,
     StackError,
     StackOptions,
     read_env_file,
     run_dir,
     stack_credentials,
+    stack_env,
     up,
 )
-from ops_checkout import empty_checkout, listening
+from ops_checkout import empty_checkout, infra_cli, infra_up
+
+
+def _env_without_keys() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
 
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def _listening(pid: int) -> set[str]:
+    """Addresses the process ``pid`` and its descendants listen on (TCP)."""
+    root = psutil.Process(pid)
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            found |= {c.laddr.ip.removeprefix("::ffff:") for c in proc.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:  # a short-lived worker
+            pass
+    return found
 
 
 def test_credentials_generated_private_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,6 +121,99 @@ def test_failed_up_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.Mon
     assert new == [] and not (run_dir(root) / STATE_FILE).exists()
 
 
+@pytest.mark.integration
+def test_infra_up_status_use_down(tmp_path: Path) -> None:
+    env = _env_without_keys()
+    root, run, services = infra_up(tmp_path, env)
+    state = json.loads((run / STATE_FILE).read_text())
+    try:
+        assert set(services) == {"seaweedfs", "mlflow", "ray"}
+        # every listening socket of every process of the stack is on loopback
+        assert set().union(*(_listening(s.pid) for s in services.values())) == {"127.0.0.1"}
+
+        # keys: generated, private, only in the 600 files and .dvc/config.local
+        creds = read_env_file(run / CREDENTIALS_FILE)
+        secret = creds["AWS_SECRET_ACCESS_KEY"]
+        assert _mode(run / CREDENTIALS_FILE) == _mode(run / ENV_FILE) == 0o600
+        assert secret not in (run / STATE_FILE).read_text() and secret not in (run / ENV_FILE).read_text()
+        assert secret not in (root / ".dvc" / "config").read_text()
+        assert secret in (root / ".dvc" / "config.local").read_text()
+
+        shown = infra_cli(root, "status", env=env)
+        assert shown.returncode == 0 and shown.stdout.count("healthy") == 3, shown.stdout
+        again = infra_cli(root, "up", env=env)
+        # a StackError is a UserError like any other: one line, exit 2 (it was exit 1)
+        assert again.returncode == 2 and "already up" in again.stderr
+        assert again.stderr.strip().splitlines() == [again.stderr.strip()], again.stderr
+
+        # the env file is all a shell needs: Ray (token auth), MLflow (artifacts in the bucket), S3, DVC
+        stack = stack_env(root)
+        assert stack["MLFLOW_TRACKING_URI"] == services["mlflow"].url
+        assert stack["RAY_ADDRESS"] == services["ray"].url and stack["AWS_ACCESS_KEY_ID"] == creds["AWS_ACCESS_KEY_ID"]
+        client = subprocess.run([sys.executable, "-c", _USE_STACK], env={**env, **stack}, capture_output=True,
+                                text=True, timeout=300)
+        assert client.returncode == 0, client.stderr[-3000:]
+        report = json.loads(client.stdout.strip().splitlines()[-1])
+        assert report["ray"] == 42 and report["cpus"] == 1.0 and report["worker_logged"] == 1
+        assert report["artifact_keys"] == [f"mlflow/{report['experiment']}/{report['run']}/artifacts/notes/hello.txt"]
+        assert report["anonymous_status"] == 403 and report["wrong_key_error"] in ("InvalidAccessKeyId", "AccessDenied")
+        (root / "data.txt").write_text("tracked\n")
+        subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.txt"], cwd=root, check=True, env={**env, **stack})
+        pushed = subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=root, env={**env, **stack},
+                                capture_output=True, text=True, timeout=300)
+        assert pushed.returncode == 0 and "1 file pushed" in pushed.stdout, pushed.stdout + pushed.stderr
+    finally:
+        tree = [p for s in services.values() if s.alive()
+                for p in [psutil.Process(s.pid), *psutil.Process(s.pid).children(True)]]
+        stopped = infra_cli(root, "down", env=env)
+    assert stopped.returncode == 0 and "stopped ray, mlflow, seaweedfs" in stopped.stdout
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == [], [p.pid for p in alive]
+    assert not (run / STATE_FILE).exists() and not (run / ENV_FILE).exists()
+    assert not Path(state["ray_temp_dir"]).exists()
+    assert "remote = stack" not in (root / ".dvc" / "config.local").read_text()  # `dvc push` -> committed default
+    assert infra_cli(root, "status", env=env).returncode == 3
+    with pytest.raises(StackError, match="not up"):
+        stack_env(root)
+
+
+_USE_STACK = r"""
+import json, os, urllib.error, urllib.request
+import boto3, mlflow, ray
+from botocore.exceptions import ClientError
+from dinoalign.storage import boto3_client
+
+ray.init()
+out = {"ray": ray.get(ray.remote(lambda: 41 + 1).remote()), "cpus": ray.cluster_resources()["CPU"]}
+mlflow.set_experiment("smoke")
+with mlflow.start_run() as run:
+    mlflow.log_text("hello", "notes/hello.txt")
+out.update(experiment=run.info.experiment_id, run=run.info.run_id)
+
+@ray.remote
+def log_from_a_worker(uri, run_id):  # as align's Ray Train workers do: the head's env has the MLflow admin
+    mlflow.MlflowClient(uri).log_metric(run_id, "from_worker", 1.0)
+    return 1
+
+out["worker_logged"] = ray.get(log_from_a_worker.remote(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id))
+listing = boto3_client().list_objects_v2(Bucket=os.environ["DINOALIGN_STACK_BUCKET"], Prefix="mlflow/")
+out["artifact_keys"] = [o["Key"] for o in listing.get("Contents", [])]
+try:
+    urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/" + os.environ["DINOALIGN_STACK_BUCKET"] + "/")
+    out["anonymous_status"] = 200
+except urllib.error.HTTPError as e:
+    out["anonymous_status"] = e.code
+wrong = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id="nobody",
+                     aws_secret_access_key="wrong-secret-key", region_name="us-east-1")
+try:
+    wrong.list_objects_v2(Bucket=os.environ["DINOALIGN_STACK_BUCKET"])
+    out["wrong_key_error"] = None
+except ClientError as e:
+    out["wrong_key_error"] = e.response["Error"]["Code"]
+print(json.dumps(out))
+"""
+
+
 def stack_profile(repo_root: Path) -> list[str]:
     """The ``key=value`` lines of params/stack.txt (the profile docs/operations.md applies)."""
     lines = (repo_root / "params" / "stack.txt").read_text().splitlines()
@@ -131,7 +243,7 @@ def test_postgresql_backend(tmp_path: Path) -> None:
     pg, uri = infra.start_postgres(base / "postgres")
     try:
         tree = [psutil.Process(pg.pid), *psutil.Process(pg.pid).children(recursive=True)]
-        assert {ip for ip, _ in listening(pg.pid)} == {"127.0.0.1"}
+        assert _listening(pg.pid) == {"127.0.0.1"}
         psql = "/usr/lib/postgresql/15/bin/psql"
         answer = subprocess.run([psql, uri, "-tAc", "select current_database()"],
                                 capture_output=True, text=True, check=True).stdout.strip()
