@@ -10,13 +10,14 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline_testing import embed_features, output_bytes, tiny_overrides
+from pipeline_testing import REPO, embed_features, output_bytes, tiny_overrides
 from dinoalign.cli import main
 from dinoalign.config import load_params
 from dinoalign.data.prepare import read_pairs
@@ -188,13 +189,39 @@ def _rows_texts(root: Path, caption_ids: set[str]) -> set[str]:
             for i, c in enumerate(cs) if make_caption_id(u, i) in caption_ids}
 
 
+def _stage_overrides(ov: list[str], root: Path) -> list[str]:
+    """Curate (the demo's target size: it keeps every train pair) and align@talk2dino under ``root``."""
+    return [*ov, f"paths.curated={root / 'curated'}", f"curate.text_vocab={REPO / 'params/vocab/demo.txt'}",
+            "curate.levels=[8, 2]", "curate.resample_steps=[1, 1]", "curate.resample_points=[8, 2]",
+            f"paths.checkpoints={root / 'checkpoints'}", "align.recipe=talk2dino"]
+
+
+def _curate_and_plan(ov: list[str], root: Path) -> Any:
+    """The curate stage, as ``dvc repro`` runs it after embed, then align's plan: the
+    training data and the run identity (the checkpoint folder a run resumes from)."""
+    from dinoalign.data.images import image_limits
+    from dinoalign.train.plan import plan_align
+
+    stages = _stage_overrides(ov, root)
+    assert main(["curate", "-p", P, *stages]) == 0
+    params = load_params(P, stages)
+    return plan_align(params.align, params.seed, image_limits(params.data), features=str(root / "features"),
+                      pairs_dir=str(root / "pairs"), curated=str(root / "curated" / "uids.parquet"),
+                      checkpoints=str(root / "checkpoints"), root=root)
+
+
 def test_a_retrain_batch_that_edits_known_pairs_is_embedded_again_and_only_it(
-    tmp_path: Path, tiny_clip_dir: Path
+    tmp_path: Path, tiny_clip_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue #20, the retrain path: new caption data that edits a known pair's captions
     and replaces another's image (same keys) updates those rows of ``paths.incoming``
-    (``dinoalign.data.incoming.append_batch``); prepare gives them their new content, and
-    embed embeds exactly the edited caption and the replaced image again."""
+    (``dinoalign.data.incoming.append_batch``); prepare gives them their new content,
+    embed embeds exactly the edited caption and the replaced image again, and curate and
+    align follow the new features: a curation of the old features is refused, and align
+    plans a new run (same uids, new content) instead of "resuming" the finished one (a
+    run resumes the latest checkpoint under its name: tests/train/test_align_stage.py).
+    Before the fix (the run name hashed the feature spec and the uids only) the names
+    were equal."""
     from dinoalign.data import incoming
 
     drop, folder = tmp_path / "drop", tmp_path / "incoming" / "pairs"
@@ -209,6 +236,10 @@ def test_a_retrain_batch_that_edits_known_pairs_is_embedded_again_and_only_it(
     first = _embed(ov, tmp_path)
     assert first["images_embedded"] == 24 + 4 + 4 + 12  # the synthetic splits and the 4 appended
     before_images = _rows(tmp_path / "features", "images", "uid")
+    plan_before = _curate_and_plan(ov, tmp_path)
+    curated_before = pq.read_table(tmp_path / "curated" / "uids.parquet")
+    assert curated_before.schema.metadata[b"dinoalign.features_digest"].decode() == \
+        FeatureStore(str(tmp_path / "features")).digest()
 
     _write_image(drop / "new1.png", 301)  # new bytes under the same key
     _write_table(drop / "pairs.csv", [(im, "new image 2, edited" if im == "new2.png" else cap) for im, cap in table])
@@ -231,6 +262,21 @@ def test_a_retrain_batch_that_edits_known_pairs_is_embedded_again_and_only_it(
     assert _rows_texts(tmp_path, {make_caption_id(make_uid(incoming.SOURCE, rows[2]["key"]), 0)}) == {
         "new image 2, edited"}
     _assert_store_is_the_manifest(tmp_path, tmp_path / "features")
+
+    # align on the curation of the old features: refused, it would select by stale clusters
+    capsys.readouterr()
+    assert main(["align", "-p", P, *_stage_overrides(ov, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "curated from other features" in err[0] and "dvc repro curate" in err[0], err
+    # curate again: align's run is a new one on the new features (same uids: the demo's
+    # target size keeps all 28), so it never "resumes" the run finished on the old ones
+    plan_after = _curate_and_plan(ov, tmp_path)
+    curated_after = pq.read_table(tmp_path / "curated" / "uids.parquet")
+    assert curated_after.select(["uid", "kept"]) == curated_before.select(["uid", "kept"])
+    assert plan_after.selection.uids == plan_before.selection.uids and len(plan_after.selection.uids) == 28
+    assert curated_after.schema.metadata != curated_before.schema.metadata
+    assert plan_after.spec_hash == plan_before.spec_hash  # same models and preprocessing
+    assert plan_after.run_name != plan_before.run_name
 
 
 def test_dropped_uids_and_changed_rejects_leave_the_store(tmp_path: Path, tiny_clip_dir: Path) -> None:

@@ -7,7 +7,8 @@ Reads the image feature ``curate.feature`` of every train pair from the embed st
 
     uids.parquet    every train uid, sorted: cluster_l1 … cluster_lL (int32, null without
                     features) and the bool columns kept_features, kept_dedup, kept_image,
-                    kept_text, kept (the curated set)
+                    kept_text, kept (the curated set); its metadata names the digest of
+                    the features it was computed from (CURATED_FEATURES_KEY)
     stats.json      counts per filter, FAISS sample counts, cluster sizes, entry counts
     plots/cluster_sizes/level_<ℓ>.csv        rank, cluster, before, after (points/cluster)
     plots/captions_per_entry/before.csv      entry, captions (text balancing on only)
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 from dinoalign.curate.config import CurateConfig
 from dinoalign.curate.curation import cluster_column, curate
 from dinoalign.data.prepare import read_pairs
+from dinoalign.data.schema import CURATED_FEATURES_KEY
 from dinoalign.embed.store import FeatureStore, load_image_features
 from dinoalign.errors import ConfigError, DataError, DataFileMissing
 from dinoalign.storage import atomic_path, remove_temporaries, write_atomic
@@ -82,11 +84,13 @@ def curate_train_split(cfg: CurateConfig, pairs_dir: Path, features_uri: str) ->
     stats = {
         "split": CURATED_SPLIT,
         "feature": cfg.feature,
+        "features_digest": FeatureStore(features_uri).digest(),
         "n_train": len(train_uids),
         "without_features": {"count": len(missing), "embed_reject_reasons": missing_reasons},
         **result.stats,
     }
     table = _with_pairs_without_features(result.table, missing, len(cfg.levels))
+    table = table.replace_schema_metadata({CURATED_FEATURES_KEY: stats["features_digest"]})
     return CuratedSplit(table=table, stats=stats, seconds=seconds)
 
 

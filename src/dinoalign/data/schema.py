@@ -14,6 +14,11 @@ from typing import Iterable
 import pyarrow as pa
 
 
+# The curate stage's uids.parquet schema metadata: the digest (FeatureStore.digest) of
+# the features the curation was computed from; align refuses a curation of other features.
+CURATED_FEATURES_KEY = "dinoalign.features_digest"
+
+
 def make_uid(source: str, key: str) -> str:
     """Stable 32-hex-char id of one sample of ``source`` (e.g. COCO image id, file path)."""
     h = hashlib.blake2b(digest_size=16)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from dinoalign.config import BackboneConfig, from_dict
+from dinoalign.data.schema import CURATED_FEATURES_KEY
 from dinoalign.embed.store import (
     FeatureStore,
     check_preprocessing,
@@ -70,9 +71,12 @@ class TrainSelection:
     curated: str | None  # the curated uid file applied, None when absent
 
 
-def train_uids(manifest: pa.Table, curated: str | None) -> TrainSelection:
+def train_uids(manifest: pa.Table, curated: str | None, features_digest: str | None = None) -> TrainSelection:
     """Train-split uids of the pairs ``manifest``, intersected with the ``kept`` uids of
-    the curate stage's ``uids.parquet`` when ``curated`` names an existing file."""
+    the curate stage's ``uids.parquet`` when ``curated`` names an existing file. A
+    curation computed from other features than ``features_digest`` (its metadata names
+    theirs: the features were embedded again since, e.g. retrain's edited pairs) is an
+    error: it would select by stale clusters."""
     train = manifest.filter(pc.equal(manifest.column("split"), "train")).column("uid").to_pylist()
     if not train:
         raise DataError("the pairs manifest has no 'train' split: nothing to align on")
@@ -86,6 +90,13 @@ def train_uids(manifest: pa.Table, curated: str | None) -> TrainSelection:
             raise DataError(
                 f"{curated} lacks the columns {sorted(missing)}; it must be the curate "
                 f"stage's uids.parquet (uid, kept, ...)"
+            )
+        made_from = (table.schema.metadata or {}).get(CURATED_FEATURES_KEY.encode(), b"").decode()
+        if features_digest is not None and made_from and made_from != features_digest:
+            raise DataError(
+                f"{curated} was curated from other features (digest {made_from}) than those "
+                f"align reads now ({features_digest}): the features were embedded again since; "
+                "run the curate stage first (dvc repro curate), or set align.use_curated=false"
             )
         kept = table.filter(table.column("kept")).column("uid").to_pylist()
         selected &= set(kept)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dinoalign.data.prepare import read_pairs
+from dinoalign.embed.store import FeatureStore
 from dinoalign.recipes.base import CONFIG_FILE, WEIGHTS_FILE
 from dinoalign.storage import atomic_path
 from dinoalign.train.config import AlignConfig, RecipeTrainingConfig
@@ -68,7 +69,8 @@ def plan_align(
     assert recipe is not None  # cfg.training raised otherwise
     spec = read_spec(features)
     manifest = read_pairs(pairs_dir)
-    selection = train_uids(manifest, curated)
+    content = FeatureStore(features).digest()  # the features' bytes, not only their spec
+    selection = train_uids(manifest, curated, content)
     model_cfg = model_config(recipe, training, spec)
     source = FeatureSource(features, spec, manifest, selection.uids, root)
     data = build_training_data(recipe, training, model_cfg, source, image_limits=limits, seed=seed)
@@ -78,6 +80,9 @@ def plan_align(
         "training": dataclasses.asdict(training),
         "seed": seed,
         "features": spec["spec_hash"],
+        # edited captions or replaced images under the same uids (retrain) change the
+        # content: a new run, never a "resume" of the finished run on the old features
+        "content": content,
         "uids": uids_digest(selection.uids),
     }
     digest = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=6).hexdigest()
