@@ -34,7 +34,7 @@ from pipeline_testing import tiny_overrides
 from PIL import Image
 
 from dinoalign.ops import services as infra
-from dinoalign.ops.stack import StackOptions, down, stack_env, up, worker_resources
+from dinoalign.ops.stack import StackOptions, down, stack_env, status, up, worker_resources
 from dinoalign.storage import S3Settings, boto3_client
 
 pytestmark = pytest.mark.integration
@@ -50,6 +50,7 @@ class Cluster:
     env: dict[str, str]
     services: dict[str, infra.Service]
     settings: S3Settings
+    started: dict[str, Any] = dataclasses.field(default_factory=dict)  # nodes and status right after up
 
     def s3(self) -> Any:
         return boto3_client("s3", self.settings)
@@ -83,10 +84,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                     if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", "DINOALIGN_"))}
             base["PATH"] = f"{Path(sys.executable).parent}:{base['PATH']}"
             env = {**base, **stack_env(root)}
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this process's MlflowClient
+                mp.setenv(key, env[key])
             services = {s.name: s for s in infra.load_state(root / "infra" / "run" / "stack.json")[0]}
             settings = S3Settings(env["AWS_ENDPOINT_URL"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                                   "us-east-1")
-            yield Cluster(root, env, services, settings)
+            cluster = Cluster(root, env, services, settings)
+            # what `up` gave, before a test loses a node (the tests below may run in any order)
+            cluster.started = {"nodes": cluster.nodes(), "status": status(root),
+                               "raylets": [infra.raylet_pid(services[f"ray-worker-{i}"]) for i in (1, 2)]}
+            yield cluster
         finally:
             down(root)
 
@@ -171,8 +178,8 @@ FULL = pytest.mark.skipif(
            "beside the stack test), over make test's 25-min budget: run `make test-cluster` (DINOALIGN_CLUSTER_FULL=1)")
 
 
-def _node_sets(cluster: Cluster) -> tuple[dict[str, list[str]], set[str], set[str]]:
-    nodes = cluster.nodes()
+def _node_sets(cluster: Cluster | dict[str, list[str]]) -> tuple[dict[str, list[str]], set[str], set[str]]:
+    nodes = cluster.nodes() if isinstance(cluster, Cluster) else cluster
     workers = {n for n, res in nodes.items() if "dinoalign_worker" in res}
     head = {n for n, res in nodes.items() if "dinoalign_head" in res}
     return nodes, workers, head
@@ -182,15 +189,13 @@ def test_up_workers_start_nodes_that_join_with_their_resources(cluster: Cluster)
     """The cheap half, in make test: `infra up --workers 2` gives a 3-node cluster whose
     nodes advertise the placement resources, each worker a process of its own with its
     own raylet, all healthy in `infra status`."""
-    from dinoalign.ops.stack import status
-
-    nodes, workers, head = _node_sets(cluster)
+    nodes, workers, head = _node_sets(cluster.started["nodes"])
     assert len(nodes) == 3 and len(workers) == 2 and len(head) == 1, nodes
     assert {tuple(res) for n, res in nodes.items() if n in workers} == {
         tuple(sorted(worker_resources(i))) for i in (1, 2)}
-    raylets = {infra.raylet_pid(cluster.services[f"ray-worker-{i}"]) for i in (1, 2)}
-    assert None not in raylets and len(raylets) == 2
-    state = status(cluster.root)
+    raylets = cluster.started["raylets"]
+    assert None not in raylets and len(set(raylets)) == 2  # each worker node its own raylet
+    state = cluster.started["status"]
     assert [s["name"] for s in state["services"]][-2:] == ["ray-worker-1", "ray-worker-2"]
     assert all(s["healthy"] for s in state["services"]), state["services"]
 
