@@ -6,7 +6,7 @@ worker touches in S3: the images, the feature shards. The driver's working tree 
 the pairs table the driver reads.
 
 0. (in make test) the nodes join with their placement resources; the rest runs in
-   `make test-cluster` (about 12 min on 2 cores, over make test's budget):
+   `make test-cluster` (430 s alone on 2 cores, over make test's budget beside the rest):
 1. the model actors run on the two worker nodes (checked by node id, not assumed), each
    writes its own shards to S3;
 2. a worker node is lost part-way (its raylet killed by PID): the run completes on the
@@ -174,7 +174,7 @@ def _uids(cluster: Cluster, features: str) -> list[str]:
 
 FULL = pytest.mark.skipif(
     os.environ.get("DINOALIGN_CLUSTER_FULL") != "1",
-    reason="the embed and align runs on the 3-node cluster take about 12 min on 2 cores (fresh clone: 706 s "
+    reason="the embed and align runs on the 3-node cluster take 430 s alone on 2 cores (2026-12-07; 706 s "
            "beside the stack test), over make test's 25-min budget: run `make test-cluster` (DINOALIGN_CLUSTER_FULL=1)")
 
 
