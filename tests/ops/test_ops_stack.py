@@ -155,6 +155,9 @@ def test_infra_up_status_use_down(tmp_path: Path) -> None:
         assert client.returncode == 0, client.stderr[-3000:]
         report = json.loads(client.stdout.strip().splitlines()[-1])
         assert report["ray"] == 42 and report["cpus"] == 1.0 and report["worker_logged"] == 1
+        # a worker's port is the OS's pick, not `ray start`'s default range 10002-19999 that
+        # every Ray node of the machine hands out in the same order (two stacks racing for it)
+        assert report["worker_ports"] and not any(10002 <= p <= 19999 for p in report["worker_ports"]), report
         assert report["artifact_keys"] == [f"mlflow/{report['experiment']}/{report['run']}/artifacts/notes/hello.txt"]
         assert report["anonymous_status"] == 403 and report["wrong_key_error"] in ("InvalidAccessKeyId", "AccessDenied")
         (root / "data.txt").write_text("tracked\n")
@@ -196,6 +199,13 @@ def log_from_a_worker(uri, run_id):  # as align's Ray Train workers do: the head
     return 1
 
 out["worker_logged"] = ray.get(log_from_a_worker.remote(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id))
+
+@ray.remote
+def worker_ports():  # what this worker process listens on
+    import psutil
+    return sorted(c.laddr.port for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+
+out["worker_ports"] = ray.get(worker_ports.remote())
 listing = boto3_client().list_objects_v2(Bucket=os.environ["DINOALIGN_STACK_BUCKET"], Prefix="mlflow/")
 out["artifact_keys"] = [o["Key"] for o in listing.get("Contents", [])]
 try:

@@ -488,8 +488,8 @@ def start_ray_head(log_dir: Path, token_path: Path, temp_dir: Path, num_cpus: in
                    env: dict[str, str] | None = None, cluster: bool = False,
                    resources: dict[str, float] | None = None) -> Service:
     """``ray start --head --block`` on 127.0.0.1 with token auth, every port chosen free
-    (defaults such as 52365 for the dashboard agent collide with any other Ray on the
-    machine) and its own ``temp_dir`` (Ray's default
+    (defaults such as 52365 for the dashboard agent, or the worker ports from 10002 up,
+    collide with any other Ray on the machine) and its own ``temp_dir`` (Ray's default
     /tmp/ray is shared with every other Ray of the machine). ``temp_dir`` must be a short
     path: Ray puts unix sockets under it. ``env`` adds to the head's environment (the S3
     settings that Ray Train and Ray Data workers inherit). ``cluster``: let worker nodes
@@ -566,6 +566,10 @@ def _start_ray_node_once(name: str, log: Path, token_path: Path, num_cpus: int |
            f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
            f"--runtime-env-agent-port={ports['runtime_env_agent']}",
            f"--metrics-export-port={ports['metrics_export']}",
+           # each worker process on a port the OS picks: `ray start` hands out 10002-19999
+           # in order by default, the same ports to every Ray node of the machine, and two
+           # stacks starting at once race for them (Ray may then hang: ray-project/ray#28071)
+           "--min-worker-port=0", "--max-worker-port=0",
            "--disable-usage-stats", f"--num-cpus={num_cpus or os.cpu_count()}"]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
