@@ -39,7 +39,7 @@ test: env chromium
 # The multi-node Ray tests in full (tests/cluster), the align node-loss test included
 # (over make test's budget on 2 cores; needs root for a private network namespace).
 test-cluster: env
-	DINOALIGN_CLUSTER_FULL=1 $(RUN) python -m pytest -n 0 tests/cluster --durations=10
+	$(RUN) python -m pytest -n 0 tests/cluster --durations=10
 
 # Debian's chromium renders the report (and the MLflow UI) in headless tests; installed only
 # when missing. Without root or apt the tests that need it skip and say why.

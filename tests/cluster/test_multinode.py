@@ -5,13 +5,18 @@ namespace (tests/netns.py), and the embed stage runs on it with every input and 
 worker touches in S3: the images, the feature shards. The driver's working tree holds only
 the pairs table the driver reads.
 
-0. (in make test) the nodes join with their placement resources; the rest runs in
-   `make test-cluster` (430 s alone on 2 cores, over make test's budget beside the rest):
+All of it runs in `make test` (430 s alone on 2 cores; `make test-cluster` runs this file
+alone):
+
+0. the nodes join with their placement resources;
 1. the model actors run on the two worker nodes (checked by node id, not assumed), each
    writes its own shards to S3;
 2. a worker node is lost part-way (its raylet killed by PID): the run completes on the
    survivor (or fails with a clear error and a re-run finishes) and every uid is in the
-   features exactly once, with the bytes of the undisturbed run.
+   features exactly once, with the bytes of the undisturbed run;
+3. align with 2 DDP workers (gloo) on the two worker nodes, one node lost part-way and a
+   replacement joining: Ray Train restarts from the S3 checkpoint and the loss curve
+   equals the undisturbed run's.
 """
 
 from __future__ import annotations
@@ -172,12 +177,6 @@ def _uids(cluster: Cluster, features: str) -> list[str]:
     return uids
 
 
-FULL = pytest.mark.skipif(
-    os.environ.get("DINOALIGN_CLUSTER_FULL") != "1",
-    reason="the embed and align runs on the 3-node cluster take 430 s alone on 2 cores (2026-12-07; 706 s "
-           "beside the stack test), over make test's 25-min budget: run `make test-cluster` (DINOALIGN_CLUSTER_FULL=1)")
-
-
 def _node_sets(cluster: Cluster | dict[str, list[str]]) -> tuple[dict[str, list[str]], set[str], set[str]]:
     nodes = cluster.nodes() if isinstance(cluster, Cluster) else cluster
     workers = {n for n, res in nodes.items() if "dinoalign_worker" in res}
@@ -200,7 +199,6 @@ def test_up_workers_start_nodes_that_join_with_their_resources(cluster: Cluster)
     assert all(s["healthy"] for s in state["services"]), state["services"]
 
 
-@FULL
 @pytest.mark.timeout(1200)  # > the default: starts early (tests/conftest.py)
 def test_embed_on_two_worker_nodes_then_one_lost_part_way(cluster: Cluster, embedded: list[str]) -> None:
     ov = embedded
@@ -250,7 +248,6 @@ def _curve(path: Path) -> list[tuple[int, float]]:
     return [(int(float(r["step"])), float(r["loss"])) for r in pd.read_csv(path).to_dict("records")]
 
 
-@FULL
 @pytest.mark.timeout(1200)  # > the default: starts early (tests/conftest.py)
 def test_align_ddp_on_two_nodes_resumes_from_s3_after_losing_one(cluster: Cluster, embedded: list[str]) -> None:
     """Two DDP workers (gloo), one per worker node (``align.worker_resources``), checkpoints
