@@ -31,13 +31,15 @@ demo: env
 	$(RUN) dinoalign summary
 
 # Two xdist workers, whole files each (module fixtures start real services once); the
-# longest file starts first (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+# longest files start first (tests/conftest.py sorts them; --no-loadscope-reorder keeps that
+# order: xdist otherwise queues files by their number of tests, and the one-test stack files
+# started last). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: env chromium
-	$(RUN) python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(RUN) python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
-# The multi-node Ray tests in full (tests/cluster), the align node-loss test included
-# (over make test's budget on 2 cores; needs root for a private network namespace).
+# The multi-node Ray tests alone (tests/cluster; make test runs them too; needs root for a
+# private network namespace).
 test-cluster: env
 	$(RUN) python -m pytest -n 0 tests/cluster --durations=10
 
