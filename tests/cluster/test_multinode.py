@@ -185,9 +185,10 @@ def _node_sets(cluster: Cluster | dict[str, list[str]]) -> tuple[dict[str, list[
 
 
 def test_up_workers_start_nodes_that_join_with_their_resources(cluster: Cluster) -> None:
-    """The cheap half, in make test: `infra up --workers 2` gives a 3-node cluster whose
-    nodes advertise the placement resources, each worker a process of its own with its
-    own raylet, all healthy in `infra status`."""
+    """`infra up --workers 2` gives a 3-node cluster whose nodes advertise the placement
+    resources, each worker a process of its own with its own raylet, all healthy in
+    `infra status` (as the fixture saw them right after up: the node-loss tests may run
+    first)."""
     nodes, workers, head = _node_sets(cluster.started["nodes"])
     assert len(nodes) == 3 and len(workers) == 2 and len(head) == 1, nodes
     assert {tuple(res) for n, res in nodes.items() if n in workers} == {

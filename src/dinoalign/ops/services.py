@@ -566,9 +566,9 @@ def _start_ray_node_once(name: str, log: Path, token_path: Path, num_cpus: int |
            f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
            f"--runtime-env-agent-port={ports['runtime_env_agent']}",
            f"--metrics-export-port={ports['metrics_export']}",
-           # each worker process on a port the OS picks: `ray start` hands out 10002-19999
-           # in order by default, the same ports to every Ray node of the machine, and two
-           # stacks starting at once race for them (Ray may then hang: ray-project/ray#28071)
+           # each worker process on a port the OS picks: by default `ray start` hands out
+           # ports from 10002-19999, the same range on every Ray node of the machine, and
+           # two stacks starting at once race for them (Ray may then hang: ray-project/ray#28071)
            "--min-worker-port=0", "--max-worker-port=0",
            "--disable-usage-stats", f"--num-cpus={num_cpus or os.cpu_count()}"]
     if resources:
