@@ -37,7 +37,7 @@ from dinoalign.recipes.base import (
     WEIGHTS_FILE,
     join_uri,
 )
-from dinoalign.storage import fs_for, read_bytes, under_root
+from dinoalign.storage import fs_for, model_name_at_root, read_bytes, under_root
 from dinoalign.train.config import AlignConfig, recipe_names
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -316,11 +316,8 @@ class AlignedModel:
 
     def _under_root(self, name: str) -> str:
         """An open_clip model name with a relative ``local-dir:`` path resolved against
-        the root (the demo teacher lives at ``local-dir:artifacts/teacher/model``)."""
-        prefix = "local-dir:"
-        if name.startswith(prefix):
-            return prefix + under_root(name[len(prefix) :], self.root)
-        return name
+        the root (:func:`dinoalign.storage.model_name_at_root`)."""
+        return model_name_at_root(name, self.root)
 
     # ------------------------------------------------------------------ images
 

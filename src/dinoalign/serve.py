@@ -69,7 +69,6 @@ IMAGE_ROOTS_ENV = "DINOALIGN_IMAGE_ROOTS"
 BUNDLE = "bundle"  # the model's one artifact folder
 BUNDLE_INFO, PARAMS_FILE, VOCABULARY_FILE = "bundle.json", "params.json", "vocabulary.json"
 RECIPE_DIR, TOWERS_DIR = "recipe", "towers"
-LOCAL_DIR = "local-dir:"
 
 
 class Request(pydantic.BaseModel):
@@ -234,6 +233,8 @@ def _copy_local(value: str, root: Path, dst: Path) -> bool:
 def _bundle_tower(section: dict[str, Any], key: str, root: Path, out: Path, towers: dict[str, Any]) -> None:
     """Copy a tower's local ``name`` (``local-dir:``) and ``pretrained`` file into
     ``towers/<key>/`` and point ``section`` at the copies (relative to the bundle)."""
+    from dinoalign.storage import LOCAL_DIR
+
     origin = {"name": section.get("name"), "pretrained": section.get("pretrained")}
     name = section.get("name") or ""
     if name.startswith(LOCAL_DIR) and _copy_local(name[len(LOCAL_DIR):], root, out / TOWERS_DIR / key):

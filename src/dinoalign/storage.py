@@ -458,3 +458,17 @@ def under_root(uri: str, root: str | os.PathLike[str]) -> str:
     if is_remote(uri) or uri.startswith("file://") or os.path.isabs(uri):
         return uri
     return os.path.join(os.fspath(root), uri)
+
+
+LOCAL_DIR = "local-dir:"  # open_clip's schema for a model folder (config + weights)
+
+
+def model_name_at_root(name: str, root: str | os.PathLike[str] | None) -> str:
+    """An open_clip model name with a relative ``local-dir:`` folder resolved against the
+    repo root (the demo's teacher CLIP is ``local-dir:artifacts/teacher/model``); other
+    names, and every name when ``root`` is None, are kept. Specs and hashes record the
+    name as params give it; only loading resolves it, so a checkout's location never
+    changes an identity."""
+    if root is None or not name.startswith(LOCAL_DIR):
+        return name
+    return LOCAL_DIR + under_root(name[len(LOCAL_DIR):], root)

@@ -416,4 +416,15 @@ def test_repo_relative_image_paths_are_read_from_the_checkout_wherever_embed_run
     assert main(["teacher", "-p", str(root / "params.yaml"), *ov, f"paths.teacher={root / 'teacher'}",
                  "teacher.epochs=1", "teacher.batch_size=4"]) == 0
     assert json.loads((root / "teacher" / "metrics.json").read_text())["train_images"] == 6
-    assert not (elsewhere / "artifacts").exists()
+    # a relative local-dir: CLIP (the demo's is local-dir:artifacts/teacher/model) is read
+    # from the checkout too, and the spec records it as params give it
+    import shutil
+
+    shutil.copytree(tiny_clip_dir, root / "towers" / "clip")
+    assert main(["embed", "-p", str(root / "params.yaml"), *ov, "clip.name=local-dir:towers/clip",
+                 "paths.features=artifacts/features-relative-clip"]) == 0
+    relative = json.loads((root / "artifacts" / "features-relative-clip" / "manifest.json").read_text())
+    assert relative["counts"]["images_total"] == 10
+    assert relative["spec"]["clip"]["name"] == "local-dir:towers/clip"
+    assert relative["spec"]["clip"]["weights_sha"] == listed["spec"]["clip"]["weights_sha"]
+    assert not (elsewhere / "artifacts").exists() and not (elsewhere / "towers").exists()

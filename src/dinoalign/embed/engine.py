@@ -79,7 +79,7 @@ from dinoalign.embed.features import image_features
 from dinoalign.embed.store import CONTENT_COLUMN, KINDS, FeatureStore, ShardContent, ShardReport, vector_column
 from dinoalign.errors import ConfigError
 from dinoalign.ray_runtime import TorchThreads, init_ray, require_resources
-from dinoalign.storage import remove_temporaries, under_root
+from dinoalign.storage import model_name_at_root, remove_temporaries, under_root
 
 STAGE = "embed"
 SCHEMA_VERSION = 2  # 2: head_mean_embedding is the official averaged-attention embedding
@@ -101,8 +101,9 @@ class EmbedJob:
     limits: Mapping[str, Any]  # data.images.image_limits of the data section
     seed: int
     features: str  # the feature store: a path every worker sees, or s3://
-    # the checkout, against which a relative backbone.weights file is read (the actors do
-    # not run in it); the spec records the weights as params give them
+    # the checkout, against which a relative backbone.weights file and a relative
+    # ``local-dir:`` CLIP or text tower are read (the actors do not run in it); the spec
+    # records them as params give them
     root: str | None = None
 
     @property
@@ -233,7 +234,7 @@ class ImageEmbedder:
         if job.clip.image_features:
             from dinoalign.backbones.text import load_open_clip
 
-            model, pre, _ = load_open_clip(job.clip.name, job.clip.pretrained)
+            model, pre, _ = load_open_clip(model_name_at_root(job.clip.name, job.root), job.clip.pretrained)
             self.clip, self.clip_preprocess = model.eval().to(self.device), pre
 
     @torch.no_grad()
@@ -274,7 +275,8 @@ class TextEmbedder:
 
         self.threads = TorchThreads(job.embed.torch_threads)
         self.encoders = {
-            t.key: build_text_encoder(t.kind, t.name, pretrained=t.pretrained, model_kwargs=t.model_kwargs)
+            t.key: build_text_encoder(t.kind, model_name_at_root(t.name, job.root), pretrained=t.pretrained,
+                                      model_kwargs=t.model_kwargs)
             for t in job.text_encoders
         }
         self.batch_size = job.embed.text_batch_size
@@ -428,7 +430,7 @@ def feature_spec(job: EmbedJob) -> dict[str, Any]:
     if job.clip.image_features:
         from dinoalign.backbones.text import load_open_clip
 
-        model, pre, _ = load_open_clip(job.clip.name, job.clip.pretrained)
+        model, pre, _ = load_open_clip(model_name_at_root(job.clip.name, job.root), job.clip.pretrained)
         spec["clip"] = {**asdict(job.clip), "weights_sha": state_hash(model), "image_size": clip_image_size(pre)}
         spec["preprocessing"]["clip"] = clip_preprocessing(pre)
         size = spec["clip"]["image_size"]
