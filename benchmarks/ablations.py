@@ -13,8 +13,13 @@ talk2dino (baseline: the paper's choices, best head of the per-head embeddings, 
   - ψ linear instead of the tanh MLP;
   - background cleaning off at evaluation (the demo world has a background class);
   - PAMR on at evaluation;
-  - the random-init backbone instead of the self-supervised one (its own features,
-    embedded here with the local engine, and its own dense forward at evaluation).
+  - τ fixed at the paper's 0.07 instead of the demo's learnable one;
+  - the backbone: its random init instead of the self-supervised one, and DINO + iBOT
+    (DINOv2's masked-patch term, ``pretrain.ibot_loss_weight=1``) instead of DINO alone.
+    Each such row runs the pipeline's stages for its backbone here: the pretraining (in
+    this process, as the pretrain stage), the features (local engine), the curation of
+    those features (align refuses a curation of other features), and its own dense
+    forward at evaluation.
 dinotxt (baseline: g = [CLS′ ; mean patch′], trained on the curated uids)
   - g = CLS′ only (``use_patch_tokens`` false);
   - trained on every train uid (no curation).
@@ -52,10 +57,12 @@ from typing import Any
 
 import torch
 
-from dinoalign.config import Params, load_params
+from dinoalign.config import BackboneConfig, Params, load_params
+from dinoalign.curate.tables import curate_train_split, write_outputs
 from dinoalign.data.images import image_limits
 from dinoalign.data.prepare import read_pairs
 from dinoalign.embed.engine import run_embed
+from dinoalign.pretrain.train import CHECKPOINT, demo_pool, pretrain
 from dinoalign.evaluate.run import evaluate_model
 from dinoalign.stages.embed import embed_job
 from dinoalign.stages.evaluate import evaluation_inputs, load_aligned_model
@@ -82,7 +89,10 @@ class Row:
     model: tuple[tuple[str, Any], ...] = ()  # align.<recipe>.model entries changed
     align: tuple[str, ...] = ()  # other params overrides of training (e.g. align.use_curated=false)
     evaluate: tuple[str, ...] = ()  # params overrides of evaluation only: reuses the baseline's models
-    backbone: str = "checkout"  # "random": the random init instead of backbone.weights
+    # params overrides of the backbone (e.g. backbone.weights=null: the random init) and of a
+    # pretraining of its own (pretrain.*): either gives the row its own features and curation
+    backbone: tuple[str, ...] = ()
+    pretrain: tuple[str, ...] = ()
     paper: str = ""  # the direction the paper's ablation reports against the baseline
     baseline: bool = False
 
@@ -97,8 +107,13 @@ ROWS = (
     Row("talk2dino", "no background cleaning", evaluate=("evaluate.background_cleaning=false",),
         paper="lower mIoU (datasets with background)"),
     Row("talk2dino", "with PAMR", evaluate=("evaluate.segmentation.pamr=true",), paper="higher mIoU"),
-    Row("talk2dino", "random-init backbone", backbone="random",
+    Row("talk2dino", "τ fixed at 0.07 (the paper's) instead of learnable",
+        model=(("temperature", 0.07), ("learnable_temperature", False)),
+        paper="none: the paper fixes τ (our departure, chosen on the random init)"),
+    Row("talk2dino", "random-init backbone", backbone=("backbone.weights=null",),
         paper="none: every row of the paper uses DINOv2 (expected lower)"),
+    Row("talk2dino", "DINO + iBOT backbone (DINOv2's patch term)", pretrain=("pretrain.ibot_loss_weight=1.0",),
+        paper="none in Talk2DINO; DINOv2 adds iBOT for dense features (expected higher)"),
     Row("dinotxt", "[CLS′ ; mean patch′] on curated data (the paper's)", baseline=True),
     Row("dinotxt", "CLS′ only", model=(("use_patch_tokens", False),), paper="lower, mIoU most"),
     Row("dinotxt", "no curation (every train uid)", align=("align.use_curated=false",),
@@ -120,24 +135,62 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:60]
+
+
+def _own_backbone(row: Row) -> bool:
+    return bool(row.backbone or row.pretrain)
+
+
+def _backbone_overrides(row: Row, work: Path) -> list[str]:
+    """The overrides that point a row with a backbone of its own at its pretraining,
+    features and curation under ``work``."""
+    if not _own_backbone(row):
+        return []
+    d = work / "backbones" / _slug(row.name)
+    overrides = [*row.backbone, f"paths.features={d / 'features'}", f"paths.curated={d / 'curated'}"]
+    if row.pretrain:
+        overrides.append(f"backbone.weights={d / 'pretrain' / CHECKPOINT}")
+    return overrides
+
+
 def _params(root: Path, recipe: str, row: Row, extra: tuple[str, ...], work: Path) -> Params:
     base = load_params(root / "params.yaml")
     model = {**getattr(base.align, recipe).model, **dict(row.model)} if row.model else None
-    overrides = [f"align.recipe={recipe}", "embed.engine=local", *row.align, *extra]
+    overrides = [f"align.recipe={recipe}", "embed.engine=local", *row.align, *_backbone_overrides(row, work),
+                 *extra]
     if model is not None:
         overrides.append(f"align.{recipe}.model={json.dumps(model)}")
-    if row.backbone == "random":
-        overrides += ["backbone.weights=null", f"paths.features={work / 'features-random-init'}"]
     return load_params(root / "params.yaml", overrides)
 
 
-def _embed_random_init(root: Path, work: Path) -> float:
-    """The features of the random-init backbone (same params otherwise), local engine."""
-    params = _params(root, "talk2dino", Row("talk2dino", "random", backbone="random"), (), work)
-    features = str(work / "features-random-init")
+def _prepare_backbone(root: Path, row: Row, work: Path) -> dict[str, float]:
+    """The stages up to align for a row's own backbone, as ``dvc exp run -S ...`` would run
+    them: pretrain (when the row changes it), embed (local engine), curate."""
+    timings: dict[str, float] = {}
+    params = _params(root, row.recipe, row, (), work)
+    if row.pretrain:
+        started = time.perf_counter()
+        cfg = load_params(root / "params.yaml", list(row.pretrain)).pretrain
+        b = params.backbone
+        init = BackboneConfig(name=b.name, img_size=b.img_size, model_kwargs=b.model_kwargs)
+        out = Path(params.backbone.weights).parent
+        pretrain(init, cfg, demo_pool(params.data.synthetic, cfg.pool_size), out_dir=out)
+        timings["pretrain_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    run_embed(embed_job(params, features, root), read_pairs(Path(under_root(params.paths.pairs, root))))
-    return time.perf_counter() - started
+    pairs = Path(under_root(params.paths.pairs, root))
+    features = params.paths.features
+    run_embed(embed_job(params, features, root), read_pairs(pairs))
+    timings["embed_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    cfg = params.curate
+    if isinstance(cfg.text_vocab, str):
+        cfg = dataclasses.replace(cfg, text_vocab=under_root(cfg.text_vocab, root))
+    curated = curate_train_split(cfg, pairs, features)
+    write_outputs(Path(params.paths.curated), curated.table, curated.stats)
+    timings["curate_s"] = time.perf_counter() - started
+    return timings
 
 
 def _train(params: Params, root: Path, seed: int, out: Path) -> dict[str, Any]:
@@ -236,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dinoalign-ablations-") as tmp:
         work = Path(tmp)
-        if any(r.backbone == "random" for r in rows):
-            timings["embed_random_init_s"] = _embed_random_init(root, work)
+        for row in rows:
+            if _own_backbone(row):
+                for key, value in _prepare_backbone(root, row, work).items():
+                    timings[f"{key[:-2]}/{row.name}_s"] = value
+                print(f"{row.name}: its backbone's stages took "
+                      f"{time.perf_counter() - started:.0f} s so far", flush=True)
         baselines = {r.recipe: r for r in rows if r.baseline}
         for seed in args.seeds:
             for row in rows:
@@ -257,14 +314,21 @@ def main(argv: list[str] | None = None) -> int:
                       f"seen {done['seen/zeroshot/top1']:.3f}, {done['seen/segmentation/miou']:.3f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
     table = _summarise(rows, runs)
-    _print(table)
     params = load_params(root / "params.yaml")
+    measured = {recipe: {"date": time.strftime("%Y-%m-%d"), "commit": _git_commit(REPO), "seeds": args.seeds,
+                         **({"dinotxt_epochs": args.dinotxt_epochs} if recipe == "dinotxt" else {})}
+                for recipe in args.rows}
+    out = Path(args.out)
+    table, runs, measured = _keep_other_recipes(out, args.rows, table, runs, measured)
+    _print(table)
     result = {
         "benchmark": "ablations",
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _git_commit(root),
+        "commit": _git_commit(REPO),
+        "measured": measured,
+        "root_commit": _git_commit(root),  # the checkout whose make demo outputs it read
         "seeds": args.seeds,
-        "dinotxt_epochs": args.dinotxt_epochs,
+        "dinotxt_epochs": (measured.get("dinotxt") or {}).get("dinotxt_epochs"),
         "backbone": params.backbone.weights,
         "world": dataclasses.asdict(params.data.synthetic),
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
@@ -274,11 +338,34 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
         "runs": runs,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     print(f"ablations: {len(rows)} rows × {len(args.seeds)} seeds in {result['wall_s']:.0f} s -> {out}")
     return 0
+
+
+def _keep_other_recipes(
+    out: Path, recipes: list[str], table: list[dict[str, Any]], runs: dict[str, Any], measured: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """With ``--rows`` naming some recipes, the rows of the others stay as an earlier run at
+    ``out`` measured them (with that run's date, commit and seeds under ``measured``)."""
+    if not out.is_file():
+        return table, runs, measured
+    earlier = json.loads(out.read_text())
+    kept = [r for r in earlier.get("table", []) if r.get("recipe") not in recipes]
+    if not kept:
+        return table, runs, measured
+    names = {r["row"] for r in kept}
+    before = earlier.get("measured") or {}
+    for recipe in dict.fromkeys(r["recipe"] for r in kept):
+        measured.setdefault(recipe, before.get(recipe) or {
+            "date": earlier.get("date"), "commit": earlier.get("commit"), "seeds": earlier.get("seeds"),
+            **({"dinotxt_epochs": earlier.get("dinotxt_epochs")} if recipe == "dinotxt" else {})})
+    order = [r.recipe for r in ROWS]
+    merged = sorted(table + kept, key=lambda r: order.index(r["recipe"]) if r["recipe"] in order else len(order))
+    kept_runs = {name: {int(seed): m for seed, m in per_seed.items()}  # JSON keys the seeds as strings
+                 for name, per_seed in earlier.get("runs", {}).items() if name in names}
+    return merged, {**kept_runs, **runs}, measured
 
 
 def _resummarise(path: Path) -> int:

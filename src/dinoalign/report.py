@@ -708,6 +708,12 @@ def _section_ablations(root: Path) -> str:
             cells += [f"<td>{esc(row.get('paper') or '')}</td>", f"<td>{esc(verdict)}</td>"]
             rows.append(cells)
         out.append(f"<h3>{esc(recipe)}</h3>")
+        when = (data.get("measured") or {}).get(recipe)
+        if isinstance(when, Mapping):  # a recipe re-run alone keeps its own provenance
+            epochs = f", {esc(when['dinotxt_epochs'])} epochs" if when.get("dinotxt_epochs") else ""
+            out.append(f"<p><small>measured on {esc(when.get('date') or MISSING)} at commit "
+                       f"<code>{esc(str(when.get('commit') or MISSING)[:10])}</code>, seeds "
+                       f"{esc(', '.join(map(str, when.get('seeds') or [])))}{epochs}</small></p>")
         out.append(table([recipe, *(label for _, label in ABLATION_METRICS), "paper", "ours vs paper"], rows, raw=True))
     sentence = (
         "Where ours differs from the paper's direction (every seed the other way): " + "; ".join(differs) + "."

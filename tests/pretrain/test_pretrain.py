@@ -4,7 +4,11 @@ collapsing, and its checkpoint loaded the way the pipeline loads ``backbone.weig
 
 Reference: facebookresearch/dino ``main_dino.py`` (``DINOLoss``, ``DataAugmentationDINO``,
 the EMA update in ``train_one_epoch``), ``utils.py`` (``cosine_scheduler``) and
-``vision_transformer.py`` (``DINOHead``).
+``vision_transformer.py`` (``DINOHead``); for the iBOT term, facebookresearch/dinov2
+``dinov2/loss/ibot_patch_loss.py`` (``iBOTPatchLoss.softmax_center_teacher``,
+``forward_masked``, ``reduce_center_update``/``apply_center_update``),
+``dinov2/data/collate.py`` (``collate_data_and_cast``'s masks) and ``dinov2/data/masking.py``
+(``MaskingGenerator``).
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from dinoalign.pretrain.config import PretrainConfig
 from dinoalign.pretrain.dino import (
     DINOHead,
     DINOLoss,
+    IBOTPatchLoss,
     MultiCrop,
+    block_mask,
     cosine_schedule,
     ema_update,
+    sample_masks,
     teacher_temp_schedule,
 )
-from dinoalign.pretrain.train import CHECKPOINT, DESCRIPTION, demo_pool, pretrain
+from dinoalign.pretrain.train import CHECKPOINT, DESCRIPTION, DinoNet, demo_pool, pretrain
 
 TINY = BackboneConfig(
     name="vit_small_patch14_reg4_dinov2", img_size=56,
@@ -100,6 +107,101 @@ def test_dino_loss_hand_values() -> None:
     assert loss_fn(student, teacher, 0.04).item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-6)
     # monitors: that teacher is one-hot (entropy ~0)
     assert loss_fn.last["teacher_entropy"] < 1e-6
+
+
+def _official_ibot_loss(student, teacher, masks, center, student_temp, teacher_temp):
+    """dinov2 iBOTPatchLoss: softmax_center_teacher, then forward_masked with the collate's
+    masks_weight (1 / masked patches of the crop) and the division by the number of crops,
+    written out in numpy with a loop over the masked patches."""
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    q = softmax((teacher - center) / teacher_temp)
+    log_p = np.log(softmax(student / student_temp))
+    crop_of = np.nonzero(masks)[0]  # the crop of each masked patch, in masks[masks] order
+    total = 0.0
+    for i, crop in enumerate(crop_of):
+        total += np.sum(q[i] * log_p[i]) / masks[crop].sum()
+    return float(-total / masks.shape[0])
+
+
+def test_ibot_patch_loss_matches_the_official_formula_and_moves_the_centre() -> None:
+    rng = np.random.default_rng(1)
+    k = 6
+    masks = np.zeros((4, 9), bool)  # 4 global crops of 3×3 patches: 3, 0, 1 and 5 masked
+    masks[0, [0, 1, 2]] = True
+    masks[2, 4] = True
+    masks[3, [1, 3, 5, 7, 8]] = True
+    m = int(masks.sum())
+    student = rng.normal(size=(m, k)).astype(np.float32)
+    teacher = rng.normal(size=(m, k)).astype(np.float32)
+    loss_fn = IBOTPatchLoss(k, student_temp=0.1, center_momentum=0.9)
+    loss = loss_fn(torch.from_numpy(student), torch.from_numpy(teacher), torch.from_numpy(masks), 0.04)
+    assert loss.item() == pytest.approx(
+        _official_ibot_loss(student, teacher, masks, np.zeros((1, k)), 0.1, 0.04), rel=1e-5)
+    # the centre moves to the mean of the masked teacher outputs (one process)
+    centre = 0.1 * teacher.mean(0, keepdims=True)
+    np.testing.assert_allclose(loss_fn.center.numpy(), centre, rtol=1e-5, atol=1e-7)
+    second = loss_fn(torch.from_numpy(student), torch.from_numpy(teacher), torch.from_numpy(masks), 0.07)
+    assert second.item() == pytest.approx(_official_ibot_loss(student, teacher, masks, centre, 0.1, 0.07),
+                                          rel=1e-5)
+    assert 0 < loss_fn.last["teacher_patch_entropy"] < math.log(k)
+    # no masked patch at all: zero, and the centre stays
+    before = loss_fn.center.clone()
+    empty = torch.zeros(0, k)
+    assert loss_fn(empty, empty, torch.zeros(4, 9, dtype=torch.bool), 0.04).item() == 0.0
+    assert torch.equal(loss_fn.center, before)
+
+
+def test_block_masks_and_the_collate_share_of_masked_crops() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 3, 4, 10, 18):
+        mask = block_mask(6, 6, n, gen, max_patches=18)
+        # never more than asked; upstream can fall short when no block fits what is left
+        assert mask.shape == (6, 6) and int(mask.sum()) <= n
+        if n >= 4:
+            assert int(mask.sum()) >= 4  # at least one block of min_num_patches
+    # the collate: int(16·0.5) = 8 crops masked, the i-th with int(36·u) patches, u in the
+    # i-th of 8 equal bins of [0.1, 0.5]: every count <= int(36·0.5) = 18, most > 0
+    masks = sample_masks(16, 6, 6, 0.5, (0.1, 0.5), torch.Generator().manual_seed(3))
+    counts = masks.sum(1)
+    assert masks.shape == (16, 36) and masks.dtype == torch.bool
+    assert int((counts > 0).sum()) == 8 and int(counts.max()) <= 18
+    assert int(counts.sum()) >= 0.7 * 36 * 0.3 * 8  # about 30 % of a masked crop on average
+    again = sample_masks(16, 6, 6, 0.5, (0.1, 0.5), torch.Generator().manual_seed(3))
+    assert torch.equal(masks, again)  # seeded: the same masks
+    assert not sample_masks(4, 6, 6, 0.0, (0.1, 0.5), gen).any()
+
+
+def test_masked_forward_replaces_patch_embeddings_with_the_mask_token() -> None:
+    backbone = build_backbone(TINY.name, img_size=TINY.img_size, model_kwargs=TINY.model_kwargs)
+    net = DinoNet(backbone.vit, DINOHead(48, 32, hidden_dim=16, bottleneck_dim=8), masked=True).eval()
+    with torch.no_grad():
+        net.mask_token.normal_()
+    torch.manual_seed(0)
+    crops = [torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56), torch.randn(4, 3, 28, 28)]
+    none = torch.zeros(4, 16, dtype=torch.bool)
+    with torch.no_grad():
+        plain, no_patches = net(crops)
+        unmasked, selected = net(crops, masks=none, select=none)
+    assert no_patches is None and selected is not None and selected.shape == (0, 32)
+    torch.testing.assert_close(plain, unmasked, rtol=0, atol=0)  # = timm's forward_features
+    masks = none.clone()
+    masks[1, [0, 5, 6]] = True
+    with torch.no_grad():
+        masked_cls, masked_patches = net(crops, masks=masks, select=masks)
+        _, teacher_patches = net(crops, select=masks)
+    assert masked_patches.shape == teacher_patches.shape == (3, 32)
+    # only crop 1 (global crop 1's second image) changes; the local crops never see masks
+    changed = (masked_cls - plain).abs().amax(1) > 1e-6
+    assert changed.tolist() == [False, True, False, False] + [False] * 4
+    # the same crop's patch outputs differ once masked (the mask token replaced them)
+    assert not torch.allclose(masked_patches, teacher_patches)
+    # masked crops with a DinoNet built without the token are refused
+    with pytest.raises(ValueError, match="masked=True"):
+        DinoNet(backbone.vit, DINOHead(48, 32, hidden_dim=16, bottleneck_dim=8))(crops, masks=masks)
 
 
 def test_schedules_match_hand_values() -> None:
@@ -220,6 +322,40 @@ def test_tiny_pretraining_lowers_its_loss_without_collapse(tiny_run) -> None:
     assert rows[-1]["momentum"] == pytest.approx(1.0, abs=1e-3)  # the cosine ends at 1
 
 
+@pytest.fixture(scope="module")
+def tiny_ibot_run(tmp_path_factory: pytest.TempPathFactory):
+    cfg = PretrainConfig(pool_size=64, epochs=6, batch_size=16, lr=1e-3, warmup_epochs=1,
+                         out_dim=256, head_hidden_dim=128, head_bottleneck_dim=64,
+                         global_crop_size=56, local_crops_number=2, local_crop_size=28,
+                         momentum_teacher=0.95, seed=0, ibot_loss_weight=1.0)
+    images = demo_pool(SyntheticWorldConfig(image_size=56), cfg.pool_size)
+    out = tmp_path_factory.mktemp("pretrain-ibot")
+    return cfg, pretrain(TINY, cfg, images, out_dir=out)
+
+
+def test_tiny_pretraining_with_ibot_lowers_both_losses_without_collapse(tiny_run, tiny_ibot_run) -> None:
+    cfg, result = tiny_ibot_run
+    rows = result.curve
+    log_k = math.log(cfg.out_dim)
+    for key in ("loss", "dino_loss", "ibot_loss"):
+        assert rows[-1][key] < rows[0][key] - 0.1, (key, [r[key] for r in rows])
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["dino_loss"] + r["ibot_loss"], rel=1e-5)
+        # neither the CLS nor the patch distributions collapse
+        assert 0.05 * log_k < r["teacher_entropy"] < 0.95 * log_k, r
+        assert 0.05 * log_k < r["teacher_patch_entropy"] < 0.95 * log_k, r
+        assert r["patch_center_norm"] > 0
+    assert "ibot_loss" not in tiny_run[1].curve[0]  # off by default: DINO alone
+    # the mask token is not a timm weight: the file holds the backbone's keys only and
+    # loads through the pipeline's strict path
+    with safetensors.safe_open(str(result.checkpoint), "pt") as f:
+        keys = set(f.keys())
+    init = build_backbone(TINY.name, img_size=TINY.img_size, model_kwargs=TINY.model_kwargs)
+    assert keys == set(init.vit.state_dict())
+    build_backbone(TINY.name, weights=str(result.checkpoint), img_size=TINY.img_size,
+                   model_kwargs=TINY.model_kwargs)
+
+
 def test_checkpoint_loads_through_backbone_weights(tiny_run) -> None:
     cfg, result, _ = tiny_run
     path = result.checkpoint
@@ -259,6 +395,12 @@ def test_config_checks() -> None:
         PretrainConfig(brightness=1.0)
     assert PretrainConfig(global_crops_scale=[0.3, 1]).global_crops_scale == (0.3, 1.0)
     assert PretrainConfig(local_crops_number=6).n_crops == 8
+    with pytest.raises(ValueError, match="mask_ratio"):
+        PretrainConfig(mask_ratio=(0.5, 0.1))
+    with pytest.raises(ValueError, match="mask_probability"):
+        PretrainConfig(mask_probability=1.5)
+    with pytest.raises(ValueError, match="ibot_loss_weight"):
+        PretrainConfig(ibot_loss_weight=-1)
 
 
 def test_paired_permutation_test_sees_a_bimodal_gain_the_sign_test_misses() -> None:

@@ -34,6 +34,8 @@ TINY = {
     "pretrain.pool_size": 64, "pretrain.epochs": 2, "pretrain.batch_size": 32, "pretrain.out_dim": 64,
     "pretrain.head_hidden_dim": 64, "pretrain.head_bottleneck_dim": 32, "pretrain.global_crop_size": 56,
     "pretrain.local_crop_size": 28, "pretrain.probe_images": 60,
+    # DINOv2's iBOT term on (whatever params.yaml says): its columns and monitors are checked
+    "pretrain.ibot_loss_weight": 1.0,
     "backbone.model_kwargs": TINY_VIT, "backbone.img_size": 56,
     "data.synthetic.image_size": 56, "data.synthetic.n_train": 24, "data.synthetic.n_val": 4,
     "data.synthetic.n_test": 12,
@@ -105,6 +107,7 @@ def test_the_stage_writes_checkpoint_curve_and_probe_metrics(checkout: Checkout)
     lines = (out / "curve.csv").read_text().splitlines()
     header = lines[0].split(",")
     assert header[:5] == ["epoch", "step", "loss", "teacher_entropy", "teacher_marginal_entropy"]
+    assert header[-4:] == ["dino_loss", "ibot_loss", "teacher_patch_entropy", "patch_center_norm"]
     assert [line.split(",")[0] for line in lines[1:]] == ["0", "1"]  # one row per epoch
 
     m = json.loads((out / "metrics.json").read_text())
@@ -114,6 +117,8 @@ def test_the_stage_writes_checkpoint_curve_and_probe_metrics(checkout: Checkout)
     assert final["log_k"] == pytest.approx(math.log(64))
     assert final["teacher_entropy_over_log_k"] == pytest.approx(final["teacher_entropy"] / final["log_k"])
     assert 0 < final["teacher_entropy_over_log_k"] < 1 and final["crops_per_s"] > 0
+    assert final["loss"] == pytest.approx(final["dino_loss"] + final["ibot_loss"], rel=1e-5)
+    assert 0 < final["teacher_patch_entropy"] < final["log_k"]
     assert {"render", "pretrain", "probe", "total"} <= set(m["seconds"])
     probe = m["probe"]
     for block, keys in PROBE_KEYS.items():
@@ -140,6 +145,8 @@ def test_the_stage_writes_checkpoint_curve_and_probe_metrics(checkout: Checkout)
     printed = checkout.out.splitlines()
     epochs = [line for line in printed if line.startswith("pretrain: epoch ")]
     assert len(epochs) == 2 and all("teacher entropy" in e and "log K" in e and "crops/s" in e for e in epochs)
+    assert all(" (DINO " in e and " + iBOT " in e and ", patches " in e for e in epochs)
+    assert any(line.startswith("pretrain: DINO + iBOT on 64 unlabelled demo images") for line in printed)
     summary = next(line for line in printed if line.startswith("pretrain: final loss"))
     assert "paired permutation p" in summary and "k-NN top-1 class" in summary and DESCRIPTION in summary
     assert printed[-1].startswith("pretrain: MLflow run ")
@@ -154,10 +161,10 @@ def test_the_mlflow_run_has_per_epoch_metrics_and_the_probe(checkout: Checkout) 
     (run,) = client.search_runs([experiment.experiment_id], "tags.`dinoalign.stage` = 'pretrain'")
     assert run.data.tags["dinoalign.backbone"] == DESCRIPTION
     for key in ("loss", "teacher_entropy", "teacher_marginal_entropy", "center_norm", "teacher_temp", "lr",
-                "crops_per_s"):
+                "crops_per_s", "dino_loss", "ibot_loss", "teacher_patch_entropy", "patch_center_norm"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
     metrics = run.data.metrics
-    for key in ("final.loss", "final.teacher_entropy_over_log_k", "probe.attention.pretrained.best",
+    for key in ("final.loss", "final.ibot_loss", "final.teacher_patch_entropy", "final.teacher_entropy_over_log_k", "probe.attention.pretrained.best",
                 "probe.attention.random_init.mean_heads", "probe.attention.area_share",
                 "probe.attention.selected_head.permutation_p", "probe.knn.class.pretrained", "probe.knn.class.majority"):
         assert key in metrics, key

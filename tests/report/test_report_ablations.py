@@ -60,3 +60,36 @@ def test_rows_are_summarised_against_their_baseline_and_judged_against_the_paper
 def test_a_checkout_without_measurements_says_how_to_make_them(tmp_path: Path) -> None:
     html = _section_ablations(tmp_path)
     assert "not measured in this checkout" in html and "benchmarks/ablations.py" in html
+
+
+def test_rerunning_one_recipe_keeps_the_others_rows_and_their_provenance(tmp_path: Path) -> None:
+    bench = _benchmark()
+    t2d = [r for r in bench.ROWS if r.recipe == "talk2dino"][:2]
+    txt = [r for r in bench.ROWS if r.recipe == "dinotxt"][:2]
+    earlier_runs = {t2d[0].name: _numbers([0.2, 0.2, 0.2], [0.1, 0.1, 0.1]),
+                    t2d[1].name: _numbers([0.1, 0.1, 0.1], [0.1, 0.1, 0.1]),
+                    txt[0].name: _numbers([0.3, 0.3, 0.3], [0.05, 0.05, 0.05]),
+                    txt[1].name: _numbers([0.25, 0.26, 0.27], [0.04, 0.04, 0.04])}
+    out = tmp_path / ABLATIONS_FILE
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps({"table": bench._summarise(t2d + txt, earlier_runs), "runs": earlier_runs,
+                               "seeds": [0, 1, 2], "date": "2026-12-01", "commit": "old0123456789",
+                               "dinotxt_epochs": 8}))
+    # talk2dino alone again, two seeds: its rows are replaced, dinotxt's stay as measured then
+    runs = {t2d[0].name: _numbers([0.3, 0.3], [0.2, 0.2]), t2d[1].name: _numbers([0.2, 0.2], [0.1, 0.1])}
+    measured = {"talk2dino": {"date": "2026-12-07", "commit": "new0123456789", "seeds": [0, 1]}}
+    table, merged_runs, measured = bench._keep_other_recipes(
+        out, ["talk2dino"], bench._summarise(t2d, runs), runs, measured)
+    assert [r["row"] for r in table] == [r.name for r in t2d + txt]  # the benchmark's row order
+    assert table[0]["metrics"]["heldout/zeroshot/top1"]["values"] == [0.3, 0.3]
+    assert table[2]["metrics"]["heldout/zeroshot/top1"]["values"] == [0.3, 0.3, 0.3]
+    assert merged_runs[txt[1].name] == earlier_runs[txt[1].name] and merged_runs[t2d[0].name] == runs[t2d[0].name]
+    assert measured["dinotxt"] == {"date": "2026-12-01", "commit": "old0123456789", "seeds": [0, 1, 2],
+                                   "dinotxt_epochs": 8}
+    out.write_text(json.dumps({"table": table, "seeds": [0, 1], "measured": measured, "date": "2026-12-07"}))
+    html = _section_ablations(tmp_path)
+    assert "measured on 2026-12-07 at commit <code>new0123456" in html
+    assert "measured on 2026-12-01 at commit <code>old0123456" in html and "8 epochs" in html
+    # nothing earlier: the run's own rows only
+    alone = bench._keep_other_recipes(tmp_path / "none.json", ["talk2dino"], table[:2], runs, {})
+    assert [r["row"] for r in alone[0]] == [r.name for r in t2d]

@@ -43,6 +43,11 @@ class PretrainConfig:
     probability ``jitter_prob``; Gaussian blur with probability ``blur_prob`` (global 1,
     global 2, local) and sigma in ``blur_sigma`` pixels. No flips, no grayscale, no
     solarisation (see :mod:`dinoalign.pretrain.dino`).
+    iBOT (DINOv2's masked-patch term, ``ibot:`` of dinov2's ``ssl_default_config.yaml``):
+    ``ibot_loss_weight`` (0: DINO alone) times the masked-patch loss is added to the DINO
+    loss; ``mask_probability`` of the global crops are masked, with ratios spread over
+    ``mask_ratio``, in blocks of at least ``mask_min_patches`` patches; the head is shared
+    with the CLS (upstream ``separate_head: false``).
     Stage only: ``enabled`` (the demo; real profiles load DINOv2 weights instead) and
     ``probe_images`` (held-out images of the attention and k-NN probes).
     """
@@ -89,6 +94,13 @@ class PretrainConfig:
     jitter_prob: float = 0.8
     blur_prob: tuple[float, float, float] = (1.0, 0.1, 0.5)
     blur_sigma: tuple[float, float] = (0.05, 1.0)  # official: (0.1, 2.0) px at 224
+    # DINOv2 adds iBOT's masked-patch self-distillation to DINO (dinov2 ssl_default_config:
+    # ibot.loss_weight 1.0, mask_sample_probability 0.5, mask_ratio_min_max [0.1, 0.5]); it
+    # is what trains the patch tokens, which the dense recipes read. 0 turns it off.
+    ibot_loss_weight: float = 0.0
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_min_patches: int = 4  # upstream MaskingGenerator's min_num_patches
     seed: int = 0
     threads: int = 2
     # the pretrain stage's probes (dinoalign.pretrain.probe): single-object test images for
@@ -103,7 +115,8 @@ class PretrainConfig:
                 raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
                      "local_crops_number", "clip_grad", "weight_decay", "weight_decay_end",
-                     "brightness", "contrast", "saturation", "seed"):
+                     "brightness", "contrast", "saturation", "seed", "ibot_loss_weight",
+                     "mask_min_patches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"pretrain.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size > self.pool_size:
@@ -119,7 +132,7 @@ class PretrainConfig:
         for name in ("lr", "student_temp", "teacher_temp", "warmup_teacher_temp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"pretrain.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("momentum_teacher", "center_momentum", "jitter_prob"):
+        for name in ("momentum_teacher", "center_momentum", "jitter_prob", "mask_probability"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"pretrain.{name} must be in [0, 1], got {getattr(self, name)}")
         if max(self.brightness, self.contrast, self.saturation) >= 1:
@@ -129,6 +142,7 @@ class PretrainConfig:
                            _range("global_crops_scale", self.global_crops_scale, 1e-4, 1.0))
         object.__setattr__(self, "local_crops_scale",
                            _range("local_crops_scale", self.local_crops_scale, 1e-4, 1.0))
+        object.__setattr__(self, "mask_ratio", _range("mask_ratio", self.mask_ratio, 0.0, 1.0))
         object.__setattr__(self, "blur_sigma", _range("blur_sigma", self.blur_sigma, 0.0, 50.0))
         blur = tuple(float(p) for p in self.blur_prob)
         if len(blur) != 3 or not all(0 <= p <= 1 for p in blur):

@@ -9,6 +9,17 @@
   ``main_dino.py`` ``train_one_epoch``, :func:`clip_gradients` = ``utils.clip_gradients``;
 - :class:`MultiCrop` = ``main_dino.py`` ``DataAugmentationDINO``, batched with torch ops.
 
+and the iBOT masked-patch term DINOv2 adds to it (Oquab et al. 2023, written after
+facebookresearch/dinov2):
+
+- :func:`block_mask` = ``dinov2/data/masking.py`` ``MaskingGenerator`` (BEiT's block-wise
+  masking), :func:`sample_masks` = the masks of ``dinov2/data/collate.py``
+  ``collate_data_and_cast`` (a share ``mask_probability`` of the global crops masked, their
+  ratios spread over ``mask_ratio`` in equal bins, the rest unmasked, shuffled);
+- :class:`IBOTPatchLoss` = ``dinov2/loss/ibot_patch_loss.py`` ``iBOTPatchLoss``
+  (``softmax_center_teacher``, ``forward_masked`` with per-image weights 1/n_masked, the
+  centre EMA over the masked teacher tokens).
+
 Where this differs from upstream, and why:
 
 - :class:`MultiCrop` has **no horizontal flip** (demo captions say left/right), **no hue
@@ -22,6 +33,9 @@ Where this differs from upstream, and why:
 - The loss takes the teacher temperature as an argument (the caller reads it off
   :func:`teacher_temp_schedule` per epoch, as upstream's ``forward(..., epoch)`` does) and
   also returns the collapse monitors; the centre update is a plain mean (one process).
+- The masks draw from a ``torch.Generator`` (upstream: Python's ``random``), so a seeded run
+  is reproducible; the iBOT teacher is centred (DINOv2's ``centering: centering``, the
+  default config), not Sinkhorn-Knopp.
 """
 
 from __future__ import annotations
@@ -146,6 +160,113 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_out: Tensor) -> None:
         batch_center = teacher_out.detach().mean(0, keepdim=True)
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+class IBOTPatchLoss(nn.Module):
+    """dinov2 ``iBOTPatchLoss`` (``softmax_center_teacher`` + ``forward_masked``): the
+    student predicts, at each masked patch of a global crop, the teacher's centred and
+    sharpened distribution for the same patch of the same (unmasked) crop.
+
+    ``forward(student_out, teacher_out, masks, teacher_temp)``: ``student_out`` and
+    ``teacher_out`` M×K for the M masked patches (in ``masks[masks]`` order), ``masks``
+    (2·B)×P bool over every global crop. Each patch's cross-entropy is weighted by
+    1 / (masked patches of its crop) and the sum divided by the number of crops, masked or
+    not (upstream: ``masks_weight`` and ``/ student_masks_flat.shape[0]``; with DINOv2's
+    ``loss_scales · ibot_loss_scale`` = 2 · 1/2 = 1 around it). The centre moves to the
+    mean of the raw masked teacher outputs. ``last``: ``teacher_patch_entropy`` (mean
+    entropy of the teacher's patch distributions used) and ``patch_center_norm``.
+    """
+
+    center: Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.last: dict[str, float] = {}
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, masks: Tensor,
+                teacher_temp: float) -> Tensor:
+        if len(student_out) == 0:
+            self.last = {"teacher_patch_entropy": float("nan"),
+                         "patch_center_norm": float(self.center.norm())}
+            return student_out.new_zeros(())
+        q = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach()
+        per_patch = torch.sum(-q * F.log_softmax(student_out / self.student_temp, dim=-1), dim=-1)
+        weights = (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+        loss = (per_patch * weights).sum() / masks.shape[0]
+        with torch.no_grad():
+            batch_center = teacher_out.detach().mean(0, keepdim=True)
+            self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+            self.last = {"teacher_patch_entropy": float(entropy(q).mean()),
+                         "patch_center_norm": float(self.center.norm())}
+        return loss
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _uniform(low: float, high: float, gen: torch.Generator) -> float:
+    low, high = min(low, high), max(low, high)
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def block_mask(
+    height: int, width: int, n_masked: int, gen: torch.Generator, min_patches: int = 4,
+    max_patches: int | None = None, min_aspect: float = 0.3,
+) -> Tensor:
+    """A height×width bool mask with about ``n_masked`` patches set, in rectangular blocks:
+    dinov2 ``MaskingGenerator.__call__`` / ``_mask`` (BEiT). Each block has an area uniform
+    in [``min_patches``, what is left (at most ``max_patches``)] and a log-uniform aspect in
+    [``min_aspect``, 1/``min_aspect``]; a block must add new patches without overshooting
+    what is left (10 tries); masking stops when a round of tries adds nothing, so the count
+    can fall short, as upstream."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    max_patches = n_masked if max_patches is None else max_patches
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    count = 0
+    while count < n_masked:
+        budget = min(n_masked - count, max_patches)
+        added = 0
+        for _ in range(10):
+            area = _uniform(min_patches, budget, gen)
+            aspect = math.exp(_uniform(*log_aspect, gen))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if w < width and h < height:
+                top = int(torch.randint(0, height - h + 1, (), generator=gen))
+                left = int(torch.randint(0, width - w + 1, (), generator=gen))
+                new = int((~mask[top : top + h, left : left + w]).sum())
+                if 0 < new <= budget:
+                    mask[top : top + h, left : left + w] = True
+                    added = new
+            if added:
+                break
+        if not added:
+            break
+        count += added
+    return mask
+
+
+def sample_masks(
+    n_crops: int, height: int, width: int, probability: float, ratio: tuple[float, float],
+    gen: torch.Generator, min_patches: int = 4,
+) -> Tensor:
+    """Masks of ``n_crops`` global crops, n_crops×(height·width) bool, as dinov2
+    ``collate_data_and_cast``: ``int(n_crops·probability)`` crops masked, the i-th of them
+    with ``int(P·u)`` patches, u uniform in the i-th of equal bins over ``ratio``; the other
+    crops unmasked; the list shuffled. Blocks as :func:`block_mask` with at most half the
+    patches per block (dinov2 ``train.py``: ``max_num_patches=0.5·P``)."""
+    n_patches = height * width
+    n_masked = int(n_crops * probability)
+    bins = torch.linspace(ratio[0], ratio[1], n_masked + 1).tolist()
+    masks = [block_mask(height, width, int(n_patches * _uniform(bins[i], bins[i + 1], gen)), gen,
+                        min_patches=min_patches, max_patches=int(0.5 * n_patches))
+             for i in range(n_masked)]
+    masks += [torch.zeros(height, width, dtype=torch.bool)] * (n_crops - n_masked)
+    order = torch.randperm(n_crops, generator=gen).tolist()
+    return torch.stack([masks[i] for i in order]).flatten(1)
 
 
 # ----------------------------------------------------------------------------- schedules

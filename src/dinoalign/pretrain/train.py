@@ -10,8 +10,13 @@ The loop is facebookresearch/dino ``main_dino.py`` ``train_dino`` / ``train_one_
 on one process: student = ViT + :class:`~dinoalign.pretrain.dino.DINOHead`, teacher = a
 copy updated by EMA only; the student sees every crop, the teacher the two global ones;
 AdamW with per-iteration cosine lr / weight-decay / momentum schedules, per-parameter
-gradient clipping, the head's last layer frozen for the first epoch(s). The saved weights
-are the teacher's backbone (upstream evaluates and releases the teacher too). Differences:
+gradient clipping, the head's last layer frozen for the first epoch(s). With
+``ibot_loss_weight > 0`` the step is DINOv2's (``dinov2/train/ssl_meta_arch.py``
+``forward_backward``): some of the student's global crops have patches replaced by a learnt
+mask token, and the shared head's outputs at those patches learn the teacher's outputs at
+the same patches of the unmasked crop (:class:`~dinoalign.pretrain.dino.IBOTPatchLoss`).
+The saved weights are the teacher's backbone (upstream evaluates and releases the teacher
+too; the mask token is not a timm weight and is not saved). Differences:
 no stochastic depth (the student is built by the same ``build_backbone`` call as the
 loader, so its state dict is the file's), no fp16, and the hyper-parameters of
 :class:`~dinoalign.pretrain.config.PretrainConfig`.
@@ -37,10 +42,12 @@ from dinoalign.pretrain.config import DESCRIPTION, PretrainConfig
 from dinoalign.pretrain.dino import (
     DINOHead,
     DINOLoss,
+    IBOTPatchLoss,
     MultiCrop,
     clip_gradients,
     cosine_schedule,
     ema_update,
+    sample_masks,
     teacher_temp_schedule,
 )
 from dinoalign.storage import atomic_path
@@ -51,30 +58,58 @@ CHECKPOINT = "model.safetensors"
 class DinoNet(nn.Module):
     """Backbone + DINO head on a list of crops (upstream ``utils.MultiCropWrapper``): crops
     of the same size go through the ViT in one batch; the CLS token after the final norm
-    feeds the head. Output: (n_crops·B)×K in the order of the crops."""
+    feeds the head.
 
-    def __init__(self, vit: nn.Module, head: DINOHead) -> None:
+    ``forward(crops, masks=None, select=None)`` returns (CLS outputs (n_crops·B)×K in the
+    order of the crops, patch outputs M×K or None). ``masks`` ((2·B)×P bool over the
+    first two crops, the global ones) replaces those patch embeddings by ``mask_token``
+    before the positional embedding (dinov2 ``prepare_tokens_with_masks``); ``select``
+    (same shape) names the patches whose final tokens also go through the head (the
+    student selects the patches it masked, the teacher the same patches of its unmasked
+    crops). ``mask_token`` exists only when built with ``masked=True``.
+    """
+
+    def __init__(self, vit: nn.Module, head: DINOHead, masked: bool = False) -> None:
         super().__init__()
         self.vit = vit
         self.head = head
+        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim)) if masked else None
 
-    def forward(self, crops: list[Tensor]) -> Tensor:
-        outputs, start = [], 0
+    def _tokens(self, x: Tensor, masks: Tensor | None) -> Tensor:
+        vit = self.vit
+        if masks is None:
+            return vit.forward_features(x)
+        if self.mask_token is None:
+            raise ValueError("masked crops need a DinoNet built with masked=True")
+        x = vit.patch_embed(x)  # B×h×w×D (dynamic image size)
+        x = torch.where(masks.reshape(x.shape[:-1]).unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        return vit.norm(vit.blocks(x))
+
+    def forward(self, crops: list[Tensor], masks: Tensor | None = None,
+                select: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        outputs, patches, start = [], None, 0
+        prefix = self.vit.num_prefix_tokens
         while start < len(crops):
             end = start
             while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
                 end += 1
-            tokens = self.vit.forward_features(torch.cat(crops[start:end]))
+            first = start == 0  # the global crops (upstream's first group)
+            tokens = self._tokens(torch.cat(crops[start:end]), masks if first else None)
             outputs.append(tokens[:, 0])
+            if first and select is not None:
+                patches = tokens[: len(select), prefix:][select]
             start = end
-        return self.head(torch.cat(outputs))
+        cls_out = self.head(torch.cat(outputs))
+        return cls_out, (self.head(patches) if patches is not None else None)
 
 
 @dataclasses.dataclass
 class PretrainResult:
     """``backbone``: the teacher's ViT as a frozen :class:`DinoBackbone`; ``curve``: one
     row per epoch (``epoch``, ``step``, ``loss``, ``teacher_entropy``,
-    ``teacher_marginal_entropy``, ``center_norm``, ``teacher_temp``, ``lr``,
+    ``teacher_marginal_entropy``, ``center_norm``, ``teacher_temp``, ``lr``, and with iBOT
+    ``dino_loss``, ``ibot_loss``, ``teacher_patch_entropy``, ``patch_center_norm``;
     ``momentum``, ``crops_per_s``, ``seconds``); ``checkpoint``: the written file or None;
     ``log_k``: log(out_dim), the entropy of a uniform (collapsed) teacher."""
 
@@ -152,9 +187,12 @@ def _pretrain(
     vit = frozen.vit.requires_grad_(True).train()
     head = DINOHead(frozen.embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
                     norm_last_layer=cfg.norm_last_layer)
-    student = DinoNet(vit, head)
+    ibot = cfg.ibot_loss_weight > 0
+    student = DinoNet(vit, head, masked=ibot)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     loss_fn = DINOLoss(cfg.out_dim, cfg.n_crops, cfg.student_temp, cfg.center_momentum)
+    patch_loss_fn = IBOTPatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+    grid = cfg.global_crop_size // frozen.patch_size
     optimizer = torch.optim.AdamW(_param_groups(student))
     multicrop = MultiCrop(cfg)
 
@@ -172,6 +210,8 @@ def _pretrain(
         t0 = time.perf_counter()
         order = torch.randperm(len(images), generator=gen)
         sums = {"loss": 0.0, "teacher_entropy": 0.0, "teacher_marginal_entropy": 0.0}
+        if ibot:
+            sums.update(dino_loss=0.0, ibot_loss=0.0, teacher_patch_entropy=0.0)
         for b in range(steps):
             for i, group in enumerate(optimizer.param_groups):
                 group["lr"] = float(lr_s[it])
@@ -180,10 +220,16 @@ def _pretrain(
             batch = pool[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
             x = batch.permute(0, 3, 1, 2).float() / 255.0
             crops = [(c - mean) / std for c in multicrop(x, gen)]
+            masks = (sample_masks(2 * len(batch), grid, grid, cfg.mask_probability, cfg.mask_ratio, gen,
+                                  cfg.mask_min_patches) if ibot else None)
             with torch.no_grad():
-                teacher_out = teacher(crops[:2])
-            student_out = student(crops)
-            loss = loss_fn(student_out, teacher_out, float(temp_s[epoch]))
+                teacher_out, teacher_patches = teacher(crops[:2], select=masks)
+            student_out, student_patches = student(crops, masks=masks, select=masks)
+            temp = float(temp_s[epoch])
+            loss = dino_loss = loss_fn(student_out, teacher_out, temp)
+            if ibot:
+                ibot_loss = patch_loss_fn(student_patches, teacher_patches, masks, temp)
+                loss = dino_loss + cfg.ibot_loss_weight * ibot_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"DINO loss is {loss.item()} at epoch {epoch} step {b}")
             optimizer.zero_grad(set_to_none=True)
@@ -199,6 +245,10 @@ def _pretrain(
             sums["loss"] += loss.item()
             sums["teacher_entropy"] += loss_fn.last["teacher_entropy"]
             sums["teacher_marginal_entropy"] += loss_fn.last["teacher_marginal_entropy"]
+            if ibot:
+                sums["dino_loss"] += dino_loss.item()
+                sums["ibot_loss"] += ibot_loss.item()
+                sums["teacher_patch_entropy"] += patch_loss_fn.last["teacher_patch_entropy"]
             it += 1
         seconds = time.perf_counter() - t0
         row = {
@@ -206,6 +256,7 @@ def _pretrain(
             "step": it,
             **{k: v / steps for k, v in sums.items()},
             "center_norm": float(loss_fn.center.norm()),
+            **({"patch_center_norm": float(patch_loss_fn.center.norm())} if ibot else {}),
             "teacher_temp": float(temp_s[epoch]),
             "lr": float(lr_s[it - 1]),
             "momentum": float(m_s[it - 1]),

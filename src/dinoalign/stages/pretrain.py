@@ -41,6 +41,8 @@ CURVE_COLUMNS = ("epoch", "step", "loss", "teacher_entropy", "teacher_marginal_e
                  "teacher_temp", "lr", "momentum", "crops_per_s", "seconds")
 EPOCH_METRICS = ("loss", "teacher_entropy", "teacher_marginal_entropy", "center_norm", "teacher_temp", "lr",
                  "crops_per_s")
+# with pretrain.ibot_loss_weight > 0: the two terms and the patch-side collapse monitors
+IBOT_COLUMNS = ("dino_loss", "ibot_loss", "teacher_patch_entropy", "patch_center_norm")
 DEMO_SOURCE = "synthetic"
 
 
@@ -83,13 +85,16 @@ def run(params: Params, root: Path) -> dict[str, Any]:
 
         def log(row: dict[str, float]) -> None:
             ratio = row["teacher_entropy"] / log_k
-            print(f"pretrain: epoch {int(row['epoch']) + 1}/{cfg.epochs} loss {row['loss']:.3f}, teacher entropy "
-                  f"{row['teacher_entropy']:.2f} / log K {log_k:.2f} ({ratio:.2f}), centre norm "
+            terms = (f" (DINO {row['dino_loss']:.3f} + iBOT {row['ibot_loss']:.3f})" if "ibot_loss" in row else "")
+            patches = (f", patches {row['teacher_patch_entropy'] / log_k:.2f}" if "ibot_loss" in row else "")
+            print(f"pretrain: epoch {int(row['epoch']) + 1}/{cfg.epochs} loss {row['loss']:.3f}{terms}, teacher "
+                  f"entropy {row['teacher_entropy']:.2f} / log K {log_k:.2f} ({ratio:.2f}{patches}), centre norm "
                   f"{row['center_norm']:.2f}, {row['crops_per_s']:.0f} crops/s", flush=True)
-            mlflow.log_metrics({**{k: float(row[k]) for k in EPOCH_METRICS}, "teacher_entropy_over_log_k": ratio},
-                               step=int(row["epoch"]))
+            mlflow.log_metrics({**{k: float(row[k]) for k in EPOCH_METRICS + IBOT_COLUMNS if k in row},
+                                "teacher_entropy_over_log_k": ratio}, step=int(row["epoch"]))
 
-        print(f"pretrain: DINO on {len(images)} unlabelled demo images ({cfg.epochs} epochs of "
+        method = "DINO + iBOT" if cfg.ibot_loss_weight > 0 else "DINO"
+        print(f"pretrain: {method} on {len(images)} unlabelled demo images ({cfg.epochs} epochs of "
               f"{len(images) // cfg.batch_size} steps, {cfg.n_crops} crops each) -> {out}", flush=True)
         t0 = time.perf_counter()
         result = pretrain(backbone, cfg, images, out_dir=out, log=log)
@@ -126,6 +131,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
                 "teacher_marginal_entropy": last["teacher_marginal_entropy"],
                 "center_norm": last["center_norm"],
                 "crops_per_s": last["crops_per_s"],
+                **{k: last[k] for k in IBOT_COLUMNS if k in last},
             },
             "probe": probe,
             "seconds": {"render": render_s, "pretrain": train_s, "probe": probe_s},
@@ -150,12 +156,14 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _write_curve(curve: list[dict[str, float]], path: Path) -> None:
-    """One row per epoch (the DVC plot: x epoch, y loss and teacher_entropy)."""
+    """One row per epoch (the DVC plot: x epoch, y loss and teacher_entropy); with iBOT also
+    its two loss terms and the patch-side monitors."""
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
+        columns = CURVE_COLUMNS + tuple(k for k in IBOT_COLUMNS if curve and k in curve[0])
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in curve:
-            writer.writerow({k: (int(row[k]) if k in ("epoch", "step") else f"{row[k]:.6g}") for k in CURVE_COLUMNS})
+            writer.writerow({k: (int(row[k]) if k in ("epoch", "step") else f"{row[k]:.6g}") for k in columns})
 
 
 def _summary_line(metrics: dict[str, Any], out: Path) -> str:
