@@ -3,6 +3,7 @@ what limits it: patch resolution? attention? the text tower?").
 
     python benchmarks/dense_limits.py                 # in a checkout after `make demo`
     python benchmarks/dense_limits.py --out docs/benchmarks/dense_limits.json
+    python benchmarks/dense_limits.py --weights other/model.safetensors   # another pretraining
 
 Three upper bounds on the demo world's test images, each scored the way the evaluate stage
 scores segmentation (one confusion matrix over all pixels, mIoU over background + the
@@ -58,6 +59,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=None, help="test images (default: the whole test split)")
     p.add_argument("--epochs", type=int, default=150, help="probe epochs (5 full-batch Adam steps each)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", type=Path, default=None,
+                   help="probe this checkpoint as 'pretrained' instead of backbone.weights (e.g. a pretrain run "
+                        "with other settings: dinoalign pretrain pretrain.ibot_loss_weight=1 paths.pretrained=DIR)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args()
 
@@ -151,11 +155,13 @@ def main() -> None:
     subsets = {"seen": ~heldout, "heldout": heldout}
 
     pretrained_cfg = params.backbone.at_root(args.root)
+    if args.weights is not None:
+        pretrained_cfg = dataclasses.replace(pretrained_cfg, weights=str(args.weights.resolve()))
     if pretrained_cfg.weights and "://" not in pretrained_cfg.weights and not Path(pretrained_cfg.weights).is_file():
         raise SystemExit(f"{pretrained_cfg.weights} does not exist: run `make demo` (or `dvc repro pretrain`) first")
     random_cfg = dataclasses.replace(pretrained_cfg, weights=None, pretrained=False)
     result: dict[str, Any] = {"n_train": len(train_images), "n_test": {k: int(v.sum()) for k, v in subsets.items()},
-                              "image_size": size, "metrics": {}}
+                              "image_size": size, "weights": pretrained_cfg.weights, "metrics": {}}
     patch = None
     for name, cfg in (("pretrained", pretrained_cfg), ("random_init", random_cfg)):
         backbone = build_backbone_from(cfg, params.seed)

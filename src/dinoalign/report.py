@@ -669,7 +669,8 @@ def _ablation_cell(m: Mapping[str, Any] | None, baseline: bool) -> str:
     if not baseline and _is_number(m.get("diff_mean")):
         n = len(m.get("values") or [])
         moved = m.get("seeds_higher", 0) if m["diff_mean"] > 0 else m.get("seeds_lower", 0)
-        text += f" ({100 * m['diff_mean']:+.1f}, {moved}/{n})"
+        p = f", p {m['p_value']:.2g}" if _is_number(m.get("p_value")) else ""
+        text += f" ({100 * m['diff_mean']:+.1f}, {moved}/{n}{p})"
     return f'<td class="num">{esc(text)}</td>'
 
 
@@ -690,7 +691,8 @@ def _section_ablations(root: Path) -> str:
         f"<p>One factor changed per row against the recipe's baseline (the paper's choice), trained and "
         f"evaluated as the pipeline does, {len(seeds)} seeds each ({esc(', '.join(map(str, seeds)))}); "
         f"dinotxt {esc(data.get('dinotxt_epochs', MISSING))} epochs. Cells: mean ± std over seeds (%), in "
-        "brackets the difference to the baseline (points) and the seeds that moved that way. Measured by "
+        "brackets the difference to the baseline (points), the seeds that moved that way and the exact "
+        "two-sided paired sign-flip p over the seeds (3 seeds cannot go below 0.25). Measured by "
         f"<code>benchmarks/ablations.py</code> on {esc(data.get('date', MISSING))} at commit "
         f"<code>{esc(str(data.get('commit') or MISSING)[:10])}</code> ({esc(ABLATIONS_FILE)}); "
         "<code>dvc repro</code> does not rerun it.</p>"

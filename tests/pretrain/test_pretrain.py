@@ -418,3 +418,21 @@ def test_paired_permutation_test_sees_a_bimodal_gain_the_sign_test_misses() -> N
     null = [paired_permutation_p(rng.normal(0, 1, 100), permutations=2000, seed=s) for s in range(40)]
     assert 0.2 < float(np.mean(null)) < 0.8  # p is uniform under the null: mean about 0.5
     assert min(paired_permutation_p(-np.abs(rng.normal(0, 1, 50))), 1.0) > 0.99
+
+
+def test_paired_permutation_test_is_exact_over_a_few_seeds() -> None:
+    """The ablations' case (a handful of seeds): every one of the 2^n sign vectors is
+    enumerated, so p is exact, two-sided on request, and bounded below by 2 / 2^n."""
+    from itertools import product
+
+    from dinoalign.pretrain.probe import paired_permutation_p
+
+    d = np.array([0.03, 0.01, -0.005, 0.02, 0.04])
+    # by hand: the share of the 32 sign vectors whose |mean| reaches the observed |mean|
+    means = [np.mean(np.array(s) * d) for s in product([-1, 1], repeat=len(d))]
+    expected = sum(abs(m) >= abs(d.mean()) - 1e-12 for m in means) / 32
+    assert paired_permutation_p(d, two_sided=True) == pytest.approx(expected)
+    assert paired_permutation_p(d) == pytest.approx(sum(m >= d.mean() - 1e-12 for m in means) / 32)
+    assert paired_permutation_p(np.full(3, -0.1), two_sided=True) == 0.25  # 3 seeds: never below 2/8
+    assert paired_permutation_p(np.full(10, 0.1), two_sided=True) == pytest.approx(2 / 1024)
+    assert paired_permutation_p(np.zeros(4), two_sided=True) == 1.0

@@ -156,15 +156,28 @@ def _knn_block(ref: ProbeSet, query: ProbeSet, feats: dict[str, tuple[Tensor, Te
     return block
 
 
-def paired_permutation_p(differences: np.ndarray, permutations: int = 10000, seed: int = 0) -> float:
-    """One-sided paired permutation (sign-flip) test of mean(``differences``) > 0: the share
-    of random sign flips whose mean is at least the observed one (the observed counted as
-    one of them, so p >= 1 / (permutations + 1)). Unlike the sign test it weighs how much
-    each image differs, which matters when one model's masses are bimodal."""
+def paired_permutation_p(
+    differences: np.ndarray, permutations: int = 10000, seed: int = 0, two_sided: bool = False
+) -> float:
+    """Paired permutation (sign-flip) test of mean(``differences``): one-sided (> 0) by
+    default, or two-sided (|mean| at least the observed |mean|). With 2^n <= ``permutations``
+    (n differences: a handful of seeds) every sign vector is enumerated and p is exact;
+    otherwise ``permutations`` random flips with the observed counted as one of them, so
+    p >= 1 / (permutations + 1). Unlike the sign test it weighs how much each pair differs,
+    which matters when one model's masses are bimodal. All-zero differences give p = 1."""
     d = np.asarray(differences, dtype=np.float64)
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(d)))
+    if not np.any(d):
+        return 1.0
+    if 2 ** len(d) <= permutations:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+        extra = 0
+    else:
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(d)))
+        extra = 1
     flipped = (signs * d).mean(1)
-    return float((1 + (flipped >= d.mean() - 1e-12).sum()) / (permutations + 1))
+    observed = d.mean()
+    hits = (np.abs(flipped) >= abs(observed) - 1e-12) if two_sided else (flipped >= observed - 1e-12)
+    return float((extra + hits.sum()) / (len(signs) + extra))
 
 
 def _paired(a: Tensor, b: Tensor) -> dict[str, float]:
