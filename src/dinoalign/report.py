@@ -687,10 +687,14 @@ def _section_ablations(root: Path) -> str:
                    "<code>python benchmarks/ablations.py</code> after <code>make demo</code></small></p>")
         return "".join(out)
     seeds = data.get("seeds") or []
+    measured = data.get("measured")
+    runs = (  # recipes re-run on their own name their seeds under their heading
+        "seeds, date and commit per recipe below" if isinstance(measured, Mapping) and len(measured) > 1
+        else f"{len(seeds)} seeds each ({esc(', '.join(map(str, seeds)))}); dinotxt "
+             f"{esc(data.get('dinotxt_epochs', MISSING))} epochs")
     out.append(
         f"<p>One factor changed per row against the recipe's baseline (the paper's choice), trained and "
-        f"evaluated as the pipeline does, {len(seeds)} seeds each ({esc(', '.join(map(str, seeds)))}); "
-        f"dinotxt {esc(data.get('dinotxt_epochs', MISSING))} epochs. Cells: mean ± std over seeds (%), in "
+        f"evaluated as the pipeline does, {runs}. Cells: mean ± std over seeds (%), in "
         "brackets the difference to the baseline (points), the seeds that moved that way and the exact "
         "two-sided paired sign-flip p over the seeds (3 seeds cannot go below 0.25). Measured by "
         f"<code>benchmarks/ablations.py</code> on {esc(data.get('date', MISSING))} at commit "

@@ -91,6 +91,7 @@ def test_rerunning_one_recipe_keeps_the_others_rows_and_their_provenance(tmp_pat
     html = _section_ablations(tmp_path)
     assert "measured on 2026-12-07 at commit <code>new0123456" in html
     assert "measured on 2026-12-01 at commit <code>old0123456" in html and "8 epochs" in html
+    assert "seeds, date and commit per recipe below" in html and "2 seeds each" not in html
     # nothing earlier: the run's own rows only
     alone = bench._keep_other_recipes(tmp_path / "none.json", ["talk2dino"], table[:2], runs, {})
     assert [r["row"] for r in alone[0]] == [r.name for r in t2d]
