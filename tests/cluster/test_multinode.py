@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -283,6 +284,12 @@ def test_align_ddp_on_two_nodes_resumes_from_s3_after_losing_one(cluster: Cluste
             node.stop()
 
 
+def _printed_step(log: Path) -> int:
+    """The highest training step an align console log has printed ("step N/M"), 0 if none."""
+    steps = [int(m) for m in re.findall(r"\bstep (\d+)/\d+", log.read_text(errors="replace"))]
+    return max(steps, default=0)
+
+
 def _align_with_a_node_lost(cluster: Cluster, align: Any, add_node: Any) -> None:
     # two live worker nodes (the embed test may have lost one)
     workers = [cluster.services[f"ray-worker-{i}"] for i in (1, 2)
@@ -298,8 +305,14 @@ def _align_with_a_node_lost(cluster: Cluster, align: Any, add_node: Any) -> None
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, cwd=cluster.root, env=cluster.env, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and not [
-                k for k in cluster.keys("checkpoints-lost/") if k.endswith("trainer_state.pt")]:
+        # lose the node once the first checkpoint (step 20) is in S3 *and* registered: the
+        # driver prints progress from the reports in order, so a step past 20 on the console
+        # means Ray Train has taken the step-20 report and its checkpoint (a node lost between
+        # the upload and the registration restarts from scratch, correctly, and the check of
+        # the resume below would not apply: seen once in CI)
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                _printed_step(log) > 20
+                and [k for k in cluster.keys("checkpoints-lost/") if k.endswith("trainer_state.pt")]):
             time.sleep(0.2)
         assert proc.poll() is None, f"align finished before a node could be lost:\n{log.read_text()[-3000:]}"
         victim = infra.raylet_pid(workers[0])

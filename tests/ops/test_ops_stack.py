@@ -116,8 +116,10 @@ def test_failed_up_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(ValueError, match="3 to 63 characters"):  # fails after SeaweedFS is up
         up(root, StackOptions(bucket="ab", ray=False))
     time.sleep(0.5)
+    # this checkout's SeaweedFS only (its data folder is under root): another test on the
+    # other xdist worker may start its own weed meanwhile (seen in CI)
     new = [p for p in psutil.process_iter(["name", "cmdline"]) if p.pid not in before
-           and "weed" in " ".join(p.info["cmdline"] or [])]
+           and "weed" in " ".join(p.info["cmdline"] or []) and str(root) in " ".join(p.info["cmdline"] or [])]
     assert new == [] and not (run_dir(root) / STATE_FILE).exists()
 
 
