@@ -41,7 +41,7 @@ test: env chromium
 # The multi-node Ray tests alone (tests/cluster; make test runs them too; needs root for a
 # private network namespace).
 test-cluster: env
-	$(RUN) python -m pytest -n 0 tests/cluster --durations=10
+	DINOALIGN_CLUSTER_FULL=1 $(RUN) python -m pytest -n 0 tests/cluster --durations=10
 
 # Debian's chromium renders the report (and the MLflow UI) in headless tests; installed only
 # when missing. Without root or apt the tests that need it skip and say why.
