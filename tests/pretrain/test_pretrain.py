@@ -401,6 +401,11 @@ def test_config_checks() -> None:
         PretrainConfig(mask_probability=1.5)
     with pytest.raises(ValueError, match="ibot_loss_weight"):
         PretrainConfig(ibot_loss_weight=-1)
+    with pytest.raises(ValueError, match="no crop would ever be masked"):
+        PretrainConfig(ibot_loss_weight=1.0, mask_probability=0.0)
+    with pytest.raises(ValueError, match="mask_min_patches"):
+        PretrainConfig(mask_min_patches=0)
+    assert PretrainConfig(mask_probability=0.0).ibot_loss_weight == 0  # iBOT off: masks unused
 
 
 def test_paired_permutation_test_sees_a_bimodal_gain_the_sign_test_misses() -> None:

@@ -110,13 +110,12 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for name in ("pool_size", "epochs", "batch_size", "out_dim", "head_hidden_dim",
                      "head_bottleneck_dim", "global_crop_size", "local_crop_size", "threads",
-                     "probe_images"):
+                     "probe_images", "mask_min_patches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_epochs", "freeze_last_layer", "warmup_teacher_temp_epochs",
                      "local_crops_number", "clip_grad", "weight_decay", "weight_decay_end",
-                     "brightness", "contrast", "saturation", "seed", "ibot_loss_weight",
-                     "mask_min_patches"):
+                     "brightness", "contrast", "saturation", "seed", "ibot_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"pretrain.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size > self.pool_size:
@@ -143,6 +142,10 @@ class PretrainConfig:
         object.__setattr__(self, "local_crops_scale",
                            _range("local_crops_scale", self.local_crops_scale, 1e-4, 1.0))
         object.__setattr__(self, "mask_ratio", _range("mask_ratio", self.mask_ratio, 0.0, 1.0))
+        if self.ibot_loss_weight > 0 and int(2 * self.batch_size * self.mask_probability) < 1:
+            raise ValueError(
+                f"pretrain.ibot_loss_weight > 0 needs masked crops: int(2 · batch_size · mask_probability) = "
+                f"int(2 · {self.batch_size} · {self.mask_probability}) is 0, so no crop would ever be masked")
         object.__setattr__(self, "blur_sigma", _range("blur_sigma", self.blur_sigma, 0.0, 50.0))
         blur = tuple(float(p) for p in self.blur_prob)
         if len(blur) != 3 or not all(0 <= p <= 1 for p in blur):
