@@ -347,12 +347,25 @@ def _skip_reason(block: Mapping[str, Any], task: str) -> str:
 
 
 def clip_reference_table(block: Mapping[str, Any], recipe: str) -> str:
-    """The recalls of ``recipe``, the teacher CLIP's own on the same images, and their
-    ratio; empty unless its evaluation has a CLIP reference (the projector's)."""
+    """The recalls and zero-shot accuracy of ``recipe``, the teacher CLIP's own on the same
+    images, and their ratio; empty unless its evaluation has a CLIP reference (the
+    projector's)."""
     ret = block.get("retrieval", {})
     if "percent_of_clip" not in ret:
         return ""
     rows = []
+    zs = block.get("zeroshot", {})
+    for key, label in (("top1", "zero-shot top-1"), ("top5", "zero-shot top-5")):
+        if key in zs.get("percent_of_clip", {}):
+            ratio = zs["percent_of_clip"][key]
+            rows.append(
+                [
+                    f"<td>{label}</td>",
+                    f'<td class="num">{pct(zs[key])}</td>',
+                    f'<td class="num">{pct(zs["clip"][key])}</td>',
+                    f'<td class="num">{MISSING if ratio is None else f"{ratio:.1f}"}</td>',
+                ]
+            )
     for direction, label in (("i2t", "image→text"), ("t2i", "text→image")):
         for key in sorted(ret["percent_of_clip"][direction], key=lambda k: int(k[1:])):
             ratio = ret["percent_of_clip"][direction][key]

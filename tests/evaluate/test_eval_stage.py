@@ -24,7 +24,7 @@ from dinoalign.data.images import image_limits, load_image, load_mask
 from dinoalign.data.prepare import read_pairs, split_digest
 from dinoalign.embed.store import load_image_features
 from dinoalign.evaluate.headline import headline
-from dinoalign.evaluate.templates import TALK2DINO_TEMPLATES
+from dinoalign.evaluate.templates import TALK2DINO_TEMPLATES, resolve_templates
 from dinoalign.recipes import load_recipe
 from dinoalign.stages.evaluate import load_aligned_model
 from dinoalign.tracking import logged_model_id
@@ -169,6 +169,39 @@ def test_projector_retrieval_and_its_percentage_of_clip_by_hand(evaluated_demo: 
             assert percent == (pytest.approx(100 * ours / theirs) if theirs else None)
     # the teacher CLIP learnt the demo world: its own retrieval is far above chance
     assert retrieval["clip"]["t2i"]["r5"] > 3 * retrieval["t2i"]["chance_r5"]
+
+
+@pytest.mark.parametrize("subset", ["seen", "heldout"])
+def test_projector_zeroshot_beside_its_teacher_clip_by_hand(evaluated_demo: DemoModels, subset: str) -> None:
+    """The projector's zero-shot against CLIP text is read against the teacher CLIP's own
+    images classified by the same class texts (CLIP protocol: each template normalised,
+    averaged, renormalised), on the same single-object images."""
+    models = evaluated_demo
+    zeroshot = _block(_metrics(models, "projector"), subset)["zeroshot"]
+    rows = _subset_rows(models, subset)
+    single = [i for i, r in enumerate(rows) if r["label"] is not None]
+    classes = models.features.world["classes"]
+    labels = np.array([classes.index(rows[i]["label"]) for i in single])
+    uids = [rows[i]["uid"] for i in single]
+    clip_image = F.normalize(
+        torch.from_numpy(load_image_features(str(models.features.features_dir), ["clip_image"], uids)["clip_image"]),
+        dim=-1,
+    )
+    tower = build_text_encoder("open_clip", f"local-dir:{models.features.clip_dir}")
+    templates = resolve_templates(models.params().evaluate.zeroshot_templates)
+    class_emb = torch.stack(
+        [F.normalize(F.normalize(tower.encode([t.replace("{}", c) for t in templates]), dim=-1).mean(0), dim=-1)
+         for c in classes]
+    )
+    order = torch.argsort(clip_image @ class_emb.T, dim=1, descending=True).numpy()
+    top1 = np.mean(order[:, 0] == labels)
+    top5 = np.mean([labels[j] in order[j, :5] for j in range(len(single))])
+    assert zeroshot["clip"]["top1"] == pytest.approx(top1) and zeroshot["clip"]["top5"] == pytest.approx(top5)
+    assert zeroshot["percent_of_clip"]["top1"] == (pytest.approx(100 * zeroshot["top1"] / top1) if top1 else None)
+    if subset == "seen":  # the teacher learnt the world: its own zero-shot is far above chance
+        assert top1 > 3 * zeroshot["chance_top1"]
+    for recipe in ("talk2dino", "dinotxt"):  # only the recipe that maps into CLIP space has a reference
+        assert "clip" not in _block(_metrics(models, recipe), subset)["zeroshot"]
 
 
 @pytest.mark.parametrize("recipe", ["talk2dino", "dinotxt"])

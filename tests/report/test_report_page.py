@@ -81,6 +81,7 @@ def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
         )
         seen = _cell_texts(page, "Seen compositions")
         heldout = _cell_texts(page, "Held-out compositions")
+        versus_clip = {t: _cell_texts(page, f"Projector vs its teacher CLIP ({t})") for t in ("seen", "held-out")}
         charts = page.evaluate(
             "Array.from(document.querySelectorAll('img.chart[src^=\"data:image/svg+xml\"]'))"
             ".map(i => [i.alt, i.complete ? i.naturalWidth : 0])"
@@ -137,6 +138,14 @@ def test_report_renders_offline_in_chromium_with_the_metrics_on_screen(
                 else "— projector has no dense head"
             )
             assert rows["segmentation mIoU"][recipe] == expected
+        if recipe == "projector":  # its zero-shot and recalls beside the teacher CLIP's own
+            for title, block in (("seen", metrics), ("held-out", metrics["heldout"])):
+                zeroshot, row = block["zeroshot"], versus_clip[title]["zero-shot top-1"]
+                ratio = zeroshot["percent_of_clip"]["top1"]
+                assert [row["projector (%)"], row["teacher CLIP (%)"], row["projector / CLIP (%)"]] == [
+                    pct(zeroshot["top1"]), pct(zeroshot["clip"]["top1"]), "—" if ratio is None else f"{ratio:.1f}"]
+                assert versus_clip[title]["text→image R@5"]["teacher CLIP (%)"] == pct(
+                    block["retrieval"]["clip"]["t2i"]["r5"])
         run_id = metrics["info"]["mlflow"]["run_id"]
         assert any(
             link.endswith(f"/runs/{run_id}") and link.startswith("http://127.0.0.1:5000/#/")

@@ -7,7 +7,9 @@ read by the report, ``dinoalign summary`` and the inference commands: everything
 next to every number; NaN is written as null)::
 
     zeroshot      top1, top5, mean_per_class_recall, chance_top1, chance_top5,
-                  num_images, num_classes
+                  num_images, num_classes; projector on the demo: clip.{top1,top5,
+                  mean_per_class_recall} (the teacher CLIP's images against the same class
+                  texts) and percent_of_clip.{...}
     retrieval     i2t.{r1,r5,r10,chance_r1,...}, t2i.{...}, chance_r1 (= 1/#images in both
                   directions), num_images, num_texts; projector: clip.{i2t,t2i} (the teacher
                   CLIP's own scores) and percent_of_clip.{i2t,t2i}.{r1,...}
@@ -122,7 +124,8 @@ def summary_line(recipe: str, metrics: Mapping[str, Any]) -> str:
         parts = []
         if "zeroshot" in block:
             z = block["zeroshot"]
-            parts.append(f"zero-shot top-1 {z['top1']:.3f} (chance {z['chance_top1']:.3f})")
+            parts.append(f"zero-shot top-1 {z['top1']:.3f} (chance {z['chance_top1']:.3f}"
+                         + (f", teacher CLIP {z['clip']['top1']:.3f})" if "clip" in z else ")"))
         if "retrieval" in block:
             r = block["retrieval"]
             parts.append(

@@ -39,7 +39,7 @@ from dinoalign.evaluate.visualize import (
     panels,
     with_legend,
 )
-from dinoalign.evaluate.zeroshot import classification_metrics
+from dinoalign.evaluate.zeroshot import classification_metrics, zeroshot_logits
 from dinoalign.storage import under_root
 
 STAGE = "evaluate"
@@ -126,22 +126,23 @@ def _evaluate_demo(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationI
             else _online_batch(model, images, inputs.image_limits, cfg.batch_size)
         )
         block: dict[str, Any] = {"num_images": len(images)}
-        single = np.flatnonzero(images.labels >= 0)
-        if len(single):
-            logits = model.scores(zeroshot_classes, _rows(batch, single)).T
-            block["zeroshot"] = classification_metrics(
-                logits, torch.from_numpy(images.labels[single])
-            )
-            predicted = logits.argmax(dim=1).tolist()
-            evaluation.predictions += [
-                (subset, images.uids[i], class_names[images.labels[i]], class_names[p])
-                for i, p in zip(single.tolist(), predicted)
-            ]
         reference = None
         if model.recipe.has_clip_reference:
             reference = _clip_image_features(
                 model, images, features_uri, inputs.image_limits, cfg.batch_size, use_store
             )
+        single = np.flatnonzero(images.labels >= 0)
+        if len(single):
+            logits = model.scores(zeroshot_classes, _rows(batch, single)).T
+            labels = torch.from_numpy(images.labels[single])
+            block["zeroshot"] = classification_metrics(logits, labels)
+            if reference is not None:  # the teacher CLIP's own images against the same class texts
+                block["zeroshot"].update(_clip_zeroshot(block["zeroshot"], reference[single], zeroshot_classes, labels))
+            predicted = logits.argmax(dim=1).tolist()
+            evaluation.predictions += [
+                (subset, images.uids[i], class_names[images.labels[i]], class_names[p])
+                for i, p in zip(single.tolist(), predicted)
+            ]
         block["retrieval"] = retrieval_block(model, batch, images.captions, cfg.ks, reference)
         if head is not None:
             dataset = DemoSegmentation(images, inputs.image_limits)
@@ -165,6 +166,20 @@ def _evaluate_demo(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationI
         else "computed from the images (feature store lacks the columns)",
     }
     return evaluation
+
+
+def _clip_zeroshot(
+    own: dict[str, Any], clip_images: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
+    """The teacher CLIP's zero-shot on the same images and class embeddings (CLIP text, as
+    the projector's), and the recipe's as a percentage of it: the ceiling a recipe that
+    maps into CLIP image space is read against, as retrieval's ``percent_of_clip``."""
+    clip = classification_metrics(zeroshot_logits(clip_images, classes), labels)
+    keys = ("top1", "top5", "mean_per_class_recall")
+    return {
+        "clip": {k: clip[k] for k in keys},
+        "percent_of_clip": {k: (100.0 * own[k] / clip[k] if clip[k] else None) for k in keys},
+    }
 
 
 def _demo_dense_head(model: AlignedModel, cfg: EvaluateConfig, inputs: EvaluationInputs) -> DenseHead:
