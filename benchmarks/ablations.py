@@ -51,7 +51,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +72,7 @@ from dinoalign.stages.evaluate import evaluation_inputs, load_aligned_model
 from dinoalign.storage import under_root
 from dinoalign.train.loop import Trainer, TrainJob
 from dinoalign.train.plan import plan_align
+from dinoalign.tracking import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 CURATED = "uids.parquet"
@@ -275,14 +275,6 @@ def _print(table: list[dict[str, Any]]) -> None:
         print(f"{e['recipe'][:4]} {e['row'][:47]:47s} " + " ".join(cells) + f"  {e['paper']}")
 
 
-def _git_commit(root: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.summarise:
@@ -321,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
     table = _summarise(rows, runs)
     params = load_params(root / "params.yaml")
-    measured = {recipe: {"date": time.strftime("%Y-%m-%d"), "commit": _git_commit(REPO), "seeds": args.seeds,
+    measured = {recipe: {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(REPO), "seeds": args.seeds,
                          **({"dinotxt_epochs": args.dinotxt_epochs} if recipe == "dinotxt" else {})}
                 for recipe in args.rows}
     out = Path(args.out)
@@ -330,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "ablations",
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _git_commit(REPO),
+        "commit": git_commit(REPO),
         "measured": measured,
-        "root_commit": _git_commit(root),  # the checkout whose make demo outputs it read
+        "root_commit": git_commit(root),  # the checkout whose make demo outputs it read
         "seeds": args.seeds,
         "dinotxt_epochs": (measured.get("dinotxt") or {}).get("dinotxt_epochs"),
         "backbone": params.backbone.weights,

@@ -48,6 +48,7 @@ from dinoalign.backbones.dinov2 import build_backbone_from
 from dinoalign.config import load_params
 from dinoalign.data.synthetic import CLASSES, COLOURS, SHAPES, is_heldout_image, render
 from dinoalign.evaluate.metrics import ConfusionMatrix
+from dinoalign.tracking import git_commit
 
 IGNORE = 255
 
@@ -62,6 +63,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--weights", type=Path, default=None,
                    help="probe this checkpoint as 'pretrained' instead of backbone.weights (e.g. a pretrain run "
                         "with other settings: dinoalign pretrain pretrain.ibot_loss_weight=1 paths.pretrained=DIR)")
+    p.add_argument("--label", default=None,
+                   help="what the probed backbone is, for the report's table (default: backbone.weights of --root, "
+                        "or the --weights file)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args()
 
@@ -160,8 +164,11 @@ def main() -> None:
     if pretrained_cfg.weights and "://" not in pretrained_cfg.weights and not Path(pretrained_cfg.weights).is_file():
         raise SystemExit(f"{pretrained_cfg.weights} does not exist: run `make demo` (or `dvc repro pretrain`) first")
     random_cfg = dataclasses.replace(pretrained_cfg, weights=None, pretrained=False)
+    label = args.label or ("the demo backbone (backbone.weights)" if args.weights is None else str(args.weights))
     result: dict[str, Any] = {"n_train": len(train_images), "n_test": {k: int(v.sum()) for k, v in subsets.items()},
-                              "image_size": size, "weights": pretrained_cfg.weights, "metrics": {}}
+                              "image_size": size, "weights": pretrained_cfg.weights, "label": label,
+                              "date": time.strftime("%Y-%m-%d"), "commit": git_commit(Path(__file__).resolve().parents[1]),
+                              "root_commit": git_commit(args.root), "metrics": {}}
     patch = None
     for name, cfg in (("pretrained", pretrained_cfg), ("random_init", random_cfg)):
         backbone = build_backbone_from(cfg, params.seed)

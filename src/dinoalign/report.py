@@ -743,6 +743,81 @@ def _section_ablations(root: Path) -> str:
     return "".join(out)
 
 
+DENSE_LIMITS_TITLE = "What limits the dense half"
+DENSE_LIMITS_FILE = "docs/benchmarks/dense_limits.json"  # benchmarks/dense_limits.py writes it (4 min on 2 cores)
+DENSE_LIMITS_VARIANTS = "dense_limits_*.json"  # beside it: the same script on other backbones or worlds
+DENSE_LIMITS_ROWS = (
+    ("patch grid: each patch scored by its true class shares (no model can do better at this resolution)",
+     "patch_grid"),
+    ("supervised linear head on the patch tokens, background + every composition, pretrained backbone",
+     "probe_composition.pretrained"),
+    ("the same, its random init", "probe_composition.random_init"),
+    ("supervised linear heads, colour × shape (can name held-out compositions), pretrained",
+     "probe_colour_x_shape.pretrained"),
+    ("the same, its random init", "probe_colour_x_shape.random_init"),
+)
+
+
+def _section_dense_limits(root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """Upper bounds on the demo's segmentation mIoU from :data:`DENSE_LIMITS_FILE`
+    (benchmarks/dense_limits.py; not rerun by ``dvc repro``) beside this run's dense recipes,
+    the held-out bound of every other backbone measured (:data:`DENSE_LIMITS_VARIANTS`),
+    and a reading from those numbers."""
+    path = root / DENSE_LIMITS_FILE
+    data = read_json(path)
+    out = [heading(DENSE_LIMITS_TITLE)]
+    if not data or not isinstance(data.get("metrics"), Mapping):
+        out.append(f"<p><small>not measured in this checkout (no {esc(DENSE_LIMITS_FILE)}): "
+                   "<code>python benchmarks/dense_limits.py --out docs/benchmarks/dense_limits.json</code> "
+                   "after <code>make demo</code></small></p>")
+        return "".join(out)
+    m = data["metrics"]
+    rows = [[label, pct(m.get(f"{key}.seen")), pct(m.get(f"{key}.heldout"))] for label, key in DENSE_LIMITS_ROWS]
+    ours = {r: (_get(d, ("segmentation", "miou")), _get(d, ("heldout", "segmentation", "miou")))
+            for r, d in metrics.items() if _is_number(_get(d, ("segmentation", "miou")))}
+    rows += [[f"{recipe}, this run's evaluate stage", pct(seen), pct(held)] for recipe, (seen, held) in ours.items()]
+    n_test = data.get("n_test") or {}
+    out.append(
+        f"<p>Bounds on the test images' mIoU, scored as the evaluate stage scores it: {esc(n_test.get('seen', '?'))} "
+        f"seen / {esc(n_test.get('heldout', '?'))} held-out images, probes trained on {esc(data.get('n_train', '?'))} "
+        f"train images. Backbone: {esc(data.get('label') or data.get('weights') or MISSING)}. Measured by "
+        f"<code>benchmarks/dense_limits.py</code> on {esc(data.get('date') or MISSING)} at commit "
+        f"<code>{esc(str(data.get('commit') or MISSING)[:10])}</code> ({esc(DENSE_LIMITS_FILE)}); "
+        "<code>dvc repro</code> does not rerun it. The held-out compositions never occur in train, so the "
+        "head over every composition has no held-out score.</p>"
+    )
+    out.append(table(["mIoU (%)", "seen", "held-out"], rows))
+    held_out = [("this backbone", m.get("probe_colour_x_shape.pretrained.heldout")),
+                ("its random init", m.get("probe_colour_x_shape.random_init.heldout"))]
+    variants = []
+    for other in sorted(path.parent.glob(DENSE_LIMITS_VARIANTS)):
+        found = read_json(other) or {}
+        om = found.get("metrics") or {}
+        label = str(found.get("label") or other.name)
+        variants.append([label, *(pct(om.get(f"probe_colour_x_shape.{b}.{s}"))
+                                  for b in ("pretrained", "random_init") for s in ("seen", "heldout")), other.name])
+        held_out += [(label, om.get("probe_colour_x_shape.pretrained.heldout")),
+                     (f"{label}: its random init", om.get("probe_colour_x_shape.random_init.heldout"))]
+    if variants:
+        out.append("<h3>The colour × shape bound on other backbones and worlds</h3>")
+        out.append(table(["backbone", "seen", "held-out", "random init: seen", "random init: held-out", "file"],
+                         variants))
+    bounds = [v for _, v in held_out if _is_number(v)]
+    if bounds and _is_number(m.get("patch_grid.heldout")):
+        reached = "; ".join(f"{esc(r)} {pct(h)} %" for r, (_, h) in ours.items() if _is_number(h))
+        out.append(
+            f"<p><b>Reading.</b> A perfect scorer at the patch grid reaches {pct(m['patch_grid.heldout'])} % "
+            f"held-out, so resolution is not the limit. A supervised linear readout of the patch tokens reaches "
+            f"{pct(min(bounds))}-{pct(max(bounds))} % held-out across the {len(bounds)} backbones measured"
+            + (f"; this run's recipes: {reached}" if reached else "")
+            + ". Talk2DINO scores each patch by its cosine to ψ(text), linear in the patch token before "
+            "background cleaning and PAMR: a held-out mIoU well above that bound needs patch features that "
+            "separate shapes, which these backbones do not have (docs/benchmarks.md, \"What limits the "
+            "demo's dense numbers\").</p>"
+        )
+    return "".join(out)
+
+
 def _section_zeroshot(paths: PathsConfig, root: Path, recipes: Sequence[str]) -> str:
     from dinoalign.evaluate.visualize import confusion_chart
 
@@ -1070,6 +1145,7 @@ def render_report(inputs: ReportInputs) -> str:
             _section_curves(paths, root, recipes),
             _section_segmentation(paths, root, metrics),
             _section_ablations(root),  # one factor at a time, after the recipes' own sections
+            _section_dense_limits(root, metrics),
             _section_data(paths, root),
             _section_versions(inputs, metrics),
             _section_registry(inputs.tracking_uri, inputs.experiment, recipes),
