@@ -808,7 +808,8 @@ def _section_dense_limits(root: Path, metrics: Mapping[str, Mapping[str, Any]]) 
         out.append(
             f"<p><b>Reading.</b> A perfect scorer at the patch grid reaches {pct(m['patch_grid.heldout'])} % "
             f"held-out, so resolution is not the limit. A supervised linear readout of the patch tokens reaches "
-            f"{pct(min(bounds))}-{pct(max(bounds))} % held-out across the {len(bounds)} backbones measured"
+            f"{pct(min(bounds))}-{pct(max(bounds))} % held-out in every measurement here ({1 + len(variants)} "
+            f"file(s), each a backbone and its random init)"
             + (f"; this run's recipes: {reached}" if reached else "")
             + ". Talk2DINO scores each patch by its cosine to ψ(text), linear in the patch token before "
             "background cleaning and PAMR: a held-out mIoU well above that bound needs patch features that "

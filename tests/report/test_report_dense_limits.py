@@ -53,8 +53,8 @@ def test_bounds_beside_this_runs_recipes_and_a_reading_from_the_numbers(tmp_path
     assert main[len(DENSE_LIMITS_ROWS):] == [["talk2dino, this run&#x27;s evaluate stage", "8.6", "8.3"]]
     assert _cells(html, 1) == [["DINO, 1,280 steps", "18.1", "8.8", "20.1", "10.8", "dense_limits_longer.json"]]
     reading = re.search(r"<p><b>Reading\.</b> (.*?)</p>", html).group(1)
-    # four held-out bounds (two backbones, each with its random init): 8.8 to 12.7 %
-    assert "reaches 8.8-12.7 % held-out across the 4 backbones measured" in reading
+    # four held-out bounds (two files, each a backbone and its random init): 8.8 to 12.7 %
+    assert "reaches 8.8-12.7 % held-out in every measurement here (2 file(s)" in reading
     assert "talk2dino 8.3 %" in reading and "patch grid reaches 65.0 %" in reading
 
 
