@@ -758,15 +758,31 @@ DENSE_LIMITS_ROWS = (
 )
 
 
+def _read_measurement(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A benchmark's JSON with a ``metrics`` object, or None and why not ('' when the file
+    is simply absent): a broken file is named on the page, not a crash of the report."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable ({exc}); re-run the benchmark that writes it"
+    if data is None:
+        return None, ""
+    if not isinstance(data, Mapping) or not isinstance(data.get("metrics"), Mapping):
+        return None, f"{path.name} has no metrics object; re-run the benchmark that writes it"
+    return dict(data), ""
+
+
 def _section_dense_limits(root: Path, metrics: Mapping[str, Mapping[str, Any]]) -> str:
     """Upper bounds on the demo's segmentation mIoU from :data:`DENSE_LIMITS_FILE`
     (benchmarks/dense_limits.py; not rerun by ``dvc repro``) beside this run's dense recipes,
     the held-out bound of every other backbone measured (:data:`DENSE_LIMITS_VARIANTS`),
     and a reading from those numbers."""
     path = root / DENSE_LIMITS_FILE
-    data = read_json(path)
+    data, problem = _read_measurement(path)
     out = [heading(DENSE_LIMITS_TITLE)]
-    if not data or not isinstance(data.get("metrics"), Mapping):
+    if problem:
+        out.append(f'<p class="warn">{esc(problem)}</p>')
+    if data is None:
         out.append(f"<p><small>not measured in this checkout (no {esc(DENSE_LIMITS_FILE)}): "
                    "<code>python benchmarks/dense_limits.py --out docs/benchmarks/dense_limits.json</code> "
                    "after <code>make demo</code></small></p>")
@@ -787,22 +803,23 @@ def _section_dense_limits(root: Path, metrics: Mapping[str, Mapping[str, Any]]) 
         "head over every composition has no held-out score.</p>"
     )
     out.append(table(["mIoU (%)", "seen", "held-out"], rows))
-    held_out = [("this backbone", m.get("probe_colour_x_shape.pretrained.heldout")),
-                ("its random init", m.get("probe_colour_x_shape.random_init.heldout"))]
+    held_out = [m.get(f"probe_colour_x_shape.{b}.heldout") for b in ("pretrained", "random_init")]
     variants = []
     for other in sorted(path.parent.glob(DENSE_LIMITS_VARIANTS)):
-        found = read_json(other) or {}
-        om = found.get("metrics") or {}
-        label = str(found.get("label") or other.name)
-        variants.append([label, *(pct(om.get(f"probe_colour_x_shape.{b}.{s}"))
-                                  for b in ("pretrained", "random_init") for s in ("seen", "heldout")), other.name])
-        held_out += [(label, om.get("probe_colour_x_shape.pretrained.heldout")),
-                     (f"{label}: its random init", om.get("probe_colour_x_shape.random_init.heldout"))]
+        found, problem = _read_measurement(other)
+        if found is None:
+            out.append(f'<p class="warn">{esc(problem)}</p>')
+            continue
+        om = found["metrics"]
+        variants.append([str(found.get("label") or other.name),
+                         *(pct(om.get(f"probe_colour_x_shape.{b}.{s}"))
+                           for b in ("pretrained", "random_init") for s in ("seen", "heldout")), other.name])
+        held_out += [om.get(f"probe_colour_x_shape.{b}.heldout") for b in ("pretrained", "random_init")]
     if variants:
         out.append("<h3>The colour × shape bound on other backbones and worlds</h3>")
         out.append(table(["backbone", "seen", "held-out", "random init: seen", "random init: held-out", "file"],
                          variants))
-    bounds = [v for _, v in held_out if _is_number(v)]
+    bounds = [v for v in held_out if _is_number(v)]
     if bounds and _is_number(m.get("patch_grid.heldout")):
         reached = "; ".join(f"{esc(r)} {pct(h)} %" for r, (_, h) in ours.items() if _is_number(h))
         out.append(

@@ -58,6 +58,21 @@ def test_bounds_beside_this_runs_recipes_and_a_reading_from_the_numbers(tmp_path
     assert "talk2dino 8.3 %" in reading and "patch grid reaches 65.0 %" in reading
 
 
+def test_a_broken_measurement_file_is_named_on_the_page_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / DENSE_LIMITS_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"metrics": _bounds(0.65, 0.28, (0.18, 0.107)), "label": "demo"}))
+    (path.parent / "dense_limits_cut.json").write_text('{"metrics": {"patch_grid.seen"')  # a half-written file
+    (path.parent / "dense_limits_list.json").write_text("[1, 2]")
+    html = _section_dense_limits(tmp_path, {})
+    assert "dense_limits_cut.json is unreadable" in html and "dense_limits_list.json has no metrics object" in html
+    assert "<h3>The colour × shape bound" not in html  # no variant table from broken files
+    assert "reaches 10.7-12.7 % held-out in every measurement here (1 file(s)" in html
+    path.write_text("not json")
+    html = _section_dense_limits(tmp_path, {})
+    assert "dense_limits.json is unreadable" in html and "not measured in this checkout" in html
+
+
 def test_a_checkout_without_measurements_says_how_to_make_them(tmp_path: Path) -> None:
     html = _section_dense_limits(tmp_path, {})
     assert "not measured in this checkout" in html and "benchmarks/dense_limits.py" in html
